@@ -1,0 +1,35 @@
+"""Fused MAE ops for any ViT project.
+
+Every op takes ``backend="auto" | "cuda" | "triton" | "torch"``; ``auto`` picks the fastest
+backend that can run on the inputs and falls back to the pure-PyTorch reference
+(``<op>_reference``), which defines the op's semantics. See :mod:`mae_fast.ops.dispatch`.
+"""
+
+from mae_fast.ops import dispatch
+from mae_fast.ops.dispatch import BACKENDS, BackendUnavailableError
+from mae_fast.ops.gather_patches import gather_patches, gather_patches_reference
+from mae_fast.ops.gather_tokens import gather_tokens, gather_tokens_reference
+from mae_fast.ops.masked_patch_loss import masked_patch_loss, masked_patch_loss_reference
+from mae_fast.ops.patchify import patchify, unpatchify
+from mae_fast.ops.restore_tokens import restore_tokens, restore_tokens_reference
+from mae_fast.ops.sample_mask import sample_mask
+
+#: op name -> {backend name -> implementation}, for every fused op.
+IMPLEMENTATIONS = dispatch.REGISTRY
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "IMPLEMENTATIONS",
+    "gather_patches",
+    "gather_patches_reference",
+    "gather_tokens",
+    "gather_tokens_reference",
+    "masked_patch_loss",
+    "masked_patch_loss_reference",
+    "patchify",
+    "restore_tokens",
+    "restore_tokens_reference",
+    "sample_mask",
+    "unpatchify",
+]

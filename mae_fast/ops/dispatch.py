@@ -1,0 +1,131 @@
+"""Backend choice for the fused ops, in one place.
+
+``backend="auto"`` picks ``cuda`` > ``triton`` > ``torch`` by eligibility: the op must have that
+backend, the backend must be usable (extension built / Triton importable), and the inputs must suit
+it (CUDA tensors in float32/float16/bfloat16). The pure-PyTorch reference (``torch``) runs
+everywhere and is the fallback. ``backend="triton"`` also runs on CPU tensors under the Triton
+interpreter (``TRITON_INTERPRET=1``), which is how the kernels are tested without a GPU.
+
+An explicit backend that cannot run raises :class:`BackendUnavailableError` with the reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+BACKENDS = ("auto", "cuda", "triton", "torch")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+#: op name -> {backend name -> implementation}; each op module registers its own entry.
+REGISTRY: dict[str, dict[str, Callable]] = {}
+
+
+def register(op: str, **implementations: Callable) -> dict[str, Callable]:
+    """Record an op's backends (``torch=`` the reference, plus ``triton=`` / ``cuda=``) and return the dict."""
+    if "torch" not in implementations:
+        raise ValueError(f"{op}: the torch reference implementation is required")
+    REGISTRY.setdefault(op, {}).update(implementations)
+    return REGISTRY[op]
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run the op on the given inputs."""
+
+
+def check_backend(backend: str, name: str = "backend") -> str:
+    """Validate a backend name and return it."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    return backend
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:
+        importlib.import_module("triton")
+        importlib.import_module("mae_fast.kernels")
+    except Exception as exc:  # ImportError, or a broken triton install
+        return f"Triton could not be imported ({type(exc).__name__}: {exc})"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_extension_error() -> str | None:
+    try:
+        importlib.import_module("mae_fast._C")
+    except Exception as exc:
+        return ("the CUDA extension mae_fast._C is not built or failed to load "
+                f"({type(exc).__name__}: {exc}); build it by reinstalling mae_fast with a CUDA "
+                "build of torch and nvcc on the PATH (CUDA_HOME naming the toolkit folder)")
+    return None
+
+
+def _why_not(backend: str, tensors: Iterable[torch.Tensor]) -> str | None:
+    """Return why ``backend`` cannot run on ``tensors``, or None if it can."""
+    tensors = [t for t in tensors if t is not None]
+    if backend == "torch":
+        return None
+    devices = {t.device.type for t in tensors}
+    float_dtypes = {t.dtype for t in tensors if t.is_floating_point()}
+    bad = [d for d in float_dtypes if d not in KERNEL_DTYPES]
+    if bad:
+        return f"it supports float32, float16 and bfloat16 inputs, got {bad[0]}"
+    if backend == "triton":
+        err = _triton_import_error()
+        if err:
+            return err
+        if devices != {"cuda"} and not (devices == {"cpu"} and triton_interpreted()):
+            return f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {sorted(devices)}"
+        return None
+    if backend == "cuda":
+        if devices != {"cuda"}:
+            return f"it needs CUDA tensors, got {sorted(devices)}"
+        return _cuda_extension_error()
+    raise AssertionError(backend)
+
+
+def choose(op: str, backend: str, implementations: Mapping[str, Callable], tensors: Iterable[torch.Tensor]) -> str:
+    """Return the name of the backend of ``op`` to run for ``backend`` on ``tensors``.
+
+    Args:
+        op: the op's name, for error messages.
+        backend: one of :data:`BACKENDS`.
+        implementations: backend name -> callable; must contain ``"torch"``.
+        tensors: the op's tensor inputs (None entries are ignored).
+
+    Raises:
+        ValueError: unknown backend name.
+        BackendUnavailableError: an explicit backend the op lacks or that cannot run here.
+    """
+    check_backend(backend)
+    tensors = list(tensors)
+    if backend == "auto":
+        # The Triton interpreter is a testing aid: "auto" runs kernels only on CUDA tensors.
+        on_cuda = all(t.device.type == "cuda" for t in tensors if t is not None)
+        for candidate in ("cuda", "triton"):
+            if on_cuda and candidate in implementations and _why_not(candidate, tensors) is None:
+                return candidate
+        return "torch"
+    if backend not in implementations:
+        have = ", ".join(repr(b) for b in implementations)
+        raise BackendUnavailableError(f"{op}: backend={backend!r} is not implemented for this op (it has {have})")
+    reason = _why_not(backend, tensors)
+    if reason is not None:
+        raise BackendUnavailableError(f"{op}: backend={backend!r} cannot run: {reason}")
+    return backend
+
+
+def available_backends(op_implementations: Mapping[str, Callable], tensors: Iterable[torch.Tensor]) -> list[str]:
+    """The backends of an op that can run on ``tensors`` (for tests and reports)."""
+    tensors = list(tensors)
+    return [b for b in op_implementations if _why_not(b, tensors) is None]
