@@ -358,3 +358,46 @@ def test_flops_per_image_counts_vit_b():
     forward = 2 * 49 * 768 * 768 + enc + 2 * 50 * 768 * 512 + dec + 2 * 197 * 512 * 768
     assert model.flops_per_image(0.75) == 3 * forward
     assert model.flops_per_image(0.75, training=False) == forward
+
+
+def _twin_models(backend: str, **kwargs):
+    ref = small_model(kernel_backend="torch", **kwargs)
+    other = small_model(kernel_backend=backend, **kwargs)
+    other.load_state_dict(ref.state_dict())
+    return ref, other
+
+
+def _triton_or_skip():
+    from mae_fast.ops.dispatch import _why_not
+    reason = _why_not("triton", [torch.zeros(1, device="cuda" if torch.cuda.is_available() else "cpu")])
+    if reason:
+        pytest.skip(reason)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_triton_kernel_path_equals_torch_path(norm_pix):
+    dev = _triton_or_skip()
+    ref, fused = (m.to(dev) for m in _twin_models("triton", img_size=(24, 40), norm_pix_loss=norm_pix))
+    imgs, noise = torch.randn(3, 3, 24, 40, device=dev), torch.rand(3, 15, device=dev)
+    outs = [m(imgs, mask_ratio=0.6, noise=noise) for m in (ref, fused)]
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for m, (loss, _, _) in zip((ref, fused), outs):
+        loss.backward()
+    for (name, p), q in zip(ref.named_parameters(), fused.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_model_with_triton_kernels_compiles_as_one_graph():
+    dev = _triton_or_skip()
+    ref, fused = (m.to(dev) for m in _twin_models("triton"))
+    imgs, noise = torch.randn(2, 3, 32, 32, device=dev), torch.rand(2, 16, device=dev)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    loss, pred, mask = compiled(imgs, noise=noise)
+    ref_loss, ref_pred, ref_mask = ref(imgs, noise=noise)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    assert torch.equal(mask, ref_mask)
+    loss.backward()
+    assert fused.decoder_pred.weight.grad is not None

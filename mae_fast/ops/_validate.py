@@ -53,12 +53,13 @@ def check_patch_size(patch_size, imgs: torch.Tensor, name: str = "imgs") -> tupl
 
 
 def check_indices(name: str, ids: torch.Tensor, upper: int) -> None:
-    """Check that every index lies in [0, upper).
+    """Check that every index lies in [0, upper) and that no row repeats an index.
 
-    This reads the tensor's min and max, which synchronizes with the device; callers that made
-    the indices themselves (the model uses :func:`sample_mask`) pass ``check_indices=False``.
-    Skipped under ``torch.compile`` tracing, where the kernels still never read or write out of
-    bounds.
+    Distinct indices are part of every op's contract (``sample_mask`` makes them so): the kernel
+    backends write each gradient element once instead of accumulating. This reads the tensor
+    (one device sync); callers that made the indices themselves (the model) pass
+    ``check_indices=False``. Skipped under ``torch.compile`` tracing, where the kernels still
+    never read or write out of bounds.
     """
     if ids.numel() == 0 or _is_compiling():
         return
@@ -67,6 +68,14 @@ def check_indices(name: str, ids: torch.Tensor, upper: int) -> None:
     if lo < 0 or hi >= upper:
         bad = lo if lo < 0 else hi
         raise ValueError(f"{name} holds index {bad}, outside [0, {upper})")
+    if ids.shape[-1] > 1:
+        ordered = ids.sort(dim=-1).values
+        repeats = (ordered[..., 1:] == ordered[..., :-1]).nonzero()
+        if len(repeats):
+            row = tuple(repeats[0, :-1].tolist())
+            value = int(ordered[row][repeats[0, -1]])
+            raise ValueError(f"{name} repeats index {value} in row {row[0] if len(row) == 1 else row}; "
+                             "indices must be distinct within a row")
 
 
 def pos_table(name: str, pos_embed: torch.Tensor | None, length: int, dim: int) -> torch.Tensor | None:

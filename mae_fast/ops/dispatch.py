@@ -44,30 +44,36 @@ def check_backend(backend: str, name: str = "backend") -> str:
     return backend
 
 
+# The probes below are constant for a process: torch.compile evaluates them once while tracing
+# instead of tracing into imports.
+@torch.compiler.assume_constant_result
 def triton_interpreted() -> bool:
     """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=None)
+def _import_error(module: str) -> str | None:
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # ImportError, or a broken install
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+@torch.compiler.assume_constant_result
 def _triton_import_error() -> str | None:
-    try:
-        importlib.import_module("triton")
-        importlib.import_module("mae_fast.kernels")
-    except Exception as exc:  # ImportError, or a broken triton install
-        return f"Triton could not be imported ({type(exc).__name__}: {exc})"
-    return None
+    err = _import_error("triton") or _import_error("mae_fast.kernels")
+    return f"Triton could not be imported ({err})" if err else None
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def _cuda_extension_error() -> str | None:
-    try:
-        importlib.import_module("mae_fast._C")
-    except Exception as exc:
-        return ("the CUDA extension mae_fast._C is not built or failed to load "
-                f"({type(exc).__name__}: {exc}); build it by reinstalling mae_fast with a CUDA "
-                "build of torch and nvcc on the PATH (CUDA_HOME naming the toolkit folder)")
-    return None
+    err = _import_error("mae_fast._C")
+    if err is None:
+        return None
+    return (f"the CUDA extension mae_fast._C is not built or failed to load ({err}); build it by reinstalling "
+            "mae_fast with a CUDA build of torch and nvcc on the PATH (CUDA_HOME naming the toolkit folder)")
 
 
 def _why_not(backend: str, tensors: Iterable[torch.Tensor]) -> str | None:

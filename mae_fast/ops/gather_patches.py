@@ -28,7 +28,44 @@ def gather_patches_reference(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_s
     return torch.gather(patches, 1, index)
 
 
-IMPLEMENTATIONS = dispatch.register("gather_patches", torch=gather_patches_reference)
+@torch.library.custom_op("mae_fast::gather_patches_triton", mutates_args=())
+def _gather_patches_triton(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> torch.Tensor:
+    from mae_fast.kernels.gather_patches import gather_patches_forward
+    return gather_patches_forward(imgs, ids_keep, patch_size)
+
+
+@_gather_patches_triton.register_fake
+def _(imgs, ids_keep, patch_size):
+    return imgs.new_empty(imgs.shape[0], ids_keep.shape[1], imgs.shape[1] * patch_size * patch_size)
+
+
+@torch.library.custom_op("mae_fast::gather_patches_triton_backward", mutates_args=())
+def _gather_patches_triton_backward(grad_out: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, height: int,
+                                    width: int) -> torch.Tensor:
+    from mae_fast.kernels.gather_patches import gather_patches_backward
+    return gather_patches_backward(grad_out, ids_keep, patch_size, height, width)
+
+
+@_gather_patches_triton_backward.register_fake
+def _(grad_out, ids_keep, patch_size, height, width):
+    return grad_out.new_empty(grad_out.shape[0], grad_out.shape[2] // (patch_size * patch_size), height, width)
+
+
+def _setup_context(ctx, inputs, output):
+    imgs, ids_keep, patch_size = inputs
+    ctx.save_for_backward(ids_keep)
+    ctx.patch_size, ctx.height, ctx.width = patch_size, imgs.shape[2], imgs.shape[3]
+
+
+def _backward(ctx, grad_out):
+    (ids_keep,) = ctx.saved_tensors
+    grad_imgs = _gather_patches_triton_backward(grad_out, ids_keep, ctx.patch_size, ctx.height, ctx.width)
+    return grad_imgs, None, None
+
+
+_gather_patches_triton.register_autograd(_backward, setup_context=_setup_context)
+
+IMPLEMENTATIONS = dispatch.register("gather_patches", torch=gather_patches_reference, triton=_gather_patches_triton)
 
 
 def gather_patches(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, backend: str = "auto",

@@ -30,7 +30,49 @@ def gather_tokens_reference(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: 
     return out.to(x.dtype)
 
 
-IMPLEMENTATIONS = dispatch.register("gather_tokens", torch=gather_tokens_reference)
+@torch.library.custom_op("mae_fast::gather_tokens_triton", mutates_args=())
+def _gather_tokens_triton(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Tensor | None) -> torch.Tensor:
+    from mae_fast.kernels.gather_tokens import gather_tokens_forward
+    return gather_tokens_forward(x, ids_keep, pos_embed)
+
+
+@_gather_tokens_triton.register_fake
+def _(x, ids_keep, pos_embed):
+    return x.new_empty(x.shape[0], ids_keep.shape[1], x.shape[2])
+
+
+@torch.library.custom_op("mae_fast::gather_tokens_triton_backward", mutates_args=())
+def _gather_tokens_triton_backward(grad_out: torch.Tensor, ids_keep: torch.Tensor, length: int) -> torch.Tensor:
+    from mae_fast.kernels.gather_tokens import gather_tokens_backward
+    return gather_tokens_backward(grad_out, ids_keep, length)
+
+
+@_gather_tokens_triton_backward.register_fake
+def _(grad_out, ids_keep, length):
+    return grad_out.new_empty(grad_out.shape[0], length, grad_out.shape[2])
+
+
+def _setup_context(ctx, inputs, output):
+    x, ids_keep, pos_embed = inputs
+    ctx.save_for_backward(ids_keep)
+    ctx.length = x.shape[1]
+    ctx.pos_dtype = pos_embed.dtype if pos_embed is not None else None
+
+
+def _backward(ctx, grad_out):
+    (ids_keep,) = ctx.saved_tensors
+    need_x, _, need_pos = ctx.needs_input_grad
+    if not (need_x or need_pos):
+        return None, None, None
+    grad_x = _gather_tokens_triton_backward(grad_out, ids_keep, ctx.length)
+    # The position gradient sums the batch: a fixed-order reduction, so it is deterministic.
+    grad_pos = grad_x.sum(dim=0, dtype=torch.float32).to(ctx.pos_dtype) if need_pos else None
+    return (grad_x if need_x else None), None, grad_pos
+
+
+_gather_tokens_triton.register_autograd(_backward, setup_context=_setup_context)
+
+IMPLEMENTATIONS = dispatch.register("gather_tokens", torch=gather_tokens_reference, triton=_gather_tokens_triton)
 
 
 def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Tensor | None = None,

@@ -34,7 +34,62 @@ def masked_patch_loss_reference(pred: torch.Tensor, imgs: torch.Tensor, mask: to
     return (per_patch * weights).sum() / torch.where(total > 0, total, torch.ones_like(total))
 
 
-IMPLEMENTATIONS = dispatch.register("masked_patch_loss", torch=masked_patch_loss_reference)
+@torch.library.custom_op("mae_fast::masked_patch_loss_triton", mutates_args=())
+def _masked_patch_loss_triton_fused(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,
+                                    norm_pix: bool, eps: float, grad_pred: bool,
+                                    grad_imgs: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from mae_fast.kernels.masked_patch_loss import masked_patch_loss_forward
+    return masked_patch_loss_forward(pred, imgs, mask, patch_size, norm_pix, eps, grad_pred, grad_imgs)
+
+
+@_masked_patch_loss_triton_fused.register_fake
+def _(pred, imgs, mask, patch_size, norm_pix, eps, grad_pred, grad_imgs):
+    loss = pred.new_empty((), dtype=torch.float32)
+    saved = pred.new_empty(pred.shape if grad_pred else (0,), dtype=torch.float32)
+    gimgs = imgs.new_empty(imgs.shape if grad_imgs else (0,), dtype=torch.float32)
+    return loss, saved, gimgs
+
+
+@torch.library.custom_op("mae_fast::masked_patch_loss_triton_backward", mutates_args=())
+def _masked_patch_loss_triton_backward(saved_grad_pred: torch.Tensor, mask: torch.Tensor, grad_loss: torch.Tensor,
+                                       pred_dtype: torch.dtype) -> torch.Tensor:
+    from mae_fast.kernels.masked_patch_loss import masked_patch_loss_backward
+    return masked_patch_loss_backward(saved_grad_pred, mask, grad_loss, pred_dtype)
+
+
+@_masked_patch_loss_triton_backward.register_fake
+def _(saved_grad_pred, mask, grad_loss, pred_dtype):
+    return torch.empty_like(saved_grad_pred, dtype=pred_dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    pred, imgs, mask, _, _, _, grad_pred, grad_imgs = inputs
+    _, saved, gimgs = output
+    ctx.save_for_backward(saved, gimgs, mask)
+    ctx.pred_dtype, ctx.imgs_dtype = pred.dtype, imgs.dtype
+    ctx.has_grad_pred, ctx.has_grad_imgs = grad_pred, grad_imgs
+
+
+def _backward(ctx, grad_loss, _grad_saved, _grad_gimgs):
+    saved, gimgs, mask = ctx.saved_tensors
+    grad_pred = _masked_patch_loss_triton_backward(saved, mask, grad_loss, ctx.pred_dtype) if ctx.has_grad_pred else None
+    grad_imgs = (gimgs * grad_loss).to(ctx.imgs_dtype) if ctx.has_grad_imgs else None
+    return grad_pred, grad_imgs, None, None, None, None, None, None
+
+
+_masked_patch_loss_triton_fused.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _masked_patch_loss_triton(pred, imgs, mask, patch_size, norm_pix=True, eps=1e-6):
+    """The Triton backend: the gradients are computed in the forward pass when they will be needed."""
+    grad_on = torch.is_grad_enabled()
+    loss, _, _ = _masked_patch_loss_triton_fused(pred, imgs, mask.to(torch.float32), patch_size, norm_pix, eps,
+                                                 grad_on and pred.requires_grad, grad_on and imgs.requires_grad)
+    return loss
+
+
+IMPLEMENTATIONS = dispatch.register("masked_patch_loss", torch=masked_patch_loss_reference,
+                                    triton=_masked_patch_loss_triton)
 
 
 def masked_patch_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,
