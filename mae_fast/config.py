@@ -1,0 +1,231 @@
+"""The configuration tree of a pretraining run: one dataclass per concern, each field documented.
+
+Every field is validated in ``__post_init__``; a bad value raises ``ValueError`` naming the
+command-line flag and the value, before any work starts. Defaults follow the official MAE
+``main_pretrain.py``, except that a run without ``--data_path`` is the built-in demo: a tiny
+model on the built-in image set that finishes in minutes on a CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+from mae_fast.attention import ATTN_BACKENDS
+from mae_fast.ops.dispatch import BACKENDS
+
+DATA_BACKENDS = ("auto", "dali", "torch", "synthetic")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+OPTIMIZERS = ("adamw", "apex")
+
+# Values that depend on whether this is the demo (no --data_path) or a real run.
+OFFICIAL_DEFAULTS = dict(model="mae_vit_large_patch16", input_size=224, batch_size=64, epochs=400, warmup_epochs=40)
+DEMO_DEFAULTS = dict(model="mae_vit_tiny_patch16", input_size=64, batch_size=32, epochs=20, warmup_epochs=2)
+
+
+def _error(flag: str, value, why: str) -> ValueError:
+    return ValueError(f"--{flag}: {why}, got {value!r}")
+
+
+def _positive_int(flag: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _error(flag, value, "must be a positive integer")
+
+
+def _non_negative(flag: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise _error(flag, value, "must be a number >= 0")
+
+
+def _choice(flag: str, value, choices) -> None:
+    if value not in choices:
+        raise _error(flag, value, f"must be one of {', '.join(map(str, choices))}")
+
+
+@dataclass
+class DataConfig:
+    """What to read and how."""
+
+    data_path: str | None = None
+    """--data_path: ImageNet-style folder (``train/<class>/*``) or a flat folder of images; None: the built-in set."""
+    val_path: str | None = None
+    """--val_path: held-out images for the validation loss and reconstruction images (optional)."""
+    backend: str = "auto"
+    """--data_backend: auto (dali if installed, else torch), dali, torch or synthetic."""
+    input_size: int | None = None
+    """--input_size: crop size in pixels (default 224; 64 for the built-in demo)."""
+    batch_size: int | None = None
+    """--batch_size: images per GPU per step (default 64; 32 for the demo)."""
+    num_workers: int = 10
+    """--num_workers: DataLoader workers (torch backend) or DALI threads."""
+    verify_images: str = "header"
+    """--verify_images: check files before training by a cheap header check ("header") or a full decode ("decode")."""
+    synthetic_samples: int = 12800
+    """--synthetic_samples: images per epoch for the synthetic backend."""
+    builtin_count: int = 1024
+    """Images in the built-in set."""
+    builtin_size: int = 96
+    """Side of the built-in images in pixels."""
+
+    def __post_init__(self):
+        _choice("data_backend", self.backend, DATA_BACKENDS)
+        _choice("verify_images", self.verify_images, ("header", "decode"))
+        if self.input_size is not None:
+            _positive_int("input_size", self.input_size)
+        if self.batch_size is not None:
+            _positive_int("batch_size", self.batch_size)
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise _error("num_workers", self.num_workers, "must be an integer >= 0")
+        _positive_int("synthetic_samples", self.synthetic_samples)
+        for flag, path in (("data_path", self.data_path), ("val_path", self.val_path)):
+            if path is not None and not os.path.isdir(os.path.expanduser(path)):
+                raise _error(flag, path, "is not an existing folder")
+
+
+@dataclass
+class ModelConfig:
+    """Which MAE and which kernels."""
+
+    name: str | None = None
+    """--model: a preset of mae_fast.MODELS (default mae_vit_large_patch16; mae_vit_tiny_patch16 for the demo)."""
+    mask_ratio: float = 0.75
+    """--mask_ratio: fraction of patches removed, in [0, 1)."""
+    norm_pix_loss: bool = False
+    """--norm_pix_loss: normalize each target patch by its mean and variance."""
+    attn_backend: str = "auto"
+    """--attn_backend: auto, flash_attn, sdpa or math."""
+    kernel_backend: str = "auto"
+    """--kernel_backend: auto, cuda, triton or torch for the fused ops."""
+    grad_checkpointing: bool = False
+    """--grad_checkpointing: recompute blocks in backward to save activation memory."""
+
+    def __post_init__(self):
+        from mae_fast.model import MODELS
+
+        if self.name is not None:
+            _choice("model", self.name, tuple(MODELS))
+        if isinstance(self.mask_ratio, bool) or not isinstance(self.mask_ratio, (int, float)) \
+                or not 0 <= self.mask_ratio < 1:
+            raise _error("mask_ratio", self.mask_ratio, "must be in [0, 1)")
+        _choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
+        _choice("kernel_backend", self.kernel_backend, BACKENDS)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its schedule, the official recipe."""
+
+    lr: float | None = None
+    """--lr: absolute learning rate; default blr * effective batch / 256."""
+    blr: float = 1e-3
+    """--blr: base learning rate for an effective batch of 256."""
+    min_lr: float = 0.0
+    """--min_lr: the floor the cosine schedule decays to."""
+    weight_decay: float = 0.05
+    """--weight_decay: AdamW weight decay (not applied to biases and 1-D parameters)."""
+    warmup_epochs: float | None = None
+    """--warmup_epochs: linear warmup length in epochs (default 40; 2 for the demo)."""
+    optimizer: str = "adamw"
+    """--optimizer: adamw (torch.optim.AdamW, fused on GPUs) or apex (NVIDIA apex FusedAdam)."""
+
+    def __post_init__(self):
+        if self.lr is not None:
+            _non_negative("lr", self.lr)
+        _non_negative("blr", self.blr)
+        _non_negative("min_lr", self.min_lr)
+        _non_negative("weight_decay", self.weight_decay)
+        if self.warmup_epochs is not None:
+            _non_negative("warmup_epochs", self.warmup_epochs)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+
+
+@dataclass
+class RunConfig:
+    """A whole pretraining run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    epochs: int | None = None
+    """--epochs: epochs to train (default 400; 20 for the demo)."""
+    start_epoch: int = 0
+    """--start_epoch: first epoch (a checkpoint given by --resume overrides it)."""
+    accum_iter: int = 1
+    """--accum_iter: gradient accumulation steps per optimizer step."""
+    output_dir: str = "./output_dir"
+    """--output_dir: checkpoints, log.txt and reconstruction images."""
+    log_dir: str | None = None
+    """--log_dir: TensorBoard logs (default: output_dir)."""
+    resume: str = ""
+    """--resume: a checkpoint path, or "auto" for the newest in output_dir; empty: start fresh."""
+    seed: int = 0
+    """--seed: base seed; each rank adds its rank."""
+    precision: str = "auto"
+    """--precision: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 (with a grad scaler) or fp32."""
+    compile: bool = False
+    """--compile: torch.compile the model."""
+    fsdp: bool = False
+    """--fsdp: shard parameters, gradients and optimizer state (FSDP2) instead of DDP."""
+    save_every: int = 20
+    """--save_every: write checkpoint-<epoch>.pth every N epochs (and at the end)."""
+    save_last_every: int = 500
+    """--save_last_every: rewrite checkpoint-last.pth every N optimizer steps (0: only at epoch ends)."""
+    log_every: int = 20
+    """--log_every: steps between log lines (the only steps that synchronize with the device)."""
+    val_every: int = 1
+    """--val_every: validate every N epochs when --val_path is given."""
+    max_steps: int | None = None
+    """--max_steps: stop after this many optimizer steps in total (for smoke tests and benchmarks)."""
+    device: str = "auto"
+    """--device: auto (cuda when available), cuda or cpu."""
+
+    def __post_init__(self):
+        demo = self.data.data_path is None and self.data.backend != "synthetic"
+        defaults = DEMO_DEFAULTS if demo else OFFICIAL_DEFAULTS
+        if self.model.name is None:
+            self.model.name = defaults["model"]
+        if self.data.input_size is None:
+            self.data.input_size = defaults["input_size"]
+        if self.data.batch_size is None:
+            self.data.batch_size = defaults["batch_size"]
+        if self.epochs is None:
+            self.epochs = defaults["epochs"]
+        if self.optim.warmup_epochs is None:
+            self.optim.warmup_epochs = defaults["warmup_epochs"]
+        _positive_int("epochs", self.epochs)
+        if isinstance(self.start_epoch, bool) or not isinstance(self.start_epoch, int) or self.start_epoch < 0:
+            raise _error("start_epoch", self.start_epoch, "must be an integer >= 0")
+        _positive_int("accum_iter", self.accum_iter)
+        _choice("precision", self.precision, PRECISIONS)
+        _positive_int("save_every", self.save_every)
+        if isinstance(self.save_last_every, bool) or not isinstance(self.save_last_every, int) or self.save_last_every < 0:
+            raise _error("save_last_every", self.save_last_every, "must be an integer >= 0")
+        _positive_int("log_every", self.log_every)
+        _positive_int("val_every", self.val_every)
+        if self.max_steps is not None:
+            _positive_int("max_steps", self.max_steps)
+        _choice("device", self.device, ("auto", "cuda", "cpu"))
+        if self.log_dir is None:
+            self.log_dir = self.output_dir
+
+    @property
+    def is_demo(self) -> bool:
+        return self.data.data_path is None and self.data.backend != "synthetic"
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Field name -> its docstring (the string literal under it), for --help."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = nxt.value.value
+    return docs
+
+
+__all__ = ["DataConfig", "ModelConfig", "OptimConfig", "RunConfig", "field_docs", "fields"]

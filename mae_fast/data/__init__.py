@@ -1,0 +1,81 @@
+"""Data for MAE pretraining: ``build_loader`` and its three backends.
+
+- ``dali``: NVIDIA DALI, JPEG decoding on the GPU (the default when DALI is installed);
+- ``torch``: PIL decoding in DataLoader workers (the fallback);
+- ``synthetic``: random images made on the device, for pure compute throughput.
+
+Every backend shards and shuffles by :mod:`mae_fast.data.sampler` and yields
+``(images, indices)``: normalized float images [B, 3, S, S] on the training device and the
+dataset index of each (-1 for the padding slots of the last batch).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from mae_fast.config import DataConfig
+from mae_fast.data.builtin import builtin_image_dir
+from mae_fast.data.dali_loader import DaliLoader, dali_unavailable_reason
+from mae_fast.data.files import usable_images
+from mae_fast.data.synthetic import SyntheticLoader
+from mae_fast.data.torch_loader import TorchLoader
+
+logger = logging.getLogger("mae_fast")
+
+__all__ = ["build_loader", "resolve_data_backend", "builtin_image_dir", "usable_images"]
+
+
+def resolve_data_backend(backend: str) -> str:
+    """``auto`` -> ``dali`` when DALI is importable, else ``torch``; an explicit ``dali`` must be importable.
+
+    Raises:
+        RuntimeError: ``dali`` asked for but not importable.
+    """
+    if backend == "auto":
+        return "dali" if dali_unavailable_reason() is None else "torch"
+    if backend == "dali":
+        reason = dali_unavailable_reason()
+        if reason:
+            raise RuntimeError(f"--data_backend dali cannot run: {reason}")
+    return backend
+
+
+def build_loader(config: DataConfig, rank: int, world_size: int, device: torch.device | str, seed: int,
+                 train: bool = True, dtype: torch.dtype = torch.float32):
+    """The loader of one rank.
+
+    Args:
+        config: what to read and how (see :class:`mae_fast.config.DataConfig`).
+        rank, world_size: this process's place among the data-parallel ranks.
+        device: where batches are delivered.
+        seed: run seed; shuffling and augmentation follow (seed, epoch, rank).
+        train: training (random augmentation, reshuffled) or validation (resize + center crop,
+            fixed order) from ``config.val_path``.
+        dtype: dtype of the delivered images.
+
+    Returns:
+        An object with ``len()`` (batches per epoch), ``num_samples``, ``backend`` and
+        ``epoch(e)`` yielding ``(images, indices)``.
+
+    Raises:
+        FileNotFoundError / ValueError: missing or empty data folder.
+        RuntimeError: the backend cannot run here.
+    """
+    backend = resolve_data_backend(config.backend)
+    device = torch.device(device)
+    if backend == "synthetic":
+        return SyntheticLoader(config.synthetic_samples, config.input_size, config.batch_size, rank, world_size, device,
+                               seed, dtype)
+    if train:
+        path = config.data_path or builtin_image_dir(config.builtin_count, config.builtin_size)
+    else:
+        if not config.val_path:
+            raise ValueError("a validation loader needs --val_path")
+        path = config.val_path
+    split = "train" if train else "val"
+    files = usable_images(path, split=split, verify=config.verify_images, workers=max(1, config.num_workers))
+    cls = DaliLoader if backend == "dali" else TorchLoader
+    return cls(files, config.input_size, config.batch_size, rank, world_size, device, seed, config.num_workers,
+               train=train, dtype=dtype)

@@ -1,0 +1,91 @@
+"""The PyTorch loader: PIL decoding in DataLoader workers, uint8 batches normalized on the device."""
+
+from __future__ import annotations
+
+import torch
+
+from mae_fast.data.sampler import batches_per_epoch, epoch_indices
+from mae_fast.data.transforms import eval_transform, normalize, train_transform
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Decodes ``files[index]`` to RGB (grayscale, CMYK, palette and PNG alike) and augments it.
+
+    Items are addressed by ``(index, seed)`` so that augmentation depends on the sample's slot in
+    the epoch, never on which worker decodes it.
+    """
+
+    def __init__(self, files: list[str], size: int, train: bool):
+        self.files, self.size, self.train = files, size, train
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
+        from PIL import Image
+
+        index, seed = item
+        path = self.files[index]
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+        except Exception as exc:
+            raise RuntimeError(f"cannot decode {path}: {type(exc).__name__}: {exc}") from exc
+        return train_transform(img, self.size, seed) if self.train else eval_transform(img, self.size)
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """Batches of ``(index, seed)`` for one rank; ``set_epoch`` reshuffles (see :mod:`mae_fast.data.sampler`)."""
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool):
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.epoch = self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Deal the batches of ``epoch``, beginning at batch ``start`` (to resume mid-epoch)."""
+        self.epoch, self.start = epoch, start
+
+    def indices(self):
+        return epoch_indices(self.num_samples, self.batch_size, self.rank, self.world_size, self.epoch, self.seed,
+                             self.shuffle)
+
+    def __len__(self) -> int:
+        return batches_per_epoch(self.num_samples, self.batch_size, self.world_size)
+
+    def __iter__(self):
+        indices, _, seeds = self.indices()
+        for start in range(self.start * self.batch_size, len(indices), self.batch_size):
+            yield [(int(i), int(s)) for i, s in zip(indices[start:start + self.batch_size],
+                                                    seeds[start:start + self.batch_size])]
+
+
+class TorchLoader:
+    """Iterates one rank's batches of normalized images on ``device``."""
+
+    backend = "torch"
+
+    def __init__(self, files: list[str], size: int, batch_size: int, rank: int, world_size: int, device: torch.device,
+                 seed: int, num_workers: int, train: bool = True, dtype: torch.dtype = torch.float32,
+                 pin_memory: bool = True):
+        self.files, self.num_samples, self.device, self.dtype = files, len(files), torch.device(device), dtype
+        self.batches = EpochBatches(len(files), batch_size, rank, world_size, seed, shuffle=train)
+        self.loader = torch.utils.data.DataLoader(
+            ImageFiles(files, size, train), batch_sampler=self.batches, num_workers=num_workers,
+            pin_memory=pin_memory and self.device.type == "cuda", persistent_workers=num_workers > 0,
+            prefetch_factor=4 if num_workers > 0 else None, timeout=600 if num_workers > 0 else 0)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def epoch(self, epoch: int, start: int = 0):
+        """Yield ``(images [B, 3, S, S] on device in dtype, indices [B] int64 with -1 for padding)``,
+        from batch ``start`` of ``epoch`` on."""
+        self.batches.set_epoch(epoch, start)
+        indices, valid, _ = self.batches.indices()
+        B = self.batches.batch_size
+        for step, images in enumerate(self.loader, start=start):
+            images = normalize(images.to(self.device, non_blocking=True), self.dtype)
+            idx = torch.from_numpy(indices[step * B:(step + 1) * B].copy())
+            idx[~torch.from_numpy(valid[step * B:(step + 1) * B].copy())] = -1
+            yield images, idx

@@ -1,0 +1,71 @@
+"""Process-group setup from torchrun's environment (one GPU per process; gloo on CPUs).
+
+``torchrun`` sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous for one node, many nodes, or
+SLURM allocations (``srun torchrun ...``); plain ``python -m`` runs as a single process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    """Where this process stands."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs) and pick the device.
+
+    Args:
+        device: "auto" (CUDA when available), "cuda" or "cpu".
+
+    Raises:
+        RuntimeError: ``device="cuda"`` on a machine without a usable GPU.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA GPU is available on this machine")
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo",
+                                device_id=dev if device == "cuda" else None)
+    return DistInfo(rank, world_size, local_rank, dev)
+
+
+def teardown_distributed() -> None:
+    """Leave the process group if one was joined."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over the ranks (a no-op on one process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
