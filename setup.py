@@ -5,9 +5,9 @@ The Triton kernels live in the top-level ``kernels/`` folder and install as the 
 ``pip install -e .`` alike.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = ["mae_fast", "mae_fast.ops", "mae_fast.kernels"]
+PACKAGES = ["mae_fast", *(f"mae_fast.{p}" for p in find_packages("mae_fast")), "mae_fast.kernels"]
 
 setup(
     packages=PACKAGES,

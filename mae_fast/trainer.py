@@ -116,7 +116,8 @@ class MAETrainer:
         self.device = self.dist.device
         self.precision = resolve_precision(config.precision, self.device)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        torch.manual_seed(config.seed + self.dist.rank)
+        # The same initial weights on every rank (FSDP shards them as they are; it broadcasts nothing).
+        torch.manual_seed(config.seed)
         self.output_dir = Path(config.output_dir)
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -131,15 +132,17 @@ class MAETrainer:
 
         self.effective_batch = dcfg.batch_size * config.accum_iter * self.dist.world_size
         self.base_lr = config.optim.lr if config.optim.lr is not None else config.optim.blr * self.effective_batch / 256
+        torch.manual_seed(config.seed + self.dist.rank)
+        self.train_model = self._wrap(self.model)  # before the optimizer: FSDP replaces the parameters
         self.optimizer = build_optimizer(self.model, config, self.base_lr, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         # Mask noise is drawn for the global batch from one generator shared by all ranks, so a run
         # on N ranks masks each image as a run on one rank with the same global batch would.
         self.noise_generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        self.train_model = self._wrap(self.model)
 
         self.epoch, self.step_in_epoch, self.step = config.start_epoch, 0, 0
         self.last_good: Path | None = None
+        self.history: list[tuple[int, float]] = []  # (step, mean loss since the last log line), rank 0
         self._resume()
         self.writer = None
         if self.dist.is_main:
@@ -233,7 +236,8 @@ class MAETrainer:
             return
         path = find_latest(self.output_dir) if resume == "auto" else Path(resume)
         if path is None:
-            logger.info("--resume auto: no checkpoint in %s, starting fresh", self.output_dir)
+            if self.dist.is_main:
+                logger.info("--resume auto: no checkpoint in %s, starting fresh", self.output_dir)
             return
         state = load_checkpoint(path)
         try:
@@ -261,7 +265,9 @@ class MAETrainer:
         if self.step_in_epoch >= len(self.loader):
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self.last_good = path
-        logger.info("resumed from %s at epoch %d, batch %d, step %d", path, self.epoch, self.step_in_epoch, self.step)
+        if self.dist.is_main:
+            logger.info("resumed from %s at epoch %d, batch %d, step %d", path, self.epoch, self.step_in_epoch,
+                        self.step)
 
     # ------------------------------------------------------------------ the loop
 
@@ -315,7 +321,8 @@ class MAETrainer:
 
         loss_sum = torch.zeros((), device=self.device)
         first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
-        seen, window_images, data_wait, window_wait = 0, 0, 0.0, 0.0
+        logged_sum = torch.zeros((), device=self.device)
+        seen, logged_seen, window_images, data_wait, window_wait = 0, 0, 0, 0.0, 0.0
         lr = self.optimizer.param_groups[0]["lr"]
         stats = {}
         from tqdm import tqdm
@@ -360,6 +367,9 @@ class MAETrainer:
             if (update and self.step % cfg.log_every == 0) or last:
                 self._check_finite(first_bad)
                 mean_loss = all_reduce_sum(loss_sum.clone()).item() / (seen * world)
+                window_loss = all_reduce_sum(loss_sum - logged_sum).item() / ((seen - logged_seen) * world)
+                logged_sum, logged_seen = loss_sum.clone(), seen
+                self.history.append((self.step, window_loss))
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 elapsed = time.perf_counter() - window_start
@@ -416,11 +426,12 @@ class MAETrainer:
                 logger.info("epoch %d: validation loss %.4f on %d images", self.epoch, stats["val_loss"], int(count))
                 if self.writer is not None:
                     self.writer.add_scalar("val/loss", stats["val_loss"], self.epoch)
+        # Every rank runs the preview forward (a sharded model needs them all); rank 0 writes it.
+        images = self._preview_images()
+        noise = torch.rand(images.shape[0], self.model.num_patches, device=self.device, generator=generator)
+        with autocast:
+            _, pred, mask = self.model(images, mask_ratio=mask_ratio, noise=noise)
         if self.dist.is_main:
-            images = self._preview_images()
-            noise = torch.rand(images.shape[0], self.model.num_patches, device=self.device, generator=generator)
-            with autocast:
-                _, pred, mask = self.model(images, mask_ratio=mask_ratio, noise=noise)
             grid = reconstruction_grid(self.model, images, pred.float(), mask)
             path = self.output_dir / f"reconstruction-epoch{self.epoch}.png"
             save_png(grid, path)

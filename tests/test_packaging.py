@@ -25,7 +25,8 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_contains_the_kernels_subpackage(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "mae_fast/kernels/__init__.py" in names
-    assert "mae_fast/ops/gather_patches.py" in names
+    assert "mae_fast/ops/gather_patches.py" in names and "mae_fast/data/dali_loader.py" in names
+    assert "mae_fast/kernels/masked_patch_loss.py" in names
     assert not any(n.startswith("kernels/") for n in names)
 
 

@@ -73,19 +73,28 @@ class DaliLoader:
         """Yield ``(images [B, 3, S, S] on device in dtype, indices [B] int64 with -1 for padding)``,
         from batch ``start`` of ``epoch`` on.
 
-        DALI draws augmentation from its own seeded generators (per rank and epoch), not from the
-        per-slot seeds of the torch loader.
+        DALI draws augmentation from its own generators, seeded per (seed, rank, epoch) rather than
+        per slot as the torch loader does; to resume mid-epoch with the same augmentation it runs
+        the epoch's first ``start`` batches again and drops them.
         """
         indices, valid, _ = epoch_indices(self.num_samples, self.batch_size, self.rank, self.world_size, epoch,
                                           self.seed, shuffle=self.train)
         device_id = (self.device.index or 0) if self.device.type == "cuda" else None
-        seed = (self.seed * 1_000_003 + self.rank * 7919 + epoch * 31 + start) % (2**31 - 1)
+        seed = (self.seed * 1_000_003 + self.rank * 7919 + epoch * 31) % (2**31 - 1)
         B = self.batch_size
-        pipeline = build_pipeline([self.files[i] for i in indices[start * B:]], self.batch_size, self.size, seed,
-                                  device_id, self.num_threads, self.train)
+        pipeline = build_pipeline([self.files[i] for i in indices], self.batch_size, self.size, seed, device_id,
+                                  self.num_threads, self.train)
         try:
-            for step in range(start, len(self)):
-                (out,) = pipeline.run()
+            for step in range(len(self)):
+                try:
+                    (out,) = pipeline.run()
+                except RuntimeError as exc:
+                    # The pipeline reads ahead, so the culprit is in this batch or the prefetched one.
+                    batch_files = [self.files[i] for i in indices[step * B:(step + 2) * B]]
+                    raise RuntimeError(f"DALI failed at batch {step} of epoch {epoch}: one of {batch_files} could "
+                                       f"not be read or decoded: {str(exc).strip()}") from exc
+                if step < start:
+                    continue
                 images = self._to_torch(out)
                 idx = torch.from_numpy(indices[step * B:(step + 1) * B].copy())
                 idx[~torch.from_numpy(valid[step * B:(step + 1) * B].copy())] = -1

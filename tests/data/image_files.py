@@ -1,0 +1,53 @@
+"""Writers of small image folders for the data tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def index_color(i: int) -> tuple[int, int, int]:
+    """A solid color that identifies image ``i`` (channels at least 20 apart between images)."""
+    return (20 * i + 10) % 256, (250 - 20 * i) % 256, 60 + (i % 3) * 60
+
+
+def color_index(rgb) -> int:
+    """Inverse of :func:`index_color` for i < 12."""
+    return int(round((rgb[0] - 10) / 20))
+
+
+def write_solid_images(folder: Path, count: int, size=(40, 30)) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"img_{i:03d}.jpg"
+        Image.new("RGB", size, index_color(i)).save(path, quality=95)
+        paths.append(path)
+    return paths
+
+
+def write_coordinate_image(path: Path, width: int = 200, height: int = 160) -> None:
+    """R encodes the column and G the row (lossless PNG), so a crop can be read back from the output."""
+    xx, yy = np.meshgrid(np.linspace(0, 255, width), np.linspace(0, 255, height))
+    rgb = np.stack([xx, yy, np.full_like(xx, 128)], axis=-1).round().astype(np.uint8)
+    Image.fromarray(rgb, "RGB").save(path)
+
+
+def write_mixed_folder(folder: Path) -> dict[str, str]:
+    """Good images in odd formats plus broken files; returns name -> 'good' or 'bad'."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), "RGB")
+    kinds = {}
+    rgb.save(folder / "plain.jpg", quality=90); kinds["plain.jpg"] = "good"
+    rgb.convert("L").save(folder / "gray.jpg"); kinds["gray.jpg"] = "good"
+    rgb.convert("CMYK").save(folder / "cmyk.jpg"); kinds["cmyk.jpg"] = "good"
+    rgb.save(folder / "image.png"); kinds["image.png"] = "good"
+    rgb.save(folder / "progressive.jpg", progressive=True, quality=90); kinds["progressive.jpg"] = "good"
+    (folder / "empty.jpg").write_bytes(b""); kinds["empty.jpg"] = "bad"
+    (folder / "notes.jpg").write_text("this is not an image"); kinds["notes.jpg"] = "bad"
+    data = (folder / "plain.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2]); kinds["truncated.jpg"] = "bad"
+    return kinds

@@ -1,0 +1,147 @@
+"""The dali and torch loaders on real files: values, augmentation ranges, sharding, repeatability, bad files."""
+
+import math
+
+import pytest
+import torch
+
+from mae_fast.config import DataConfig
+from mae_fast.data import build_loader, dali_unavailable_reason
+from mae_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from image_files import color_index, index_color, write_coordinate_image, write_mixed_folder, write_solid_images
+
+BACKENDS = [pytest.param("torch", id="torch"),
+            pytest.param("dali", id="dali", marks=pytest.mark.skipif(dali_unavailable_reason() is not None,
+                                                                    reason=str(dali_unavailable_reason())))]
+
+
+def loader(path, backend, rank=0, world=1, batch=4, size=16, seed=0, train=True, num_workers=0, dtype=torch.float32):
+    cfg = DataConfig(data_path=str(path), val_path=str(path) if not train else None, backend=backend, input_size=size,
+                     batch_size=batch, num_workers=num_workers)
+    return build_loader(cfg, rank, world, "cpu", seed, train=train, dtype=dtype)
+
+
+def denormalize(images):
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+    return images.float() * std + mean
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shape_dtype_and_normalization(tmp_path, backend):
+    write_solid_images(tmp_path, 6)
+    ld = loader(tmp_path, backend, batch=3, size=16)
+    assert len(ld) == 2 and ld.backend == backend
+    for images, indices in ld.epoch(0):
+        assert images.shape == (3, 3, 16, 16) and images.dtype == torch.float32
+        for image, index in zip(denormalize(images), indices.tolist()):
+            expected = torch.tensor(index_color(index), dtype=torch.float32).view(3, 1, 1)
+            assert (image - expected).abs().max() < 4  # JPEG of a solid color, then normalization undone
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_output(tmp_path, backend):
+    write_solid_images(tmp_path, 2)
+    images, _ = next(iter(loader(tmp_path, backend, batch=2, dtype=torch.bfloat16).epoch(0)))
+    assert images.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_augmentation_stays_in_the_official_ranges(tmp_path, backend):
+    write_coordinate_image(tmp_path / "coords.png", 200, 160)
+    ld = loader(tmp_path, backend, batch=1, size=32)
+    flips = set()
+    for epoch in range(40):
+        images, _ = next(iter(ld.epoch(epoch)))
+        rgb = denormalize(images)[0]
+        r, g = rgb[0], rgb[1]
+        width_frac = (r[:, -1].mean() - r[:, 0].mean()).abs().item() / 255 * 32 / 31
+        height_frac = (g[-1].mean() - g[0].mean()).item() / 255 * 32 / 31
+        area, aspect = width_frac * height_frac, (width_frac * 200) / (height_frac * 160)
+        assert 0.2 - 0.06 <= area <= 1.0 + 0.06, area
+        assert 3 / 4 - 0.12 <= aspect <= 4 / 3 + 0.12, aspect
+        flips.add(bool(r[:, -1].mean() < r[:, 0].mean()))
+    assert flips == {True, False}  # both orientations occur
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("count", [10, 11])
+def test_two_ranks_cover_the_set_exactly_once(tmp_path, backend, count):
+    write_solid_images(tmp_path, count)
+    seen = []
+    steps = set()
+    for rank in range(2):
+        ld = loader(tmp_path, backend, rank=rank, world=2, batch=3)
+        steps.add(len(ld))
+        for images, indices in ld.epoch(1):
+            colors = denormalize(images).mean(dim=(2, 3))
+            for color, index in zip(colors, indices.tolist()):
+                if index >= 0:
+                    assert color_index(color.tolist()) == index  # the pixels are the image the index names
+                    seen.append(index)
+    assert len(steps) == 1  # every rank runs the same number of steps
+    assert sorted(seen) == list(range(count))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_seed_same_batches_and_a_new_order_each_epoch(tmp_path, backend):
+    write_solid_images(tmp_path, 8)
+    write_coordinate_image(tmp_path / "coords.png")
+
+    def run(seed, epoch):
+        return [(images, indices) for images, indices in loader(tmp_path, backend, batch=3, seed=seed).epoch(epoch)]
+
+    a, b = run(3, 0), run(3, 0)
+    for (ia, xa), (ib, xb) in zip(a, b):
+        assert torch.equal(ia, ib) and torch.equal(xa, xb)
+    assert not all(torch.equal(xa, xc) for (_, xa), (_, xc) in zip(a, run(3, 1)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resuming_mid_epoch_gives_the_remaining_batches(tmp_path, backend):
+    write_solid_images(tmp_path, 9)
+    ld = loader(tmp_path, backend, batch=2)
+    full = [indices for _, indices in ld.epoch(2)]
+    rest = [indices for _, indices in ld.epoch(2, start=2)]
+    assert len(rest) == len(full) - 2 and all(torch.equal(a, b) for a, b in zip(full[2:], rest))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_folder_with_broken_and_odd_files_loads(tmp_path, backend):
+    kinds = write_mixed_folder(tmp_path)
+    ld = loader(tmp_path, backend, batch=2, size=16)
+    assert ld.num_samples == sum(v == "good" for v in kinds.values())
+    batches = list(ld.epoch(0))
+    assert len(batches) == math.ceil(ld.num_samples / 2)
+    assert all(torch.isfinite(images).all() and images.shape == (2, 3, 16, 16) for images, _ in batches)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_validation_loader_is_fixed_and_centered(tmp_path, backend):
+    write_coordinate_image(tmp_path / "coords.png", 200, 160)
+    ld = loader(tmp_path, backend, batch=1, size=32, train=False)
+    first, second = (next(iter(ld.epoch(e)))[0] for e in (0, 1))
+    assert torch.equal(first, second)
+    r = denormalize(first)[0, 0]
+    assert r[:, 0].mean() < r[:, -1].mean()  # no flip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_file_broken_after_the_scan_ends_the_epoch_with_the_reason(tmp_path, backend):
+    write_solid_images(tmp_path, 4)
+    ld = loader(tmp_path, backend, batch=2, num_workers=2)
+    (tmp_path / "img_001.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 64 + b"\xff\xd9")  # broken after the scan
+    with pytest.raises(RuntimeError, match="img_001.jpg"):
+        for _ in ld.epoch(0):
+            pass
+
+
+def test_synthetic_loader_and_missing_paths(tmp_path):
+    cfg = DataConfig(backend="synthetic", input_size=8, batch_size=4, synthetic_samples=16)
+    ld = build_loader(cfg, 0, 2, "cpu", 0)
+    batches = list(ld.epoch(0))
+    assert len(batches) == 2 and batches[0][0].shape == (4, 3, 8, 8)
+    with pytest.raises(ValueError, match="--data_path: is not an existing folder"):
+        DataConfig(data_path=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="--data_backend: must be one of"):
+        DataConfig(backend="ffcv")

@@ -1,0 +1,23 @@
+"""Small runs for the trainer tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def write_images(folder: Path, count: int = 16, size: int = 40) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8), "RGB").save(folder / f"{i:03d}.jpg")
+    return folder
+
+
+def tiny_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """Flags for a run that takes a second: tiny model at 32 px (4 patches), torch loader, no workers."""
+    return ["--data_path", str(data), "--output_dir", str(out), "--model", "mae_vit_tiny_patch16",
+            "--input_size", "32", "--batch_size", "4", "--epochs", "2", "--warmup_epochs", "1",
+            "--data_backend", "torch", "--num_workers", "0", "--log_every", "1", "--blr", "1e-2", *extra]

@@ -1,0 +1,65 @@
+"""Flags, defaults and their errors."""
+
+import pytest
+
+from mae_fast.config import DataConfig, ModelConfig, OptimConfig, RunConfig
+from mae_fast.pretrain import build_parser, config_from_args, main
+
+
+def test_no_flags_is_the_builtin_demo():
+    cfg = config_from_args([])
+    assert cfg.is_demo and cfg.model.name == "mae_vit_tiny_patch16" and cfg.data.input_size == 64
+    assert cfg.data.data_path is None and cfg.output_dir == "./output_dir" and cfg.log_dir == "./output_dir"
+
+
+def test_official_defaults_with_a_data_path(tmp_path):
+    cfg = config_from_args(["--data_path", str(tmp_path)])
+    assert (cfg.model.name, cfg.data.input_size, cfg.data.batch_size, cfg.epochs) == ("mae_vit_large_patch16", 224, 64, 400)
+    assert (cfg.optim.blr, cfg.optim.weight_decay, cfg.optim.warmup_epochs, cfg.model.mask_ratio) == (1e-3, 0.05, 40, 0.75)
+
+
+def test_official_flag_names_parse(tmp_path):
+    cfg = config_from_args(["--batch_size", "8", "--epochs", "3", "--accum_iter", "2", "--model", "mae_vit_base_patch16",
+                            "--input_size", "96", "--mask_ratio", "0.6", "--norm_pix_loss", "--weight_decay", "0.1",
+                            "--lr", "0.002", "--blr", "0.0015", "--min_lr", "1e-6", "--warmup_epochs", "1",
+                            "--data_path", str(tmp_path), "--output_dir", "out", "--log_dir", "logs", "--resume", "auto",
+                            "--start_epoch", "1", "--num_workers", "3", "--seed", "5", "--local_rank", "0"])
+    assert cfg.data.batch_size == 8 and cfg.accum_iter == 2 and cfg.model.norm_pix_loss and cfg.optim.lr == 0.002
+    assert cfg.log_dir == "logs" and cfg.resume == "auto" and cfg.start_epoch == 1 and cfg.seed == 5
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    for action in build_parser()._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, action.dest
+            assert action.option_strings[0] in text
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch_size", "-4"], "--batch_size: must be a positive integer, got -4"),
+    (["--mask_ratio", "1.0"], r"--mask_ratio: must be in \[0, 1\), got 1.0"),
+    (["--model", "vit_giant"], "--model: must be one of .*got 'vit_giant'"),
+    (["--data_path", "/no/such/folder"], "--data_path: is not an existing folder, got '/no/such/folder'"),
+    (["--precision", "fp8"], "--precision: must be one of"),
+    (["--accum_iter", "0"], "--accum_iter: must be a positive integer, got 0"),
+    (["--blr", "-1"], "--blr: must be a number >= 0, got -1.0"),
+])
+def test_bad_flags_name_the_flag_and_value(argv, message, capsys):
+    with pytest.raises(ValueError, match=message):
+        config_from_args(argv)
+    assert main(argv) == 2
+    assert "mae_fast.pretrain: error: --" in capsys.readouterr().err
+
+
+def test_dataclasses_validate_on_their_own():
+    with pytest.raises(ValueError, match="--num_workers"):
+        DataConfig(num_workers=-1)
+    with pytest.raises(ValueError, match="--kernel_backend"):
+        ModelConfig(kernel_backend="cutlass")
+    with pytest.raises(ValueError, match="--optimizer"):
+        OptimConfig(optimizer="sgd")
+    with pytest.raises(ValueError, match="--epochs"):
+        RunConfig(epochs=0)

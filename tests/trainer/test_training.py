@@ -1,0 +1,153 @@
+"""Whole runs on the CPU: the demo, resume, a killed run, a non-finite loss, bad checkpoints."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mae_fast.checkpoint import CheckpointError, load_checkpoint
+from mae_fast.pretrain import config_from_args, main
+from mae_fast.trainer import MAETrainer, NonFiniteLossError, lr_at
+from helpers import tiny_args, write_images
+
+
+def trained(args):
+    trainer = MAETrainer(config_from_args(args))
+    trainer.fit()
+    return trainer
+
+
+def test_the_default_command_in_reduced_form_trains_and_its_loss_falls(tmp_path):
+    # No --data_path: the built-in set and the demo model, only fewer epochs and steps per log line.
+    out = tmp_path / "out"
+    assert main(["--output_dir", str(out), "--epochs", "4", "--num_workers", "0", "--log_every", "8"]) == 0
+    epochs = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [0, 1, 2, 3]
+    assert epochs[-1]["train_loss"] < 0.8 * epochs[0]["train_loss"]
+    assert (out / "checkpoint-3.pth").is_file() and (out / "checkpoint-last.pth").is_file()
+    assert (out / "reconstruction-epoch3.png").is_file()
+    assert any(p.name.startswith("events.out.tfevents") for p in out.iterdir())
+    state = load_checkpoint(out / "checkpoint-3.pth")
+    assert {"model", "optimizer", "scaler", "epoch", "step", "config", "rng"} <= set(state)
+    assert "blocks.0.attn.qkv.weight" in state["model"] and state["epoch"] == 3
+
+
+def test_lr_follows_the_schedule_each_step_and_accumulation_steps_less_often(tmp_path):
+    data = write_images(tmp_path / "data", 16)
+    trainer = trained(tiny_args(data, tmp_path / "out", "--accum_iter", "2", "--max_steps", "3"))
+    # 16 images / batch 4 = 4 batches an epoch; accum 2 -> 2 optimizer steps an epoch.
+    assert trainer.step == 3 and trainer.epoch == 1 and trainer.step_in_epoch == 2
+    assert trainer.effective_batch == 8 and trainer.base_lr == pytest.approx(1e-2 * 8 / 256)
+    # The last lr set was at batch 0 of epoch 1.
+    expected = lr_at(1.0, trainer.base_lr, 0.0, 1, 2)
+    assert all(g["lr"] == pytest.approx(expected) for g in trainer.optimizer.param_groups)
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    data = write_images(tmp_path / "data", 16)
+    straight = trained(tiny_args(data, tmp_path / "straight", "--max_steps", "6"))
+    first = trained(tiny_args(data, tmp_path / "split", "--max_steps", "3"))
+    assert first.step == 3 and (tmp_path / "split" / "checkpoint-last.pth").is_file()
+    second = trained(tiny_args(data, tmp_path / "split", "--max_steps", "6", "--resume", "auto"))
+    assert second.step == 6
+    assert [s for s, _ in second.history] == [4, 5, 6]
+    joined = first.history + second.history
+    assert [s for s, _ in joined] == [s for s, _ in straight.history]
+    assert [v for _, v in joined] == pytest.approx([v for _, v in straight.history], rel=1e-6)
+    for (name, a), b in zip(straight.model.state_dict().items(), second.model.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_a_killed_run_resumes_from_the_rolling_checkpoint(tmp_path):
+    data = write_images(tmp_path / "data", 32)
+    out = tmp_path / "out"
+    args = tiny_args(data, out, "--epochs", "50", "--save_last_every", "2")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mae_fast.pretrain", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    last = out / "checkpoint-last.pth"
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and not (last.is_file() and load_checkpoint(last)["step"] >= 6):
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    saved_step = load_checkpoint(last)["step"]
+    assert saved_step >= 6 and saved_step % 2 == 0
+    resumed = MAETrainer(config_from_args(tiny_args(data, out, "--epochs", "50", "--resume", "auto",
+                                                    "--max_steps", str(saved_step + 2))))
+    assert resumed.step == saved_step and resumed.last_good == last
+    resumed.fit()
+    assert resumed.step == saved_step + 2
+
+
+def test_a_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    data = write_images(tmp_path / "data", 16)
+    trainer = MAETrainer(config_from_args(tiny_args(data, tmp_path / "out", "--save_last_every", "1", "--log_every", "100")))
+    calls = {"n": 0}
+    real_loss = type(trainer.model).forward_loss
+
+    def poisoned(self, imgs, pred, mask):
+        calls["n"] += 1
+        loss = real_loss(self, imgs, pred, mask)
+        return loss * float("nan") if calls["n"] >= 3 else loss
+
+    monkeypatch.setattr(type(trainer.model), "forward_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite at step 3 .*last good checkpoint is .*checkpoint-last.pth"):
+        trainer.fit()
+    state = load_checkpoint(tmp_path / "out" / "checkpoint-last.pth")
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path):
+    data = write_images(tmp_path / "data", 8)
+    out = tmp_path / "out"
+    trained(tiny_args(data, out, "--max_steps", "1"))
+    good = out / "checkpoint-last.pth"
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="truncated or not a torch checkpoint"):
+        MAETrainer(config_from_args(tiny_args(data, out, "--resume", str(truncated))))
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"model": {"w": torch.zeros(1)}}, foreign)
+    with pytest.raises(CheckpointError, match="not a mae_fast training checkpoint .*load_pretrained"):
+        MAETrainer(config_from_args(tiny_args(data, out, "--resume", str(foreign))))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        MAETrainer(config_from_args(tiny_args(data, out, "--resume", str(tmp_path / "missing.pth"))))
+    with pytest.raises(CheckpointError, match="does not fit this run's model"):
+        MAETrainer(config_from_args(tiny_args(data, out, "--resume", str(good), "--model", "mae_vit_small_patch16")))
+
+
+def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path):
+    data = write_images(tmp_path / "data", 8)
+    trainer = MAETrainer(config_from_args(tiny_args(data, tmp_path / "empty", "--resume", "auto")))
+    assert trainer.step == 0 and trainer.last_good is None
+
+
+def test_validation_writes_loss_and_reconstructions(tmp_path):
+    data = write_images(tmp_path / "data", 8)
+    val = write_images(tmp_path / "val", 5)
+    trainer = trained(tiny_args(data, tmp_path / "out", "--val_path", str(val), "--epochs", "1", "--norm_pix_loss"))
+    line = json.loads((tmp_path / "out" / "log.txt").read_text().splitlines()[-1])
+    assert line["val_loss"] > 0 and (tmp_path / "out" / "reconstruction-epoch0.png").is_file()
+    assert trainer.val_loader.num_samples == 5
+
+
+def test_apex_optimizer_without_apex_is_a_clear_error(tmp_path):
+    pytest.importorskip("torch")
+    try:
+        import apex  # noqa: F401
+        pytest.skip("apex is installed here")
+    except ImportError:
+        pass
+    data = write_images(tmp_path / "data", 8)
+    with pytest.raises(RuntimeError, match="--optimizer apex needs NVIDIA apex"):
+        MAETrainer(config_from_args(tiny_args(data, tmp_path / "out", "--optimizer", "apex")))
