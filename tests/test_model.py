@@ -401,3 +401,21 @@ def test_model_with_triton_kernels_compiles_as_one_graph():
     assert torch.equal(mask, ref_mask)
     loss.backward()
     assert fused.decoder_pred.weight.grad is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attn", ["sdpa", "flash_attn"])
+def test_gpu_bf16_attention_backends_match_math(attn):
+    if attn == "flash_attn" and flash_attn_unavailable_reason() is not None:
+        pytest.skip(flash_attn_unavailable_reason())
+    torch.manual_seed(0)
+    ref = small_model(attn_backend="math", kernel_backend="auto").cuda()
+    fast = small_model(attn_backend=attn, kernel_backend="auto").cuda()
+    fast.load_state_dict(ref.state_dict())
+    imgs, noise = torch.randn(4, 3, 32, 32, device="cuda"), torch.rand(4, 16, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        a, b = ref(imgs, noise=noise), fast(imgs, noise=noise)
+    assert fast.attn_backend_for("cuda", torch.bfloat16) == attn
+    torch.testing.assert_close(b[1].float(), a[1].float(), atol=3e-2, rtol=3e-2)
+    b[0].backward()
+    assert all(torch.isfinite(p.grad).all() for p in fast.parameters() if p.requires_grad)

@@ -145,3 +145,17 @@ def test_synthetic_loader_and_missing_paths(tmp_path):
         DataConfig(data_path=str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="--data_backend: must be one of"):
         DataConfig(backend="ffcv")
+
+
+@pytest.mark.gpu
+def test_dali_mixed_decoding_on_the_gpu(tmp_path):
+    if dali_unavailable_reason():
+        pytest.skip(dali_unavailable_reason())
+    write_solid_images(tmp_path, 6)
+    cfg = DataConfig(data_path=str(tmp_path), backend="dali", input_size=16, batch_size=3, num_workers=2)
+    ld = build_loader(cfg, 0, 1, "cuda", 0)
+    for images, indices in ld.epoch(0):
+        assert images.is_cuda and images.shape == (3, 3, 16, 16)
+        for image, index in zip(denormalize(images.cpu()), indices.tolist()):
+            expected = torch.tensor(index_color(index), dtype=torch.float32).view(3, 1, 1)
+            assert (image - expected).abs().max() < 4

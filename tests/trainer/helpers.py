@@ -17,7 +17,8 @@ def write_images(folder: Path, count: int = 16, size: int = 40) -> Path:
 
 
 def tiny_args(data: Path, out: Path, *extra: str) -> list[str]:
-    """Flags for a run that takes a second: tiny model at 32 px (4 patches), torch loader, no workers."""
-    return ["--data_path", str(data), "--output_dir", str(out), "--model", "mae_vit_tiny_patch16",
+    """Flags for a run that takes a second: tiny model at 32 px (4 patches), torch loader, no workers, on the CPU
+    (bitwise-repeatable arithmetic; a later ``--device cuda`` in ``extra`` overrides it)."""
+    return ["--data_path", str(data), "--output_dir", str(out), "--model", "mae_vit_tiny_patch16", "--device", "cpu",
             "--input_size", "32", "--batch_size", "4", "--epochs", "2", "--warmup_epochs", "1",
             "--data_backend", "torch", "--num_workers", "0", "--log_every", "1", "--blr", "1e-2", *extra]

@@ -1,6 +1,7 @@
 """Whole runs on the CPU: the demo, resume, a killed run, a non-finite loss, bad checkpoints."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -151,3 +152,13 @@ def test_apex_optimizer_without_apex_is_a_clear_error(tmp_path):
     data = write_images(tmp_path / "data", 8)
     with pytest.raises(RuntimeError, match="--optimizer apex needs NVIDIA apex"):
         MAETrainer(config_from_args(tiny_args(data, tmp_path / "out", "--optimizer", "apex")))
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_training_with_fused_kernels(tmp_path):
+    data = write_images(tmp_path / "data", 32)
+    trainer = trained(tiny_args(data, tmp_path / "out", "--device", "cuda", "--epochs", "4", "--norm_pix_loss"))
+    assert trainer.precision == "bf16" and trainer.optimizer.defaults["fused"]
+    losses = [v for _, v in trainer.history]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert "gather_patches=triton" in trainer.describe() or "gather_patches=cuda" in trainer.describe()
