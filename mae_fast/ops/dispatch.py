@@ -67,13 +67,34 @@ def _triton_import_error() -> str | None:
     return f"Triton could not be imported ({err})" if err else None
 
 
+_CUDA_REGISTRATIONS: list[Callable[[], None]] = []
+_CUDA_REGISTERED: list[bool] = [False]
+
+
+def on_cuda_extension_load(register: Callable[[], None]) -> None:
+    """Run ``register`` (an op's fake and autograd registration for its CUDA op) once mae_fast._C has loaded."""
+    _CUDA_REGISTRATIONS.append(register)
+    if _CUDA_REGISTERED[0]:
+        register()
+
+
 @torch.compiler.assume_constant_result
 def _cuda_extension_error() -> str | None:
     err = _import_error("mae_fast._C")
     if err is None:
+        if not _CUDA_REGISTERED[0]:
+            _CUDA_REGISTERED[0] = True
+            for register in _CUDA_REGISTRATIONS:
+                register()
         return None
-    return (f"the CUDA extension mae_fast._C is not built or failed to load ({err}); build it by reinstalling "
-            "mae_fast with a CUDA build of torch and nvcc on the PATH (CUDA_HOME naming the toolkit folder)")
+    return (f"the CUDA extension mae_fast._C is not built or failed to load ({err}); build it with "
+            "`pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`) using a CUDA build "
+            "of torch and nvcc, with CUDA_HOME naming the toolkit folder (see setup.py)")
+
+
+def cuda_extension_loaded() -> bool:
+    """Load mae_fast._C if it is built (registering its ops' fake and autograd kernels); True if it is there."""
+    return _cuda_extension_error() is None
 
 
 def _why_not(backend: str, tensors: Iterable[torch.Tensor]) -> str | None:
@@ -100,7 +121,8 @@ def _why_not(backend: str, tensors: Iterable[torch.Tensor]) -> str | None:
     raise AssertionError(backend)
 
 
-def choose(op: str, backend: str, implementations: Mapping[str, Callable], tensors: Iterable[torch.Tensor]) -> str:
+def choose(op: str, backend: str, implementations: Mapping[str, Callable], tensors: Iterable[torch.Tensor],
+           unfit: Mapping[str, str] | None = None) -> str:
     """Return the name of the backend of ``op`` to run for ``backend`` on ``tensors``.
 
     Args:
@@ -108,6 +130,8 @@ def choose(op: str, backend: str, implementations: Mapping[str, Callable], tenso
         backend: one of :data:`BACKENDS`.
         implementations: backend name -> callable; must contain ``"torch"``.
         tensors: the op's tensor inputs (None entries are ignored).
+        unfit: backend -> why these inputs are outside what it handles (a size limit, say);
+            ``auto`` passes over such a backend, an explicit request for it raises.
 
     Raises:
         ValueError: unknown backend name.
@@ -115,17 +139,19 @@ def choose(op: str, backend: str, implementations: Mapping[str, Callable], tenso
     """
     check_backend(backend)
     tensors = list(tensors)
+    unfit = unfit or {}
     if backend == "auto":
         # The Triton interpreter is a testing aid: "auto" runs kernels only on CUDA tensors.
         on_cuda = all(t.device.type == "cuda" for t in tensors if t is not None)
         for candidate in ("cuda", "triton"):
-            if on_cuda and candidate in implementations and _why_not(candidate, tensors) is None:
+            if on_cuda and candidate in implementations and candidate not in unfit \
+                    and _why_not(candidate, tensors) is None:
                 return candidate
         return "torch"
     if backend not in implementations:
         have = ", ".join(repr(b) for b in implementations)
         raise BackendUnavailableError(f"{op}: backend={backend!r} is not implemented for this op (it has {have})")
-    reason = _why_not(backend, tensors)
+    reason = unfit.get(backend) or _why_not(backend, tensors)
     if reason is not None:
         raise BackendUnavailableError(f"{op}: backend={backend!r} cannot run: {reason}")
     return backend

@@ -28,15 +28,34 @@ def gather_patches_reference(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_s
     return torch.gather(patches, 1, index)
 
 
+def _fake(imgs, ids_keep, patch_size):
+    return imgs.new_empty(imgs.shape[0], ids_keep.shape[1], imgs.shape[1] * patch_size * patch_size)
+
+
+def _fake_backward(grad_out, ids_keep, patch_size, height, width):
+    return grad_out.new_empty(grad_out.shape[0], grad_out.shape[2] // (patch_size * patch_size), height, width)
+
+
+def _register_autograd(op, backward_op):
+    """Autograd for a kernel backend's ``op`` whose backward is ``backward_op`` (Triton and CUDA alike)."""
+
+    def setup_context(ctx, inputs, output):
+        imgs, ids_keep, patch_size = inputs
+        ctx.save_for_backward(ids_keep)
+        ctx.patch_size, ctx.height, ctx.width = patch_size, imgs.shape[2], imgs.shape[3]
+
+    def backward(ctx, grad_out):
+        (ids_keep,) = ctx.saved_tensors
+        return backward_op(grad_out, ids_keep, ctx.patch_size, ctx.height, ctx.width), None, None
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
+# Triton: kernels in kernels/gather_patches.py.
 @torch.library.custom_op("mae_fast::gather_patches_triton", mutates_args=())
 def _gather_patches_triton(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> torch.Tensor:
     from mae_fast.kernels.gather_patches import gather_patches_forward
     return gather_patches_forward(imgs, ids_keep, patch_size)
-
-
-@_gather_patches_triton.register_fake
-def _(imgs, ids_keep, patch_size):
-    return imgs.new_empty(imgs.shape[0], ids_keep.shape[1], imgs.shape[1] * patch_size * patch_size)
 
 
 @torch.library.custom_op("mae_fast::gather_patches_triton_backward", mutates_args=())
@@ -46,26 +65,25 @@ def _gather_patches_triton_backward(grad_out: torch.Tensor, ids_keep: torch.Tens
     return gather_patches_backward(grad_out, ids_keep, patch_size, height, width)
 
 
-@_gather_patches_triton_backward.register_fake
-def _(grad_out, ids_keep, patch_size, height, width):
-    return grad_out.new_empty(grad_out.shape[0], grad_out.shape[2] // (patch_size * patch_size), height, width)
+_gather_patches_triton.register_fake(_fake)
+_gather_patches_triton_backward.register_fake(_fake_backward)
+_register_autograd(_gather_patches_triton, _gather_patches_triton_backward)
 
 
-def _setup_context(ctx, inputs, output):
-    imgs, ids_keep, patch_size = inputs
-    ctx.save_for_backward(ids_keep)
-    ctx.patch_size, ctx.height, ctx.width = patch_size, imgs.shape[2], imgs.shape[3]
+# CUDA: schemas and kernels in csrc/ (mae_fast._C); fake and autograd registered once it loads.
+def _register_cuda():
+    torch.library.register_fake("mae_fast::gather_patches_cuda", _fake)
+    torch.library.register_fake("mae_fast::gather_patches_cuda_backward", _fake_backward)
+    _register_autograd("mae_fast::gather_patches_cuda", torch.ops.mae_fast.gather_patches_cuda_backward)
 
 
-def _backward(ctx, grad_out):
-    (ids_keep,) = ctx.saved_tensors
-    grad_imgs = _gather_patches_triton_backward(grad_out, ids_keep, ctx.patch_size, ctx.height, ctx.width)
-    return grad_imgs, None, None
+def _gather_patches_cuda(imgs, ids_keep, patch_size):
+    return torch.ops.mae_fast.gather_patches_cuda(imgs, ids_keep, patch_size)
 
 
-_gather_patches_triton.register_autograd(_backward, setup_context=_setup_context)
-
-IMPLEMENTATIONS = dispatch.register("gather_patches", torch=gather_patches_reference, triton=_gather_patches_triton)
+dispatch.on_cuda_extension_load(_register_cuda)
+IMPLEMENTATIONS = dispatch.register("gather_patches", torch=gather_patches_reference, triton=_gather_patches_triton,
+                                    cuda=_gather_patches_cuda)
 
 
 def gather_patches(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, backend: str = "auto",

@@ -30,15 +30,41 @@ def gather_tokens_reference(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: 
     return out.to(x.dtype)
 
 
+def _fake(x, ids_keep, pos_embed):
+    return x.new_empty(x.shape[0], ids_keep.shape[1], x.shape[2])
+
+
+def _fake_backward(grad_out, ids_keep, length):
+    return grad_out.new_empty(grad_out.shape[0], length, grad_out.shape[2])
+
+
+def _register_autograd(op, backward_op):
+    """Autograd for a kernel backend's ``op`` whose backward is ``backward_op`` (Triton and CUDA alike)."""
+
+    def setup_context(ctx, inputs, output):
+        x, ids_keep, pos_embed = inputs
+        ctx.save_for_backward(ids_keep)
+        ctx.length = x.shape[1]
+        ctx.pos_dtype = pos_embed.dtype if pos_embed is not None else None
+
+    def backward(ctx, grad_out):
+        (ids_keep,) = ctx.saved_tensors
+        need_x, _, need_pos = ctx.needs_input_grad
+        if not (need_x or need_pos):
+            return None, None, None
+        grad_x = backward_op(grad_out, ids_keep, ctx.length)
+        # The position gradient sums the batch: a fixed-order reduction, so it is deterministic.
+        grad_pos = grad_x.sum(dim=0, dtype=torch.float32).to(ctx.pos_dtype) if need_pos else None
+        return (grad_x if need_x else None), None, grad_pos
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
+# Triton: kernels in kernels/gather_tokens.py.
 @torch.library.custom_op("mae_fast::gather_tokens_triton", mutates_args=())
 def _gather_tokens_triton(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Tensor | None) -> torch.Tensor:
     from mae_fast.kernels.gather_tokens import gather_tokens_forward
     return gather_tokens_forward(x, ids_keep, pos_embed)
-
-
-@_gather_tokens_triton.register_fake
-def _(x, ids_keep, pos_embed):
-    return x.new_empty(x.shape[0], ids_keep.shape[1], x.shape[2])
 
 
 @torch.library.custom_op("mae_fast::gather_tokens_triton_backward", mutates_args=())
@@ -47,32 +73,25 @@ def _gather_tokens_triton_backward(grad_out: torch.Tensor, ids_keep: torch.Tenso
     return gather_tokens_backward(grad_out, ids_keep, length)
 
 
-@_gather_tokens_triton_backward.register_fake
-def _(grad_out, ids_keep, length):
-    return grad_out.new_empty(grad_out.shape[0], length, grad_out.shape[2])
+_gather_tokens_triton.register_fake(_fake)
+_gather_tokens_triton_backward.register_fake(_fake_backward)
+_register_autograd(_gather_tokens_triton, _gather_tokens_triton_backward)
 
 
-def _setup_context(ctx, inputs, output):
-    x, ids_keep, pos_embed = inputs
-    ctx.save_for_backward(ids_keep)
-    ctx.length = x.shape[1]
-    ctx.pos_dtype = pos_embed.dtype if pos_embed is not None else None
+# CUDA: schemas and kernels in csrc/ (mae_fast._C); fake and autograd registered once it loads.
+def _register_cuda():
+    torch.library.register_fake("mae_fast::gather_tokens_cuda", _fake)
+    torch.library.register_fake("mae_fast::gather_tokens_cuda_backward", _fake_backward)
+    _register_autograd("mae_fast::gather_tokens_cuda", torch.ops.mae_fast.gather_tokens_cuda_backward)
 
 
-def _backward(ctx, grad_out):
-    (ids_keep,) = ctx.saved_tensors
-    need_x, _, need_pos = ctx.needs_input_grad
-    if not (need_x or need_pos):
-        return None, None, None
-    grad_x = _gather_tokens_triton_backward(grad_out, ids_keep, ctx.length)
-    # The position gradient sums the batch: a fixed-order reduction, so it is deterministic.
-    grad_pos = grad_x.sum(dim=0, dtype=torch.float32).to(ctx.pos_dtype) if need_pos else None
-    return (grad_x if need_x else None), None, grad_pos
+def _gather_tokens_cuda(x, ids_keep, pos_embed):
+    return torch.ops.mae_fast.gather_tokens_cuda(x, ids_keep, pos_embed)
 
 
-_gather_tokens_triton.register_autograd(_backward, setup_context=_setup_context)
-
-IMPLEMENTATIONS = dispatch.register("gather_tokens", torch=gather_tokens_reference, triton=_gather_tokens_triton)
+dispatch.on_cuda_extension_load(_register_cuda)
+IMPLEMENTATIONS = dispatch.register("gather_tokens", torch=gather_tokens_reference, triton=_gather_tokens_triton,
+                                    cuda=_gather_tokens_cuda)
 
 
 def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Tensor | None = None,

@@ -34,20 +34,59 @@ def masked_patch_loss_reference(pred: torch.Tensor, imgs: torch.Tensor, mask: to
     return (per_patch * weights).sum() / torch.where(total > 0, total, torch.ones_like(total))
 
 
+#: The CUDA kernel stages a patch in shared memory: at most this many values (p*p*C) per patch.
+CUDA_MAX_PATCH_VALUES = 5120
+
+
+def _fake(pred, imgs, mask, patch_size, norm_pix, eps, grad_pred, grad_imgs):
+    loss = pred.new_empty((), dtype=torch.float32)
+    saved = pred.new_empty(pred.shape if grad_pred else (0,), dtype=torch.float32)
+    gimgs = imgs.new_empty(imgs.shape if grad_imgs else (0,), dtype=torch.float32)
+    return loss, saved, gimgs
+
+
+def _fake_backward(saved_grad_pred, mask, grad_loss, pred_dtype):
+    return torch.empty_like(saved_grad_pred, dtype=pred_dtype)
+
+
+def _register_autograd(op, backward_op):
+    """Autograd for a kernel backend's fused ``op`` whose backward is ``backward_op`` (Triton and CUDA alike)."""
+
+    def setup_context(ctx, inputs, output):
+        pred, imgs, mask, _, _, _, grad_pred, grad_imgs = inputs
+        _, saved, gimgs = output
+        ctx.save_for_backward(saved, gimgs, mask)
+        ctx.pred_dtype, ctx.imgs_dtype = pred.dtype, imgs.dtype
+        ctx.has_grad_pred, ctx.has_grad_imgs = grad_pred, grad_imgs
+
+    def backward(ctx, grad_loss, _grad_saved, _grad_gimgs):
+        saved, gimgs, mask = ctx.saved_tensors
+        grad_pred = backward_op(saved, mask, grad_loss, ctx.pred_dtype) if ctx.has_grad_pred else None
+        grad_imgs = (gimgs * grad_loss).to(ctx.imgs_dtype) if ctx.has_grad_imgs else None
+        return grad_pred, grad_imgs, None, None, None, None, None, None
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
+def _fused(op):
+    """The public-facing implementation around a fused op: gradients computed in the forward when needed."""
+
+    def run(pred, imgs, mask, patch_size, norm_pix=True, eps=1e-6):
+        grad_on = torch.is_grad_enabled()
+        loss, _, _ = op(pred, imgs, mask.to(torch.float32), patch_size, norm_pix, eps,
+                        grad_on and pred.requires_grad, grad_on and imgs.requires_grad)
+        return loss
+
+    return run
+
+
+# Triton: kernels in kernels/masked_patch_loss.py.
 @torch.library.custom_op("mae_fast::masked_patch_loss_triton", mutates_args=())
 def _masked_patch_loss_triton_fused(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,
                                     norm_pix: bool, eps: float, grad_pred: bool,
                                     grad_imgs: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from mae_fast.kernels.masked_patch_loss import masked_patch_loss_forward
     return masked_patch_loss_forward(pred, imgs, mask, patch_size, norm_pix, eps, grad_pred, grad_imgs)
-
-
-@_masked_patch_loss_triton_fused.register_fake
-def _(pred, imgs, mask, patch_size, norm_pix, eps, grad_pred, grad_imgs):
-    loss = pred.new_empty((), dtype=torch.float32)
-    saved = pred.new_empty(pred.shape if grad_pred else (0,), dtype=torch.float32)
-    gimgs = imgs.new_empty(imgs.shape if grad_imgs else (0,), dtype=torch.float32)
-    return loss, saved, gimgs
 
 
 @torch.library.custom_op("mae_fast::masked_patch_loss_triton_backward", mutates_args=())
@@ -57,39 +96,26 @@ def _masked_patch_loss_triton_backward(saved_grad_pred: torch.Tensor, mask: torc
     return masked_patch_loss_backward(saved_grad_pred, mask, grad_loss, pred_dtype)
 
 
-@_masked_patch_loss_triton_backward.register_fake
-def _(saved_grad_pred, mask, grad_loss, pred_dtype):
-    return torch.empty_like(saved_grad_pred, dtype=pred_dtype)
+_masked_patch_loss_triton_fused.register_fake(_fake)
+_masked_patch_loss_triton_backward.register_fake(_fake_backward)
+_register_autograd(_masked_patch_loss_triton_fused, _masked_patch_loss_triton_backward)
 
 
-def _setup_context(ctx, inputs, output):
-    pred, imgs, mask, _, _, _, grad_pred, grad_imgs = inputs
-    _, saved, gimgs = output
-    ctx.save_for_backward(saved, gimgs, mask)
-    ctx.pred_dtype, ctx.imgs_dtype = pred.dtype, imgs.dtype
-    ctx.has_grad_pred, ctx.has_grad_imgs = grad_pred, grad_imgs
+# CUDA: schemas and kernels in csrc/ (mae_fast._C); fake and autograd registered once it loads.
+def _register_cuda():
+    torch.library.register_fake("mae_fast::masked_patch_loss_cuda", _fake)
+    torch.library.register_fake("mae_fast::masked_patch_loss_cuda_backward", _fake_backward)
+    _register_autograd("mae_fast::masked_patch_loss_cuda", torch.ops.mae_fast.masked_patch_loss_cuda_backward)
 
 
-def _backward(ctx, grad_loss, _grad_saved, _grad_gimgs):
-    saved, gimgs, mask = ctx.saved_tensors
-    grad_pred = _masked_patch_loss_triton_backward(saved, mask, grad_loss, ctx.pred_dtype) if ctx.has_grad_pred else None
-    grad_imgs = (gimgs * grad_loss).to(ctx.imgs_dtype) if ctx.has_grad_imgs else None
-    return grad_pred, grad_imgs, None, None, None, None, None, None
+def _masked_patch_loss_cuda_fused(*args):
+    return torch.ops.mae_fast.masked_patch_loss_cuda(*args)
 
 
-_masked_patch_loss_triton_fused.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _masked_patch_loss_triton(pred, imgs, mask, patch_size, norm_pix=True, eps=1e-6):
-    """The Triton backend: the gradients are computed in the forward pass when they will be needed."""
-    grad_on = torch.is_grad_enabled()
-    loss, _, _ = _masked_patch_loss_triton_fused(pred, imgs, mask.to(torch.float32), patch_size, norm_pix, eps,
-                                                 grad_on and pred.requires_grad, grad_on and imgs.requires_grad)
-    return loss
-
-
+dispatch.on_cuda_extension_load(_register_cuda)
 IMPLEMENTATIONS = dispatch.register("masked_patch_loss", torch=masked_patch_loss_reference,
-                                    triton=_masked_patch_loss_triton)
+                                    triton=_fused(_masked_patch_loss_triton_fused),
+                                    cuda=_fused(_masked_patch_loss_cuda_fused))
 
 
 def masked_patch_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,
@@ -134,5 +160,7 @@ def masked_patch_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor
         raise ValueError(f"norm_pix needs at least 2 values per patch, got p*p*C = {N}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps!r}")
-    chosen = dispatch.choose("masked_patch_loss", backend, IMPLEMENTATIONS, (pred, imgs))
+    unfit = {"cuda": f"its kernel handles at most {CUDA_MAX_PATCH_VALUES} values per patch, got {N}"} \
+        if N > CUDA_MAX_PATCH_VALUES else None
+    chosen = dispatch.choose("masked_patch_loss", backend, IMPLEMENTATIONS, (pred, imgs), unfit)
     return IMPLEMENTATIONS[chosen](pred, imgs, mask, patch_size, bool(norm_pix), float(eps))

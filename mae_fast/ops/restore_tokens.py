@@ -30,17 +30,46 @@ def restore_tokens_reference(x_visible: torch.Tensor, ids_restore: torch.Tensor,
     return out.to(out_dtype or x_visible.dtype)
 
 
+def _fake(x_visible, ids_restore, mask_token, pos_embed, out_dtype=None):
+    B, _, D = x_visible.shape
+    return x_visible.new_empty(B, ids_restore.shape[1], D, dtype=out_dtype or x_visible.dtype)
+
+
+def _fake_backward(grad_out, ids_restore, num_visible, x_dtype):
+    B, _, D = grad_out.shape
+    return grad_out.new_empty(B, num_visible, D, dtype=x_dtype), grad_out.new_empty(D, dtype=torch.float32)
+
+
+def _register_autograd(op, backward_op):
+    """Autograd for a kernel backend's ``op`` whose backward is ``backward_op`` (Triton and CUDA alike)."""
+
+    def setup_context(ctx, inputs, output):
+        x_visible, ids_restore, mask_token, pos_embed = inputs[:4]  # out_dtype may be left out
+        ctx.save_for_backward(ids_restore)
+        ctx.num_visible, ctx.x_dtype, ctx.token_dtype = x_visible.shape[1], x_visible.dtype, mask_token.dtype
+        ctx.pos_dtype = pos_embed.dtype if pos_embed is not None else None
+
+    def backward(ctx, grad_out):
+        (ids_restore,) = ctx.saved_tensors
+        need_x, _, need_token, need_pos = ctx.needs_input_grad[:4]
+        grad_x = grad_token = grad_pos = None
+        if need_x or need_token:
+            grad_x, grad_token = backward_op(grad_out, ids_restore, ctx.num_visible, ctx.x_dtype)
+            grad_token = grad_token.to(ctx.token_dtype)
+        if need_pos:
+            grad_pos = grad_out.sum(dim=0, dtype=torch.float32).to(ctx.pos_dtype)
+        grads = ((grad_x if need_x else None), None, (grad_token if need_token else None), grad_pos)
+        return grads + (None,) * (len(ctx.needs_input_grad) - 4)
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
+# Triton: kernels in kernels/restore_tokens.py.
 @torch.library.custom_op("mae_fast::restore_tokens_triton", mutates_args=())
 def _restore_tokens_triton(x_visible: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
                            pos_embed: torch.Tensor | None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     from mae_fast.kernels.restore_tokens import restore_tokens_forward
     return restore_tokens_forward(x_visible, ids_restore, mask_token, pos_embed, out_dtype or x_visible.dtype)
-
-
-@_restore_tokens_triton.register_fake
-def _(x_visible, ids_restore, mask_token, pos_embed, out_dtype=None):
-    B, _, D = x_visible.shape
-    return x_visible.new_empty(B, ids_restore.shape[1], D, dtype=out_dtype or x_visible.dtype)
 
 
 @torch.library.custom_op("mae_fast::restore_tokens_triton_backward", mutates_args=())
@@ -50,35 +79,25 @@ def _restore_tokens_triton_backward(grad_out: torch.Tensor, ids_restore: torch.T
     return restore_tokens_backward(grad_out, ids_restore, num_visible, x_dtype)
 
 
-@_restore_tokens_triton_backward.register_fake
-def _(grad_out, ids_restore, num_visible, x_dtype):
-    B, _, D = grad_out.shape
-    return grad_out.new_empty(B, num_visible, D, dtype=x_dtype), grad_out.new_empty(D, dtype=torch.float32)
+_restore_tokens_triton.register_fake(_fake)
+_restore_tokens_triton_backward.register_fake(_fake_backward)
+_register_autograd(_restore_tokens_triton, _restore_tokens_triton_backward)
 
 
-def _setup_context(ctx, inputs, output):
-    x_visible, ids_restore, mask_token, pos_embed = inputs[:4]  # out_dtype may be left out
-    ctx.save_for_backward(ids_restore)
-    ctx.num_visible, ctx.x_dtype, ctx.token_dtype = x_visible.shape[1], x_visible.dtype, mask_token.dtype
-    ctx.pos_dtype = pos_embed.dtype if pos_embed is not None else None
+# CUDA: schemas and kernels in csrc/ (mae_fast._C); fake and autograd registered once it loads.
+def _register_cuda():
+    torch.library.register_fake("mae_fast::restore_tokens_cuda", _fake)
+    torch.library.register_fake("mae_fast::restore_tokens_cuda_backward", _fake_backward)
+    _register_autograd("mae_fast::restore_tokens_cuda", torch.ops.mae_fast.restore_tokens_cuda_backward)
 
 
-def _backward(ctx, grad_out):
-    (ids_restore,) = ctx.saved_tensors
-    need_x, _, need_token, need_pos = ctx.needs_input_grad[:4]
-    grad_x = grad_token = grad_pos = None
-    if need_x or need_token:
-        grad_x, grad_token = _restore_tokens_triton_backward(grad_out, ids_restore, ctx.num_visible, ctx.x_dtype)
-        grad_token = grad_token.to(ctx.token_dtype)
-    if need_pos:
-        grad_pos = grad_out.sum(dim=0, dtype=torch.float32).to(ctx.pos_dtype)
-    grads = ((grad_x if need_x else None), None, (grad_token if need_token else None), grad_pos)
-    return grads + (None,) * (len(ctx.needs_input_grad) - 4)
+def _restore_tokens_cuda(x_visible, ids_restore, mask_token, pos_embed, out_dtype=None):
+    return torch.ops.mae_fast.restore_tokens_cuda(x_visible, ids_restore, mask_token, pos_embed, out_dtype)
 
 
-_restore_tokens_triton.register_autograd(_backward, setup_context=_setup_context)
-
-IMPLEMENTATIONS = dispatch.register("restore_tokens", torch=restore_tokens_reference, triton=_restore_tokens_triton)
+dispatch.on_cuda_extension_load(_register_cuda)
+IMPLEMENTATIONS = dispatch.register("restore_tokens", torch=restore_tokens_reference, triton=_restore_tokens_triton,
+                                    cuda=_restore_tokens_cuda)
 
 
 def restore_tokens(x_visible: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,

@@ -1,0 +1,68 @@
+// Helpers shared by the mae_fast CUDA ops: input checks, 16-byte vectors, block reductions.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstdint>
+
+namespace mae_fast {
+
+#define MAE_CHECK_CUDA(t, name) TORCH_CHECK((t).is_cuda(), name " must be a CUDA tensor, got device ", (t).device())
+#define MAE_CHECK_DIM(t, n, name) \
+  TORCH_CHECK((t).dim() == (n), name " must have " #n " dimensions, got shape ", (t).sizes())
+#define MAE_CHECK_FLOAT(t, name)                                                                             \
+  TORCH_CHECK((t).scalar_type() == at::kFloat || (t).scalar_type() == at::kHalf ||                          \
+                  (t).scalar_type() == at::kBFloat16,                                                       \
+              name " must be float32, float16 or bfloat16, got ", (t).scalar_type())
+#define MAE_CHECK_INDEX(t, name)                                                                              \
+  TORCH_CHECK((t).scalar_type() == at::kLong || (t).scalar_type() == at::kInt,                              \
+              name " must hold int64 or int32 indices, got ", (t).scalar_type())
+#define MAE_CHECK_SAME_DEVICE(a, b, name_a, name_b) \
+  TORCH_CHECK((a).device() == (b).device(), name_b " is on ", (b).device(), " but " name_a " is on ", (a).device())
+
+// float32, float16 and bfloat16 only (the dtypes the ops accept).
+#define MAE_DISPATCH_FLOATS(TYPE, NAME, ...)                                                          \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__)                  \
+                                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)               \
+                                         AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
+
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+// Indices as contiguous int64 (a no-op for the int64 indices the model makes).
+inline at::Tensor as_long_indices(const at::Tensor& ids) { return ids.to(at::kLong).contiguous(); }
+
+// A group of VEC elements moved as one 16-byte (or smaller) access.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Vec {
+  T v[VEC];
+};
+
+template <typename T>
+constexpr int vec_width() {
+  return 16 / sizeof(T);
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+inline int num_blocks(int64_t work, int per_block, int64_t cap = 1 << 20) {
+  int64_t blocks = (work + per_block - 1) / per_block;
+  return static_cast<int>(blocks < 1 ? 1 : (blocks > cap ? cap : blocks));
+}
+
+// Sum over the block; every thread gets the result. `scratch` holds at least 32 floats.
+__device__ __forceinline__ float block_sum(float value, float* scratch) {
+  for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffff, value, offset);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = (blockDim.x + 31) / 32;
+  __syncthreads();  // scratch may still be read from a previous call
+  if (lane == 0) scratch[warp] = value;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < warps; ++w) total += scratch[w];  // the same order in every thread: deterministic
+  return total;
+}
+
+}  // namespace mae_fast
