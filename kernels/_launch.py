@@ -12,9 +12,9 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def row_tile_configs() -> list[triton.Config]:
+def row_tile_configs(warps=(4, 8)) -> list[triton.Config]:
     """Autotune space for row-tiled kernels: rows per program x warps (small, so tuning is quick)."""
-    return [triton.Config({"ROWS": rows}, num_warps=warps) for rows in (1, 2, 4, 8) for warps in (4, 8)]
+    return [triton.Config({"ROWS": rows}, num_warps=w) for rows in (1, 2, 4, 8) for w in warps]
 
 
 def launch(kernel, tuned, grid, *args, interpreter_rows: int = 8, **kwargs) -> None:
@@ -31,3 +31,8 @@ def launch(kernel, tuned, grid, *args, interpreter_rows: int = 8, **kwargs) -> N
 def block(n: int) -> int:
     """The power-of-two tile width covering ``n`` elements (at least 16)."""
     return max(16, triton.next_power_of_2(n))
+
+
+def d_block(D: int) -> int:
+    """Tile width along the channel dimension of token rows: a power of two, 16 to 1024."""
+    return min(block(D), 1024)

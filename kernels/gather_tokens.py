@@ -10,12 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mae_fast.kernels._launch import launch
+from mae_fast.kernels._launch import d_block, launch, row_tile_configs
 from mae_fast.kernels.index import invert_index
-
-
-def _d_block(D: int) -> int:
-    return min(max(16, triton.next_power_of_2(D)), 1024)
 
 
 @triton.jit
@@ -55,10 +51,10 @@ def gather_tokens_bwd_kernel(grad_out_ptr, inv_ptr, grad_x_ptr, n_rows, K, L, D,
 
 
 gather_tokens_fwd_tuned = triton.autotune(
-    [triton.Config({"ROWS": r}, num_warps=w) for r in (1, 2, 4, 8) for w in (2, 4, 8)], key=["D"],
+    row_tile_configs(warps=(2, 4, 8)), key=["D"],
 )(gather_tokens_fwd_kernel)
 gather_tokens_bwd_tuned = triton.autotune(
-    [triton.Config({"ROWS": r}, num_warps=w) for r in (1, 2, 4, 8) for w in (2, 4, 8)], key=["D"],
+    row_tile_configs(warps=(2, 4, 8)), key=["D"],
 )(gather_tokens_bwd_kernel)
 
 
@@ -69,7 +65,7 @@ def gather_tokens_forward(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Te
     out = torch.empty(B, K, D, dtype=x.dtype, device=x.device)
     n_rows = B * K
     if n_rows and D:
-        BLOCK_D = _d_block(D)
+        BLOCK_D = d_block(D)
         pos_arg = pos if pos is not None else x
         pos_strides = pos.stride() if pos is not None else (0, 0)
         launch(gather_tokens_fwd_kernel, gather_tokens_fwd_tuned,
@@ -87,7 +83,7 @@ def gather_tokens_backward(grad_out: torch.Tensor, ids_keep: torch.Tensor, lengt
     grad_x = torch.empty(B, length, D, dtype=grad_out.dtype, device=grad_out.device)
     n_rows = B * length
     if n_rows and D:
-        BLOCK_D = _d_block(D)
+        BLOCK_D = d_block(D)
         launch(gather_tokens_bwd_kernel, gather_tokens_bwd_tuned,
                lambda meta: (triton.cdiv(n_rows, meta["ROWS"]), triton.cdiv(D, BLOCK_D)),
                grad_out, inv, grad_x, n_rows, K, length, D, BLOCK_D=BLOCK_D)

@@ -13,11 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mae_fast.kernels._launch import interpreted, launch
-
-
-def _d_block(D: int) -> int:
-    return min(max(16, triton.next_power_of_2(D)), 1024)
+from mae_fast.kernels._launch import d_block, interpreted, launch, row_tile_configs
 
 
 @triton.jit
@@ -63,7 +59,7 @@ def restore_tokens_bwd_kernel(grad_out_ptr, ids_ptr, grad_x_ptr, partial_ptr, K,
 
 
 restore_tokens_fwd_tuned = triton.autotune(
-    [triton.Config({"ROWS": r}, num_warps=w) for r in (1, 2, 4, 8) for w in (2, 4, 8)], key=["D"],
+    row_tile_configs(warps=(2, 4, 8)), key=["D"],
 )(restore_tokens_fwd_kernel)
 
 
@@ -75,7 +71,7 @@ def restore_tokens_forward(x_visible: torch.Tensor, ids_restore: torch.Tensor, m
     out = torch.empty(B, L, D, dtype=out_dtype, device=x_visible.device)
     n_rows = B * L
     if n_rows and D:
-        BLOCK_D = _d_block(D)
+        BLOCK_D = d_block(D)
         pos_arg = pos if pos is not None else mask_token
         pos_strides = pos.stride() if pos is not None else (0, 0)
         launch(restore_tokens_fwd_kernel, restore_tokens_fwd_tuned,
@@ -96,7 +92,7 @@ def restore_tokens_backward(grad_out: torch.Tensor, ids_restore: torch.Tensor, n
     K = num_visible
     grad_x = torch.empty(B, K, D, dtype=x_dtype, device=grad_out.device)
     CHUNK_L = 64 if interpreted() else 16
-    BLOCK_D = min(_d_block(D), 256)
+    BLOCK_D = min(d_block(D), 256)
     n_chunks = triton.cdiv(L, CHUNK_L)
     partial = torch.empty(B, n_chunks, D, dtype=torch.float32, device=grad_out.device)
     if B and L and D:

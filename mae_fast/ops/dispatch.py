@@ -156,8 +156,3 @@ def choose(op: str, backend: str, implementations: Mapping[str, Callable], tenso
         raise BackendUnavailableError(f"{op}: backend={backend!r} cannot run: {reason}")
     return backend
 
-
-def available_backends(op_implementations: Mapping[str, Callable], tensors: Iterable[torch.Tensor]) -> list[str]:
-    """The backends of an op that can run on ``tensors`` (for tests and reports)."""
-    tensors = list(tensors)
-    return [b for b in op_implementations if _why_not(b, tensors) is None]
