@@ -12,7 +12,6 @@ Backends:
 
 from __future__ import annotations
 
-import functools
 import importlib
 
 import torch
@@ -22,22 +21,28 @@ from torch import nn
 ATTN_BACKENDS = ("auto", "flash_attn", "sdpa", "math")
 
 
-@functools.lru_cache(maxsize=None)
-def _flash_attn_func():
-    """The packed-QKV FlashAttention function, or the import error as a string."""
-    try:
-        module = importlib.import_module("flash_attn")
-        return module.flash_attn_qkvpacked_func
-    except Exception as exc:
-        return f"the flash_attn package is not importable ({type(exc).__name__}: {exc}); install mae_fast[flash]"
+_FLASH_ATTN: dict = {}  # filled once: "error" (why it cannot be imported, or None) and "func"
+
+
+# Constant for a process: torch.compile evaluates it once while tracing instead of tracing the import.
+@torch.compiler.assume_constant_result
+def _flash_attn_import_error() -> str | None:
+    if "error" not in _FLASH_ATTN:
+        try:
+            module = importlib.import_module("flash_attn")
+            _FLASH_ATTN.update(error=None, func=module.flash_attn_qkvpacked_func)
+        except Exception as exc:
+            _FLASH_ATTN.update(error=f"the flash_attn package is not importable ({type(exc).__name__}: {exc}); "
+                                     "install mae_fast[flash]", func=None)
+    return _FLASH_ATTN["error"]
 
 
 def flash_attn_unavailable_reason(device: torch.device | None = None, dtype: torch.dtype | None = None,
                                   head_dim: int | None = None) -> str | None:
     """Why the ``flash_attn`` backend cannot run (None if it can) for the given inputs."""
-    func = _flash_attn_func()
-    if isinstance(func, str):
-        return func
+    error = _flash_attn_import_error()
+    if error:
+        return error
     if device is not None and device.type != "cuda":
         return f"FlashAttention needs CUDA tensors, got {device.type}"
     if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
@@ -86,7 +91,7 @@ def attention(qkv: torch.Tensor, backend: str) -> torch.Tensor:
     B, N, _, H, Dh = qkv.shape
     backend = resolve_attn_backend(backend, qkv.device, qkv.dtype, Dh)
     if backend == "flash_attn":
-        out = _flash_attn_func()(qkv.contiguous())  # [B, N, H, Dh]
+        out = _FLASH_ATTN["func"](qkv.contiguous())  # [B, N, H, Dh]
         return out.reshape(B, N, H * Dh)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, Dh]
     if backend == "sdpa":

@@ -21,14 +21,17 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=env, timeout=600)
 
 
-def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("accum", ["1", "2"])
+def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, accum):
     data = write_images(tmp_path / "data", 20)
     result = tmp_path / "two_ranks.pth"
-    # 20 images, 2 ranks x 3 per rank: 4 steps an epoch, the last one padded.
-    run = torchrun(str(HERE / "dist_worker.py"), str(result), *tiny_args(data, tmp_path / "two", "--batch_size", "3"))
+    # 20 images, 2 ranks x 3 per rank: 4 batches an epoch, the last one padded; accumulation skips the
+    # all-reduce on the batches that do not step (no_sync) and must still match one rank.
+    run = torchrun(str(HERE / "dist_worker.py"), str(result),
+                   *tiny_args(data, tmp_path / "two", "--batch_size", "3", "--accum_iter", accum))
     assert run.returncode == 0, run.stderr[-3000:]
     two = torch.load(result, weights_only=True)
-    one = MAETrainer(config_from_args(tiny_args(data, tmp_path / "one", "--batch_size", "6")))
+    one = MAETrainer(config_from_args(tiny_args(data, tmp_path / "one", "--batch_size", "6", "--accum_iter", accum)))
     one.fit()
     assert [s for s, _ in two["history"]] == [s for s, _ in one.history]
     assert [v for _, v in two["history"]] == pytest.approx([v for _, v in one.history], rel=1e-4)

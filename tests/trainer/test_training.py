@@ -127,6 +127,14 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
         MAETrainer(config_from_args(tiny_args(data, out, "--resume", str(good), "--model", "mae_vit_small_patch16")))
 
 
+def test_compiled_model_trains_like_the_eager_one(tmp_path):
+    data = write_images(tmp_path / "data", 8)
+    eager = trained(tiny_args(data, tmp_path / "eager", "--max_steps", "2"))
+    compiled = trained(tiny_args(data, tmp_path / "compiled", "--max_steps", "2", "--compile"))
+    assert compiled.train_model is not compiled.model  # the step ran through torch.compile
+    assert [v for _, v in compiled.history] == pytest.approx([v for _, v in eager.history], rel=1e-4)
+
+
 def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path):
     data = write_images(tmp_path / "data", 8)
     trainer = MAETrainer(config_from_args(tiny_args(data, tmp_path / "empty", "--resume", "auto")))
