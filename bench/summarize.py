@@ -49,7 +49,7 @@ def main() -> None:
         print("| op | shape | mode | provider | median ms | GB/s | % of copy |")
         print("|---|---|---|---|---:|---:|---:|")
         for op, shape, mode, provider, ms, gbs, frac in sorted(ops):
-            print(f"| {op} | {shape} | {mode} | {provider} | {ms:.3f} | {fmt(gbs, ',.0f')} | "
+            print(f"| {op} | {shape} | {mode} | {provider} | {ms:.3f} | {fmt(gbs, ',.1f')} | "
                   f"{fmt(frac * 100 if frac is not None else None, '.0f')} |")
         print()
         speedups = defaultdict(dict)
