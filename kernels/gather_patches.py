@@ -16,6 +16,12 @@ from mae_fast.kernels.index import invert_index
 
 
 @triton.jit
+def conv_weight_order(n, P: tl.constexpr):
+    """Position n of a patch vector in Conv2d weight order -> (channel, row, column) in the patch."""
+    return n // (P * P), (n // P) % P, n % P
+
+
+@triton.jit
 def gather_patches_fwd_kernel(imgs_ptr, ids_ptr, out_ptr, n_rows, K, L, GW, N,
                               s_b, s_c, s_h, s_w, s_ib, s_ik,
                               P: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
@@ -29,9 +35,7 @@ def gather_patches_fwd_kernel(imgs_ptr, ids_ptr, out_ptr, n_rows, K, L, GW, N,
     h = l // GW
     w = l % GW
     n = tl.arange(0, BLOCK_N)
-    c = n // (P * P)
-    i = (n // P) % P
-    j = n % P
+    c, i, j = conv_weight_order(n, P)
     col_ok = n < N
     src = (imgs_ptr + (b * s_b + (h * P) * s_h + (w * P) * s_w)[:, None]
            + (c * s_c + i * s_h + j * s_w)[None, :])
@@ -51,9 +55,7 @@ def gather_patches_bwd_kernel(grad_out_ptr, inv_ptr, grad_imgs_ptr, n_rows, K, L
     h = l // GW
     w = l % GW
     n = tl.arange(0, BLOCK_N)
-    c = n // (P * P)
-    i = (n // P) % P
-    j = n % P
+    c, i, j = conv_weight_order(n, P)
     col_ok = n < N
     g = tl.load(grad_out_ptr + (b * K + tl.where(kept, k, 0))[:, None] * N + n[None, :],
                 mask=kept[:, None] & col_ok[None, :], other=0.0)
