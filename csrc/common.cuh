@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <cstdint>
 
 namespace mae_fast {
@@ -48,9 +49,44 @@ constexpr int vec_width() {
 
 inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
+// VEC consecutive elements at p, converted to float32, in accesses of at most 16 bytes. For VEC > 1, p must be
+// aligned to VEC * sizeof(T) bytes (or 16, whichever is smaller); VEC == 1 is a plain scalar load.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_as_float(const T* __restrict__ p, float* out) {
+  constexpr int PIECE = VEC * static_cast<int>(sizeof(T)) <= 16 ? VEC : 16 / static_cast<int>(sizeof(T));
+#pragma unroll
+  for (int k = 0; k < VEC; k += PIECE) {
+    const Vec<T, PIECE> v = *reinterpret_cast<const Vec<T, PIECE>*>(p + k);
+#pragma unroll
+    for (int e = 0; e < PIECE; ++e) out[k + e] = static_cast<float>(v.v[e]);
+  }
+}
+
+// The inverse of load_as_float: VEC float32 values written to p as T, same alignment rule.
+template <typename T, int VEC>
+__device__ __forceinline__ void store_from_float(T* __restrict__ p, const float* in) {
+  constexpr int PIECE = VEC * static_cast<int>(sizeof(T)) <= 16 ? VEC : 16 / static_cast<int>(sizeof(T));
+#pragma unroll
+  for (int k = 0; k < VEC; k += PIECE) {
+    Vec<T, PIECE> v;
+#pragma unroll
+    for (int e = 0; e < PIECE; ++e) v.v[e] = static_cast<T>(in[k + e]);
+    *reinterpret_cast<Vec<T, PIECE>*>(p + k) = v;
+  }
+}
+
 inline int num_blocks(int64_t work, int per_block, int64_t cap = 1 << 20) {
   int64_t blocks = (work + per_block - 1) / per_block;
   return static_cast<int>(blocks < 1 ? 1 : (blocks > cap ? cap : blocks));
+}
+
+// Row kernels: threads along a row (in vectors of `chunks` per row), rows along y, enough rows per block to fill
+// it when a row is short.
+inline void row_launch_shape(int64_t rows, int64_t chunks, dim3& grid, dim3& block) {
+  const int tx = static_cast<int>(std::min<int64_t>(std::max<int64_t>(chunks, 1), 128));
+  const int ty = std::max(1, 256 / tx);
+  block = dim3(tx, ty);
+  grid = dim3(num_blocks(chunks, tx, 65535), num_blocks(rows, ty, 65535));
 }
 
 // Sum over the block; every thread gets the result. `scratch` holds at least 32 floats.

@@ -61,14 +61,6 @@ __global__ void gather_tokens_bwd_kernel(const T* __restrict__ grad_out, const i
   }
 }
 
-// Threads along D (in vectors), rows along y: enough rows per block to fill it when D is small.
-static void row_launch_shape(int64_t rows, int64_t chunks, dim3& grid, dim3& block) {
-  const int tx = static_cast<int>(std::min<int64_t>(std::max<int64_t>(chunks, 1), 128));
-  const int ty = std::max(1, 256 / tx);
-  block = dim3(tx, ty);
-  grid = dim3(num_blocks(chunks, tx, 65535), num_blocks(rows, ty, 65535));
-}
-
 at::Tensor gather_tokens_cuda(const at::Tensor& x, const at::Tensor& ids_keep, const std::optional<at::Tensor>& pos) {
   MAE_CHECK_CUDA(x, "x");
   MAE_CHECK_DIM(x, 3, "x");

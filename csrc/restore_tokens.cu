@@ -9,43 +9,71 @@ namespace mae_fast {
 
 constexpr int kChunkL = 16;
 
-template <typename T, typename TO, bool HAS_POS>
+// VEC > 1: x_visible's rows are contiguous along D, D % VEC == 0 and every base pointer is 16-byte aligned (the
+// host checks), so each thread moves VEC elements per access; VEC == 1 follows any strides of x_visible.
+// The mask token [D] and the position table [L, D] are contiguous float32.
+template <typename T, typename TO, int VEC, bool HAS_POS>
 __global__ void restore_tokens_fwd_kernel(const T* __restrict__ x, const int64_t* __restrict__ ids,
                                           const float* __restrict__ token, const float* __restrict__ pos,
-                                          TO* __restrict__ out,
-                                          int64_t rows, int64_t K, int64_t L, int64_t D, int64_t sxb, int64_t sxk,
-                                          int64_t sxd, int64_t spl, int64_t spd) {
+                                          TO* __restrict__ out, int64_t rows, int64_t K, int64_t L, int64_t D,
+                                          int64_t sxb, int64_t sxk, int64_t sxd) {
+  const int64_t chunks = D / VEC;
   for (int64_t row = blockIdx.y * (int64_t)blockDim.y + threadIdx.y; row < rows;
        row += (int64_t)gridDim.y * blockDim.y) {
     const int64_t b = row / L, l = row % L, r = ids[row];
     const bool visible = r >= 0 && r < K;
-    for (int64_t d = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; d < D; d += (int64_t)gridDim.x * blockDim.x) {
-      float value = visible ? static_cast<float>(x[b * sxb + r * sxk + d * sxd]) : token[d];
-      if (HAS_POS) value += pos[l * spl + d * spd];
-      out[row * D + d] = static_cast<TO>(value);
+    for (int64_t q = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; q < chunks; q += (int64_t)gridDim.x * blockDim.x) {
+      const int64_t d = q * VEC;
+      float value[VEC];
+      if (!visible) {
+        load_as_float<float, VEC>(token + d, value);
+      } else if (VEC > 1) {
+        load_as_float<T, VEC>(x + b * sxb + r * sxk + d, value);
+      } else {
+        value[0] = static_cast<float>(x[b * sxb + r * sxk + d * sxd]);
+      }
+      if (HAS_POS) {
+        float p[VEC];
+        load_as_float<float, VEC>(pos + l * D + d, p);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) value[e] += p[e];
+      }
+      store_from_float<TO, VEC>(out + row * D + d, value);
     }
   }
 }
 
-template <typename TG, typename TX>
+// One thread per VEC-wide column chunk of one (sample, run of kChunkL positions). VEC > 1 needs D % VEC == 0 and
+// a 16-byte aligned grad_out (the other buffers are fresh allocations).
+template <typename TG, typename TX, int VEC>
 __global__ void restore_tokens_bwd_kernel(const TG* __restrict__ grad_out, const int64_t* __restrict__ ids,
                                           TX* __restrict__ grad_x, float* __restrict__ partial, int64_t K, int64_t L,
                                           int64_t D, int64_t n_chunks) {
   const int64_t b = blockIdx.y, chunk = blockIdx.z;
-  const int64_t d = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  const int64_t d = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) * VEC;
   if (d >= D) return;
-  float masked_sum = 0.f;
+  float masked_sum[VEC];
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) masked_sum[e] = 0.f;
   const int64_t l_end = std::min<int64_t>(L, (chunk + 1) * kChunkL);
   for (int64_t l = chunk * kChunkL; l < l_end; ++l) {
     const int64_t r = ids[b * L + l];
-    const TG g = grad_out[(b * L + l) * D + d];
+    float g[VEC];
+    load_as_float<TG, VEC>(grad_out + (b * L + l) * D + d, g);
     if (r >= 0 && r < K) {
-      grad_x[(b * K + r) * D + d] = static_cast<TX>(static_cast<float>(g));
+      store_from_float<TX, VEC>(grad_x + (b * K + r) * D + d, g);
     } else {
-      masked_sum += static_cast<float>(g);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) masked_sum[e] += g[e];
     }
   }
-  partial[(b * n_chunks + chunk) * D + d] = masked_sum;
+  store_from_float<float, VEC>(partial + (b * n_chunks + chunk) * D + d, masked_sum);
+}
+
+// The widest vector both element types allow.
+template <typename A, typename B>
+constexpr int pair_vec_width() {
+  return vec_width<A>() < vec_width<B>() ? vec_width<A>() : vec_width<B>();
 }
 
 at::Tensor restore_tokens_cuda(const at::Tensor& x_visible, const at::Tensor& ids_restore, const at::Tensor& mask_token,
@@ -73,28 +101,31 @@ at::Tensor restore_tokens_cuda(const at::Tensor& x_visible, const at::Tensor& id
               "out_dtype must be float32, float16 or bfloat16, got ", dtype);
   const c10::cuda::CUDAGuard guard(x_visible.device());
   const auto ids = as_long_indices(ids_restore);
-  // The mask token and the position table are small: read them as float32 (what the sum is computed in).
+  // The mask token and the position table are small: read them as contiguous float32 (what the sum is computed in).
   const auto token = mask_token.reshape({D}).to(at::kFloat).contiguous();
-  const at::Tensor table = pos ? pos->to(at::kFloat) : token;
+  const at::Tensor table = pos ? pos->to(at::kFloat).contiguous() : token;
   auto out = at::empty({B, L, D}, x_visible.options().dtype(dtype));
   if (B * L * D == 0) return out;
-  const int64_t spl = pos ? table.stride(0) : 0, spd = pos ? table.stride(1) : 0;
-  const int tx = static_cast<int>(std::min<int64_t>(D, 256)), ty = std::max(1, 256 / tx);
-  const dim3 block(tx, ty), grid(num_blocks(D, tx, 65535), num_blocks(B * L, ty, 65535));
   auto stream = current_stream();
   MAE_DISPATCH_FLOATS(x_visible.scalar_type(), "restore_tokens_cuda", [&] {
     using T = scalar_t;
     MAE_DISPATCH_FLOATS(dtype, "restore_tokens_cuda_out", [&] {
       using TO = scalar_t;
-      if (pos) {
-        restore_tokens_fwd_kernel<T, TO, true><<<grid, block, 0, stream>>>(
-            x_visible.data_ptr<T>(), ids.data_ptr<int64_t>(), token.data_ptr<float>(), table.data_ptr<float>(),
-            out.data_ptr<TO>(), B * L, K, L, D, x_visible.stride(0), x_visible.stride(1), x_visible.stride(2), spl, spd);
-      } else {
-        restore_tokens_fwd_kernel<T, TO, false><<<grid, block, 0, stream>>>(
-            x_visible.data_ptr<T>(), ids.data_ptr<int64_t>(), token.data_ptr<float>(), table.data_ptr<float>(),
-            out.data_ptr<TO>(), B * L, K, L, D, x_visible.stride(0), x_visible.stride(1), x_visible.stride(2), spl, spd);
-      }
+      constexpr int V = pair_vec_width<T, TO>();
+      const bool vectorized = D % V == 0 && x_visible.stride(2) == 1 && x_visible.stride(1) % V == 0 &&
+                              x_visible.stride(0) % V == 0 && aligned16(x_visible.data_ptr()) &&
+                              aligned16(token.data_ptr()) && aligned16(table.data_ptr());
+      dim3 grid, block;
+      row_launch_shape(B * L, D / (vectorized ? V : 1), grid, block);
+      const auto launch = [&](auto kernel) {
+        kernel<<<grid, block, 0, stream>>>(x_visible.data_ptr<T>(), ids.data_ptr<int64_t>(), token.data_ptr<float>(),
+                                           table.data_ptr<float>(), out.data_ptr<TO>(), B * L, K, L, D,
+                                           x_visible.stride(0), x_visible.stride(1), x_visible.stride(2));
+      };
+      if (vectorized && pos) launch(restore_tokens_fwd_kernel<T, TO, V, true>);
+      else if (vectorized) launch(restore_tokens_fwd_kernel<T, TO, V, false>);
+      else if (pos) launch(restore_tokens_fwd_kernel<T, TO, 1, true>);
+      else launch(restore_tokens_fwd_kernel<T, TO, 1, false>);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -118,15 +149,22 @@ std::tuple<at::Tensor, at::Tensor> restore_tokens_cuda_backward(const at::Tensor
   const int64_t n_chunks = (L + kChunkL - 1) / kChunkL;
   auto partial = at::empty({B, n_chunks, D}, grad_out.options().dtype(at::kFloat));
   if (B * L * D == 0) return {grad_x, at::zeros({D}, grad_out.options().dtype(at::kFloat))};
-  const int tx = static_cast<int>(std::min<int64_t>(D, 256));
-  const dim3 block(tx), grid(num_blocks(D, tx, 65535), B, n_chunks);
   auto stream = current_stream();
   MAE_DISPATCH_FLOATS(grad_out.scalar_type(), "restore_tokens_cuda_backward", [&] {
     using TG = scalar_t;
     MAE_DISPATCH_FLOATS(x_dtype, "restore_tokens_cuda_backward_x", [&] {
-      restore_tokens_bwd_kernel<TG, scalar_t><<<grid, block, 0, stream>>>(
-          grad_out.data_ptr<TG>(), ids.data_ptr<int64_t>(), grad_x.data_ptr<scalar_t>(), partial.data_ptr<float>(), K,
-          L, D, n_chunks);
+      using TX = scalar_t;
+      constexpr int V = pair_vec_width<TG, TX>();
+      const bool vectorized = D % V == 0 && aligned16(grad_out.data_ptr());
+      const int64_t columns = D / (vectorized ? V : 1);
+      const int tx = static_cast<int>(std::min<int64_t>(columns, 256));
+      const dim3 block(tx), grid(num_blocks(columns, tx, 65535), B, n_chunks);
+      const auto launch = [&](auto kernel) {
+        kernel<<<grid, block, 0, stream>>>(grad_out.data_ptr<TG>(), ids.data_ptr<int64_t>(), grad_x.data_ptr<TX>(),
+                                           partial.data_ptr<float>(), K, L, D, n_chunks);
+      };
+      if (vectorized) launch(restore_tokens_bwd_kernel<TG, TX, V>);
+      else launch(restore_tokens_bwd_kernel<TG, TX, 1>);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
