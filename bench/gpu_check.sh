@@ -5,21 +5,41 @@
 #   RESULTS_DIR=/some/dir bash bench/gpu_check.sh
 #
 # 1. makes mae_fast importable without network (editable install, or a symlinked package tree);
-#    wheels in .whl/ (for example transformers, for the Hugging Face baseline) are installed offline;
-# 2. builds the CUDA extension when the repository has one (csrc/*.cu);
-# 3. runs the whole test suite natively on the GPU (compiled Triton, SDPA/FlashAttention, bf16 steps,
-#    DALI mixed decoding when DALI is installed);
-# 4. runs the benchmarks at the real MAE shapes (ViT-B/16 and ViT-L/16; set BENCH_FILTER to change);
-# 5. prints the summary table last and writes it, the logs and the raw JSON to the results folder.
+#    wheels in an ignored .whl/ folder, if any, are installed offline first;
+# 2. builds the CUDA extension for this GPU's architecture only (csrc/*.cu; MAE_FAST_CUDA_ARCHS overrides);
+# 3. runs the benchmarks at the real MAE shapes (ViT-B/16 and ViT-L/16; the compiled-reference provider only
+#    for the loss, whose target names it; set BENCH_FILTER to change), each result also appended to
+#    bench_partial.jsonl as it finishes;
+# 4. runs the real trainer for a few dozen steps (ViT-B/16, batch 256, synthetic images) and keeps its log
+#    lines (images/s, MFU, peak memory);
+# 5. runs the whole test suite natively on the GPU (compiled Triton, CUDA ops, SDPA/FlashAttention, bf16
+#    steps, DALI mixed decoding when DALI is installed), on several workers when pytest-xdist is there;
+# 6. prints the summary table last and writes it, the logs and the raw results to the results folder.
+#
+# Each phase has its own time limit (BUILD_TIMEOUT, BENCH_TIMEOUT, TRAIN_TIMEOUT, TEST_TIMEOUT, in seconds); a phase that
+# reaches it is interrupted (SIGINT, so pytest still writes its reports) and the check fails, but the later
+# phases still run and everything measured so far is kept.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+started=$SECONDS
+log() { echo "[gpu_check +$((SECONDS - started))s] $*"; }
+have() { $PY -c "import $1" >/dev/null 2>&1; }
+# run_limited SECONDS command...: SIGINT at the limit, SIGKILL 30 s later; 124 when the limit was reached.
+run_limited() { local limit=$1; shift; timeout -s INT -k 30 "$limit" "$@"; }
+
 device=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_') if torch.cuda.is_available() else 'no_gpu')")
 RESULTS_DIR=${RESULTS_DIR:-bench/results/$(date +%Y-%m-%d)-$device}
 mkdir -p "$RESULTS_DIR"
 status=0
-log() { echo "[gpu_check $(date +%H:%M:%S)] $*"; }
+log "device: $device; results in $RESULTS_DIR"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>/dev/null
+  $PY -c "import torch, sys; print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', torch.version.cuda)"
+  $PY -c "import triton; print('triton', triton.__version__)" 2>/dev/null
+} >"$RESULTS_DIR/environment.txt"
 
+# 1. mae_fast importable, offline.
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/mae_fast_site .whl/*.whl \
     && export PYTHONPATH=/tmp/mae_fast_site${PYTHONPATH:+:$PYTHONPATH}
@@ -33,24 +53,59 @@ if ! MAE_FAST_SKIP_CUDA_BUILD=1 $PY -m pip install -q --no-index --no-deps --no-
 fi
 $PY -c "import mae_fast.kernels, mae_fast; print('mae_fast from', mae_fast.__file__)" || exit 1
 
+# 2. The CUDA extension, for this GPU only (a fraction of the default build's time).
 if ls csrc/*.cu >/dev/null 2>&1; then
-  log "building the CUDA extension"
-  MAE_FAST_FORCE_CUDA_BUILD=1 $PY setup.py build_ext --inplace >"$RESULTS_DIR/build.log" 2>&1 || { log "CUDA build FAILED"; status=1; }
+  arch=$($PY -c "import torch; print('%d%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo 90)
+  log "building the CUDA extension for sm_${MAE_FAST_CUDA_ARCHS:-$arch}"
+  MAE_FAST_CUDA_ARCHS=${MAE_FAST_CUDA_ARCHS:-$arch} MAX_JOBS=${MAX_JOBS:-$(nproc)} MAE_FAST_FORCE_CUDA_BUILD=1 \
+    run_limited "${BUILD_TIMEOUT:-150}" $PY setup.py build_ext --inplace >"$RESULTS_DIR/build.log" 2>&1 \
+    || { log "CUDA build FAILED (see build.log)"; status=1; }
 else
   log "no CUDA sources in csrc/: nothing to build"
 fi
+$PY -c "import mae_fast.ops.dispatch as d; print('CUDA extension loaded:', d.cuda_extension_loaded())" 2>&1 | tee -a "$RESULTS_DIR/environment.txt"
 
-log "tests"
-timeout ${TEST_TIMEOUT:-240} $PY -m pytest tests -q -p no:cacheprovider -o addopts="" \
-  --junitxml="$RESULTS_DIR/tests.xml" >"$RESULTS_DIR/tests.log" 2>&1 || status=1
-tail -n 5 "$RESULTS_DIR/tests.log"
-
+# 3. Benchmarks at the real shapes.
 log "benchmarks"
-timeout ${BENCH_TIMEOUT:-240} $PY -m pytest bench -q -p no:cacheprovider -k "${BENCH_FILTER:-not vit_h14}" \
-  --benchmark-json="$RESULTS_DIR/bench.json" --benchmark-columns=median,rounds >"$RESULTS_DIR/bench.log" 2>&1 || status=1
+rm -f "$RESULTS_DIR/bench_partial.jsonl"
+MAE_FAST_BENCH_JSONL="$RESULTS_DIR/bench_partial.jsonl" run_limited "${BENCH_TIMEOUT:-180}" \
+  $PY -m pytest bench -q -p no:cacheprovider -o addopts="" \
+  -k "${BENCH_FILTER:-not vit_h14 and (masked_patch_loss or not torch-compile)}" \
+  --benchmark-json="$RESULTS_DIR/bench.json" --benchmark-columns=median,rounds >"$RESULTS_DIR/bench.log" 2>&1 \
+  || { log "benchmarks failed or were stopped (see bench.log)"; status=1; }
 tail -n 3 "$RESULTS_DIR/bench.log"
 
+# 4. The real trainer end to end: ViT-B/16, batch 256, bf16, images made on the GPU (no decoding), so the
+#    images/s and MFU it logs are the training loop's own, logging, schedule and optimizer included.
+log "trainer: python -m mae_fast.pretrain, ViT-B/16, batch 256, synthetic data"
+train_dir=$(mktemp -d)
+run_limited "${TRAIN_TIMEOUT:-90}" $PY -m mae_fast.pretrain --model mae_vit_base_patch16 --batch_size 256 \
+  --input_size 224 --norm_pix_loss --data_backend synthetic --synthetic_samples 20480 --epochs 1 --warmup_epochs 0 \
+  --max_steps "${TRAIN_STEPS:-60}" --log_every 20 --save_last_every 0 --output_dir "$train_dir" \
+  >"$RESULTS_DIR/train.log" 2>&1 || { log "the training run failed or was stopped (see train.log)"; status=1; }
+grep -E "^step [0-9]+:" "$RESULTS_DIR/train.log"
+rm -rf "$train_dir"
+
+# 5. The whole test suite, natively.
+log "tests"
+workers=(); have xdist && workers=(-n "${TEST_WORKERS:-8}")
+per_test=(); have pytest_timeout && per_test=(--timeout "${TEST_CASE_TIMEOUT:-150}")
+run_limited "${TEST_TIMEOUT:-150}" $PY -m pytest tests -q -p no:cacheprovider -o addopts="" "${workers[@]}" \
+  "${per_test[@]}" -rfE --durations=25 --junitxml="$RESULTS_DIR/tests.xml" >"$RESULTS_DIR/tests.log" 2>&1 \
+  || { log "tests failed or were stopped (see tests.log)"; status=1; }
+grep -E "^(FAILED|ERROR)" "$RESULTS_DIR/tests.log" | head -n 20
+tail -n 2 "$RESULTS_DIR/tests.log"
+
+# 6. The summary, from the full JSON when pytest-benchmark wrote it, else from the lines written as it went.
 if [ -s "$RESULTS_DIR/bench.json" ]; then
-  $PY bench/summarize.py "$RESULTS_DIR/bench.json" | tee "$RESULTS_DIR/summary.md"
+  $PY bench/summarize.py "$RESULTS_DIR/bench.json" >"$RESULTS_DIR/summary.md"
+elif [ -s "$RESULTS_DIR/bench_partial.jsonl" ]; then
+  $PY bench/summarize.py "$RESULTS_DIR/bench_partial.jsonl" >"$RESULTS_DIR/summary.md"
 fi
+if grep -qE "^step [0-9]+:" "$RESULTS_DIR/train.log" 2>/dev/null; then
+  { echo "## Training run (python -m mae_fast.pretrain, ViT-B/16, batch 256, synthetic data; the first line includes warm-up)"
+    echo; grep -E "^step [0-9]+:" "$RESULTS_DIR/train.log" | sed 's/^/    /'; echo; } >>"$RESULTS_DIR/summary.md"
+fi
+[ -s "$RESULTS_DIR/summary.md" ] && cat "$RESULTS_DIR/summary.md"
+log "done (status $status)"
 exit $status

@@ -1,83 +1,205 @@
-"""Print the summary table of a pytest-benchmark JSON file (``pytest bench/ --benchmark-json=FILE``).
+"""Print the summary of a benchmark run: tables, then each speed target met or missed.
 
-    python bench/summarize.py FILE [--markdown]
+    python bench/summarize.py FILE
 
-Ops: median time, GB/s and the share of the measured copy bandwidth per provider and mode.
-Training step: images/s and MFU per provider. Data: images/s per loader backend.
+FILE is pytest-benchmark's JSON (``pytest bench/ --benchmark-json=FILE``) or the JSON-lines file
+that ``MAE_FAST_BENCH_JSONL`` makes (one line per finished benchmark, kept when a run is stopped
+before pytest-benchmark writes its JSON).
+
+Ops: median time, GB/s and the share of the measured copy bandwidth per provider and mode, and
+the fastest provider against the eager and compiled references. Training step: images/s and MFU
+per provider. Data: images/s per loader backend. Targets: the project's speed targets (see
+``TARGETS``), judged only where the run measured what they name.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 from collections import defaultdict
+from typing import NamedTuple
+
+#: Speed targets. Op fractions are of the device-to-device copy bandwidth measured in the same run.
+TARGETS = {
+    "triton_fraction_of_copy": 0.70,  # each op's forward and backward, Triton
+    "cuda_fraction_of_copy": 0.80,  # each op's forward and backward, CUDA; and at least as fast as Triton
+    "loss_speedup_vs_eager": 3.0,  # masked_patch_loss forward+backward, Triton, against the eager reference
+    "loss_speedup_vs_compile": 1.0,  # ... and strictly faster than the compiled reference
+    "step_speedup_vs_huggingface": 1.5,  # training step, mae_fast against ViTMAEForPreTraining
+    "step_mfu": 0.40,  # training step, mae_fast
+}
+TARGET_SHAPES = ("vit_b16", "vit_l16")  # the shapes the op targets are stated for
+TARGET_STEP = ("mae_vit_base_patch16", "bf16")  # the setting the step targets are stated for
 
 
-def rows(results: dict):
+class OpResult(NamedTuple):
+    op: str
+    shape: str
+    mode: str
+    provider: str
+    ms: float
+    gb_per_s: float | None
+    fraction: float | None
+
+
+class StepResult(NamedTuple):
+    provider: str
+    preset: str
+    batch: int
+    precision: str
+    images_per_sec: float | None
+    mfu: float | None
+
+
+def load(path: str) -> dict:
+    """The results in pytest-benchmark's JSON layout, from either kind of file."""
+    if not path.endswith(".jsonl"):
+        with open(path) as f:
+            return json.load(f)
+    benchmarks = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                entry = json.loads(line)
+                benchmarks.append({"name": entry["name"], "stats": {"median": entry["median"]},
+                                   "extra_info": entry["extra_info"]})
+    written = datetime.datetime.fromtimestamp(os.path.getmtime(path), datetime.timezone.utc)
+    return {"benchmarks": benchmarks, "datetime": written.isoformat()}
+
+
+def rows(results: dict) -> tuple[list[OpResult], list[StepResult], list[tuple]]:
+    """Op, training-step and data-loader results, in the order they were measured."""
     ops, steps, data = [], [], []
     for bench in results.get("benchmarks", []):
         info, median = bench.get("extra_info", {}), bench["stats"]["median"]
         if "op" in info:
-            ops.append((info["op"], info["shape"], info["mode"], info["provider"], median * 1e3, info.get("gb_per_s"),
-                        info.get("fraction_of_copy_bandwidth")))
+            ops.append(OpResult(info["op"], info["shape"], info["mode"], info["provider"], median * 1e3,
+                                info.get("gb_per_s"), info.get("fraction_of_copy_bandwidth")))
         elif "preset" in info:
-            steps.append((info["provider"], info["preset"], info["batch"], info["precision"],
-                          info.get("images_per_sec"), info.get("mfu")))
+            steps.append(StepResult(info["provider"], info["preset"], info["batch"], info["precision"],
+                                    info.get("images_per_sec"), info.get("mfu")))
         elif "backend" in info:
             data.append((info["backend"], info["image_size"], info.get("images_per_sec")))
     return ops, steps, data
 
 
-def fmt(value, spec):
-    return "-" if value is None else format(value, spec)
+def fmt(value, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else format(value, spec) + suffix
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json_file")
-    args = parser.parse_args()
-    results = json.load(open(args.json_file))
+def target_rows(ops: list[OpResult], steps: list[StepResult]) -> list[tuple[str, str, str, bool]]:
+    """(target, where, measured, met) for every target this run measured."""
+    out = []
+    by_key = {(r.op, r.shape, r.mode, r.provider): r for r in ops}
+    for r in sorted(ops):
+        if r.shape not in TARGET_SHAPES or r.mode == "forward+backward" or r.fraction is None:
+            continue
+        where = f"{r.op} {r.shape} {r.mode}"
+        if r.provider == "triton":
+            need = TARGETS["triton_fraction_of_copy"]
+            out.append((f"Triton >= {need:.0%} of copy", where, f"{r.fraction:.0%}", r.fraction >= need))
+        elif r.provider == "cuda":
+            need = TARGETS["cuda_fraction_of_copy"]
+            out.append((f"CUDA >= {need:.0%} of copy", where, f"{r.fraction:.0%}", r.fraction >= need))
+            triton = by_key.get((r.op, r.shape, r.mode, "triton"))
+            if triton is not None:
+                ratio = triton.ms / r.ms
+                out.append(("CUDA at least as fast as Triton", where,
+                            f"{ratio:.2f}x" + ("" if ratio >= 1 else " (CUDA slower)"), ratio >= 1))
+    for shape in TARGET_SHAPES:
+        times = {r.provider: r.ms for r in ops
+                 if r.op == "masked_patch_loss" and r.shape == shape and r.mode == "forward+backward"}
+        if "triton" not in times:
+            continue
+        where = f"masked_patch_loss {shape} forward+backward"
+        if "torch" in times:
+            need, got = TARGETS["loss_speedup_vs_eager"], times["torch"] / times["triton"]
+            out.append((f"Triton loss >= {need:g}x eager", where, f"{got:.2f}x", got >= need))
+        if "torch-compile" in times:
+            got = times["torch-compile"] / times["triton"]
+            out.append(("Triton loss faster than torch.compile", where, f"{got:.2f}x",
+                        got > TARGETS["loss_speedup_vs_compile"]))
+    step = {s.provider: s for s in steps}
+    ours = step.get("mae_fast")
+    if ours is not None and ours.images_per_sec and (ours.preset, ours.precision) == TARGET_STEP:
+        where = f"{ours.preset}, batch {ours.batch}, {ours.precision}"
+        hf = step.get("huggingface")
+        if hf is not None and hf.images_per_sec:
+            need, got = TARGETS["step_speedup_vs_huggingface"], ours.images_per_sec / hf.images_per_sec
+            out.append((f"step >= {need:g}x Hugging Face", where, f"{got:.2f}x", got >= need))
+        if ours.mfu is not None:
+            need = TARGETS["step_mfu"]
+            out.append((f"step MFU >= {need:.0%}", where, f"{ours.mfu:.1%}", ours.mfu >= need))
+    return out
+
+
+def summary(results: dict) -> str:
+    """The whole summary as Markdown."""
+    lines = []
     env = results["benchmarks"][0]["extra_info"] if results.get("benchmarks") else {}
-    print(f"# mae_fast benchmarks on {env.get('device', '?')} ({results.get('datetime', '?')[:10]})")
-    print(f"torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}, "
-          f"revision {env.get('git_revision')}\n")
+    lines.append(f"# mae_fast benchmarks on {env.get('device', '?')} ({results.get('datetime', '?')[:10]})")
+    lines.append(f"torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}, "
+                 f"revision {env.get('git_revision')}\n")
     ops, steps, data = rows(results)
     if ops:
         copy = next((b["extra_info"].get("copy_gb_per_s") for b in results["benchmarks"]
                      if b["extra_info"].get("copy_gb_per_s")), None)
-        print(f"## Fused ops (measured copy bandwidth {fmt(copy, ',.0f')} GB/s)\n")
-        print("| op | shape | mode | provider | median ms | GB/s | % of copy |")
-        print("|---|---|---|---|---:|---:|---:|")
-        for op, shape, mode, provider, ms, gbs, frac in sorted(ops):
-            print(f"| {op} | {shape} | {mode} | {provider} | {ms:.3f} | {fmt(gbs, ',.1f')} | "
-                  f"{fmt(frac * 100 if frac is not None else None, '.0f')} |")
-        print()
-        speedups = defaultdict(dict)
-        for op, shape, mode, provider, ms, _, _ in ops:
-            speedups[(op, shape, mode)][provider] = ms
-        print("| op | shape | mode | fastest | vs eager torch | vs torch-compile |")
-        print("|---|---|---|---|---:|---:|")
-        for key, times in sorted(speedups.items()):
-            best = min(times, key=times.get)
-            eager, compiled = times.get("torch"), times.get("torch-compile")
-            print(f"| {key[0]} | {key[1]} | {key[2]} | {best} | "
-                  f"{fmt(eager / times[best] if eager else None, '.2f')}x | "
-                  f"{fmt(compiled / times[best] if compiled else None, '.2f')}x |")
-        print()
+        lines.append(f"## Fused ops (measured copy bandwidth {fmt(copy, ',.0f')} GB/s)\n")
+        lines.append("| op | shape | mode | provider | median ms | GB/s | % of copy |")
+        lines.append("|---|---|---|---|---:|---:|---:|")
+        for r in sorted(ops):
+            lines.append(f"| {r.op} | {r.shape} | {r.mode} | {r.provider} | {r.ms:.3f} | {fmt(r.gb_per_s, ',.1f')} | "
+                         f"{fmt(r.fraction * 100 if r.fraction is not None else None, '.0f')} |")
+        lines.append("")
+        times = defaultdict(dict)
+        for r in ops:
+            times[(r.op, r.shape, r.mode)][r.provider] = r.ms
+        lines.append("| op | shape | mode | fastest | vs eager torch | vs torch-compile |")
+        lines.append("|---|---|---|---|---:|---:|")
+        for key, by_provider in sorted(times.items()):
+            best = min(by_provider, key=by_provider.get)
+            eager, compiled = by_provider.get("torch"), by_provider.get("torch-compile")
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {best} | "
+                         f"{fmt(eager / by_provider[best] if eager else None, '.2f', 'x')} | "
+                         f"{fmt(compiled / by_provider[best] if compiled else None, '.2f', 'x')} |")
+        lines.append("")
     if steps:
-        print("## Training step\n")
-        print("| provider | preset | batch | precision | images/s | MFU |")
-        print("|---|---|---:|---|---:|---:|")
-        for provider, preset, batch, precision, ips, mfu in steps:
-            print(f"| {provider} | {preset} | {batch} | {precision} | {fmt(ips, ',.0f')} | "
-                  f"{fmt(mfu * 100 if mfu is not None else None, '.1f')}{'%' if mfu is not None else ''} |")
-        print()
+        lines.append("## Training step\n")
+        lines.append("| provider | preset | batch | precision | images/s | MFU |")
+        lines.append("|---|---|---:|---|---:|---:|")
+        for s in steps:
+            lines.append(f"| {s.provider} | {s.preset} | {s.batch} | {s.precision} | {fmt(s.images_per_sec, ',.0f')} | "
+                         f"{fmt(s.mfu * 100 if s.mfu is not None else None, '.1f', '%')} |")
+        lines.append("")
     if data:
-        print("## Data loaders\n")
-        print("| backend | image size | images/s |")
-        print("|---|---:|---:|")
+        lines.append("## Data loaders\n")
+        lines.append("| backend | image size | images/s |")
+        lines.append("|---|---:|---:|")
         for backend, size, ips in data:
-            print(f"| {backend} | {size} | {fmt(ips, ',.0f')} |")
+            lines.append(f"| {backend} | {size} | {fmt(ips, ',.0f')} |")
+        lines.append("")
+    targets = target_rows(ops, steps)
+    lines.append("## Targets\n")
+    if targets:
+        lines.append(f"{sum(met for *_, met in targets)} of {len(targets)} met.\n")
+        lines.append("| target | where | measured | |")
+        lines.append("|---|---|---:|---|")
+        for name, where, measured, met in targets:
+            lines.append(f"| {name} | {where} | {measured} | {'met' if met else 'MISSED'} |")
+    else:
+        lines.append(f"None judged: the op targets are stated for {', '.join(TARGET_SHAPES)} and the step targets "
+                     f"for {TARGET_STEP[0]} in {TARGET_STEP[1]}, shapes this run did not measure.")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results_file", help="pytest-benchmark JSON, or the MAE_FAST_BENCH_JSONL lines")
+    args = parser.parse_args()
+    print(summary(load(args.results_file)))
 
 
 if __name__ == "__main__":

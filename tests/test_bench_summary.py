@@ -1,0 +1,111 @@
+"""bench/summarize.py: the tables and the target verdicts the GPU check prints, from both file kinds."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SUMMARIZE = Path(__file__).resolve().parents[1] / "bench" / "summarize.py"
+
+
+@pytest.fixture(scope="module")
+def summarize():
+    spec = importlib.util.spec_from_file_location("bench_summarize", SUMMARIZE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def op(op, shape, mode, provider, ms, fraction=None):
+    info = {"op": op, "shape": shape, "mode": mode, "provider": provider, "device": "NVIDIA H100 80GB HBM3",
+            "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0", "git_revision": "abc1234", "copy_gb_per_s": 3000.0}
+    if fraction is not None:
+        info.update(gb_per_s=fraction * 3000.0, fraction_of_copy_bandwidth=fraction)
+    return {"name": f"test_{op}[{shape}-{provider}-{mode}]", "stats": {"median": ms / 1e3}, "extra_info": info}
+
+
+def step(provider, images_per_sec, mfu=None, preset="mae_vit_base_patch16", precision="bf16"):
+    info = {"provider": provider, "preset": preset, "batch": 256, "precision": precision,
+            "images_per_sec": images_per_sec}
+    if mfu is not None:
+        info["mfu"] = mfu
+    return {"name": f"test_train_step[{provider}]", "stats": {"median": 256 / images_per_sec}, "extra_info": info}
+
+
+RESULTS = {"datetime": "2026-11-28T10:00:00", "benchmarks": [
+    op("gather_tokens", "vit_b16", "forward", "triton", 0.10, 0.75),
+    op("gather_tokens", "vit_b16", "backward", "triton", 0.20, 0.50),
+    op("gather_tokens", "vit_b16", "forward", "cuda", 0.09, 0.85),
+    op("gather_tokens", "vit_b16", "backward", "cuda", 0.25, 0.81),
+    op("gather_tokens", "square", "forward", "triton", 0.01, 0.01),  # not a target shape: not judged
+    op("masked_patch_loss", "vit_b16", "forward+backward", "torch", 3.0, 0.2),
+    op("masked_patch_loss", "vit_b16", "forward+backward", "torch-compile", 1.2, 0.5),
+    op("masked_patch_loss", "vit_b16", "forward+backward", "triton", 0.9, 0.7),
+    step("mae_fast", 3000.0, 0.45),
+    step("huggingface", 1800.0, 0.27),
+]}
+
+
+def test_targets_are_judged_where_measured(summarize):
+    ops, steps, _ = summarize.rows(RESULTS)
+    verdicts = {(name, where): (measured, met) for name, where, measured, met in summarize.target_rows(ops, steps)}
+    assert verdicts[("Triton >= 70% of copy", "gather_tokens vit_b16 forward")] == ("75%", True)
+    assert verdicts[("Triton >= 70% of copy", "gather_tokens vit_b16 backward")] == ("50%", False)
+    assert verdicts[("CUDA >= 80% of copy", "gather_tokens vit_b16 backward")] == ("81%", True)
+    assert verdicts[("CUDA at least as fast as Triton", "gather_tokens vit_b16 forward")][1] is True
+    slower = verdicts[("CUDA at least as fast as Triton", "gather_tokens vit_b16 backward")]
+    assert slower == ("0.80x (CUDA slower)", False)
+    assert verdicts[("Triton loss >= 3x eager", "masked_patch_loss vit_b16 forward+backward")] == ("3.33x", True)
+    assert verdicts[("Triton loss faster than torch.compile", "masked_patch_loss vit_b16 forward+backward")] == \
+        ("1.33x", True)
+    where = "mae_vit_base_patch16, batch 256, bf16"
+    assert verdicts[("step >= 1.5x Hugging Face", where)] == ("1.67x", True)
+    assert verdicts[("step MFU >= 40%", where)] == ("45.0%", True)
+    assert not any("square" in w for _, w in verdicts)
+    assert len(verdicts) == 10
+
+
+def test_step_targets_need_the_stated_setting(summarize):
+    results = {"benchmarks": [step("mae_fast", 90.0, preset="mae_vit_tiny_patch16", precision="fp32"),
+                              step("huggingface", 30.0, preset="mae_vit_tiny_patch16", precision="fp32")]}
+    ops, steps, _ = summarize.rows(results)
+    assert summarize.target_rows(ops, steps) == []
+    assert "None judged" in summarize.summary(results)
+
+
+def test_summary_from_json_and_from_partial_lines_agree(summarize, tmp_path):
+    full = tmp_path / "bench.json"
+    full.write_text(json.dumps(RESULTS))
+    partial = tmp_path / "bench_partial.jsonl"
+    partial.write_text("".join(json.dumps({"name": b["name"], "median": b["stats"]["median"],
+                                           "extra_info": b["extra_info"]}) + "\n" for b in RESULTS["benchmarks"]))
+    text = summarize.summary(summarize.load(str(full)))
+    assert text.splitlines()[0] == "# mae_fast benchmarks on NVIDIA H100 80GB HBM3 (2026-11-28)"
+    assert "| gather_tokens | vit_b16 | backward | cuda | 0.250 | 2,430.0 | 81 |" in text
+    assert "| mae_fast | mae_vit_base_patch16 | 256 | bf16 | 3,000 | 45.0% |" in text
+    assert "8 of 10 met." in text and "| MISSED |" in text
+    from_lines = summarize.summary(summarize.load(str(partial)))
+    # Everything but the date (taken from the file's time) is the same.
+    assert from_lines.splitlines()[1:] == text.splitlines()[1:]
+
+
+def test_each_finished_benchmark_is_appended_as_it_ends(summarize, tmp_path):
+    repo = SUMMARIZE.parents[1]
+    lines = tmp_path / "partial.jsonl"
+    env = {**os.environ, "MAE_FAST_BENCH_JSONL": str(lines)}
+    test = "bench/test_gather_tokens.py::test_gather_tokens[square-torch-forward]"
+    for extra in (["--benchmark-disable"], []):  # a smoke run measures nothing, so it writes nothing
+        done = subprocess.run([sys.executable, "-m", "pytest", test, "-q", "-p", "no:cacheprovider", *extra],
+                              cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        if extra:
+            assert not lines.exists()
+    (entry,) = [json.loads(line) for line in lines.read_text().splitlines()]
+    assert entry["name"] == "test_gather_tokens[square-torch-forward]" and entry["median"] > 0
+    assert entry["extra_info"]["op"] == "gather_tokens" and entry["extra_info"]["provider"] == "torch"
+    assert "git_revision" in entry["extra_info"]
+    assert "| gather_tokens | square | forward | torch |" in summarize.summary(summarize.load(str(lines)))
