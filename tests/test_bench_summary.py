@@ -96,7 +96,9 @@ def test_summary_from_json_and_from_partial_lines_agree(summarize, tmp_path):
 def test_each_finished_benchmark_is_appended_as_it_ends(summarize, tmp_path):
     repo = SUMMARIZE.parents[1]
     lines = tmp_path / "partial.jsonl"
-    env = {**os.environ, "MAE_FAST_BENCH_JSONL": str(lines)}
+    # pytest-benchmark turns itself off when it sees pytest-xdist's variables (this test on a worker).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env["MAE_FAST_BENCH_JSONL"] = str(lines)
     test = "bench/test_gather_tokens.py::test_gather_tokens[square-torch-forward]"
     for extra in (["--benchmark-disable"], []):  # a smoke run measures nothing, so it writes nothing
         done = subprocess.run([sys.executable, "-m", "pytest", test, "-q", "-p", "no:cacheprovider", *extra],
