@@ -17,6 +17,7 @@ from mae_fast.ops.dispatch import BACKENDS
 DATA_BACKENDS = ("auto", "dali", "torch", "synthetic")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw", "apex")
+COMPILE_SCOPES = ("model", "blocks")
 
 # Values that depend on whether this is the demo (no --data_path) or a real run.
 OFFICIAL_DEFAULTS = dict(model="mae_vit_large_patch16", input_size=224, batch_size=64, epochs=400, warmup_epochs=40)
@@ -163,7 +164,10 @@ class RunConfig:
     precision: str = "auto"
     """--precision: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 (with a grad scaler) or fp32."""
     compile: bool = False
-    """--compile: torch.compile the model."""
+    """--compile: torch.compile the model (see --compile_scope)."""
+    compile_scope: str = "model"
+    """--compile_scope: with --compile, "model" (one graph for the whole model: the most fusion, the longest
+    compile) or "blocks" (each transformer block on its own; identical blocks share one compiled graph)."""
     fsdp: bool = False
     """--fsdp: shard parameters, gradients and optimizer state (FSDP2) instead of DDP."""
     save_every: int = 20
@@ -197,6 +201,7 @@ class RunConfig:
             raise _error("start_epoch", self.start_epoch, "must be an integer >= 0")
         _positive_int("accum_iter", self.accum_iter)
         _choice("precision", self.precision, PRECISIONS)
+        _choice("compile_scope", self.compile_scope, COMPILE_SCOPES)
         _positive_int("save_every", self.save_every)
         if isinstance(self.save_last_every, bool) or not isinstance(self.save_last_every, int) or self.save_last_every < 0:
             raise _error("save_last_every", self.save_last_every, "must be an integer >= 0")

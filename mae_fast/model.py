@@ -204,6 +204,17 @@ class MAEViT(nn.Module):
                 x = blk(x)
         return x
 
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """Regional compilation: ``torch.compile`` each encoder and decoder block in place.
+
+        The blocks of a stack share their code and shapes, so the encoder's blocks compile once and
+        the decoder's once: a fraction of the time whole-model compilation takes, with the fusions
+        that matter most (layer norms, attention, MLP) and the fused ops left as they are.
+        ``compile_kwargs`` go to ``nn.Module.compile`` (``mode=...``, ``dynamic=...``).
+        """
+        for block in (*self.blocks, *self.decoder_blocks):
+            block.compile(**compile_kwargs)
+
     # ------------------------------------------------------------------ MAE
 
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):

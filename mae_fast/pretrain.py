@@ -22,7 +22,8 @@ FLAGS = {
     "log_dir": ("run", "log_dir"), "resume": ("run", "resume"), "start_epoch": ("run", "start_epoch"),
     "num_workers": ("data", "num_workers"), "seed": ("run", "seed"), "data_backend": ("data", "backend"),
     "attn_backend": ("model", "attn_backend"), "kernel_backend": ("model", "kernel_backend"),
-    "precision": ("run", "precision"), "compile": ("run", "compile"), "fsdp": ("run", "fsdp"),
+    "precision": ("run", "precision"), "compile": ("run", "compile"),
+    "compile_scope": ("run", "compile_scope"), "fsdp": ("run", "fsdp"),
     "grad_checkpointing": ("model", "grad_checkpointing"), "optimizer": ("optim", "optimizer"),
     "save_every": ("run", "save_every"), "save_last_every": ("run", "save_last_every"),
     "log_every": ("run", "log_every"), "val_every": ("run", "val_every"), "max_steps": ("run", "max_steps"),
@@ -33,7 +34,7 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run
 BOOL_FLAGS = {"norm_pix_loss", "compile", "fsdp", "grad_checkpointing"}
 FLOAT_FLAGS = {"mask_ratio", "weight_decay", "lr", "blr", "min_lr", "warmup_epochs"}
 STR_FLAGS = {"model", "data_path", "val_path", "output_dir", "log_dir", "resume", "data_backend", "attn_backend",
-             "kernel_backend", "precision", "optimizer", "device", "verify_images"}
+             "kernel_backend", "precision", "compile_scope", "optimizer", "device", "verify_images"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -152,6 +152,8 @@ class MAETrainer:
     # ------------------------------------------------------------------ build
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.config.compile and self.config.compile_scope == "blocks":
+            model.compile_blocks()  # in place, before DDP or FSDP wrap the model
         if self.config.fsdp:
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -164,7 +166,7 @@ class MAETrainer:
             fully_shard(model, mp_policy=policy)
         elif self.dist.distributed:
             model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if self.config.compile:
+        if self.config.compile and self.config.compile_scope == "model":
             model = torch.compile(model)
         return model
 
@@ -188,6 +190,7 @@ class MAETrainer:
         return (f"model {self.config.model.name} ({trainable:,} trainable parameters, {self.config.data.input_size}px, "
                 f"mask ratio {self.config.model.mask_ratio}) on {self.device} x{self.dist.world_size}, "
                 f"precision {self.precision}, attention {self.model.attn_backend_for(self.device, dtype)}, "
+                f"{'compiled (' + self.config.compile_scope + '), ' if self.config.compile else ''}"
                 f"kernels: {kernels}; data {self.loader.backend} ({self.loader.num_samples} images, "
                 f"{len(self.loader)} steps per epoch); effective batch {self.effective_batch}, lr {self.base_lr:.3g} "
                 f"(blr {self.config.optim.blr:g}), {self.config.epochs} epochs, warmup {self.config.optim.warmup_epochs}")

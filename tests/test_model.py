@@ -1,5 +1,6 @@
 """MAEViT against an independent implementation of the official MAE formulas, in float64."""
 
+import copy
 import logging
 import math
 
@@ -401,6 +402,23 @@ def test_model_with_triton_kernels_compiles_as_one_graph():
     assert torch.equal(mask, ref_mask)
     loss.backward()
     assert fused.decoder_pred.weight.grad is not None
+
+
+def test_compile_blocks_compiles_each_block_and_keeps_the_outputs():
+    torch.manual_seed(0)
+    ref = create_model("mae_vit_tiny_patch16", img_size=32, kernel_backend="torch")
+    regional = copy.deepcopy(ref)
+    regional.compile_blocks(backend="aot_eager")
+    assert all(b._compiled_call_impl is not None for b in (*regional.blocks, *regional.decoder_blocks))
+    assert all(b._compiled_call_impl is None for b in ref.blocks)
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 4)
+    (loss, pred, mask), (ref_loss, ref_pred, ref_mask) = regional(imgs, noise=noise), ref(imgs, noise=noise)
+    torch.testing.assert_close(pred, ref_pred, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    loss.backward()
+    ref_loss.backward()
+    torch.testing.assert_close(regional.blocks[0].attn.qkv.weight.grad, ref.blocks[0].attn.qkv.weight.grad,
+                               atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.gpu

@@ -133,6 +133,13 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path):
     compiled = trained(tiny_args(data, tmp_path / "compiled", "--max_steps", "2", "--compile"))
     assert compiled.train_model is not compiled.model  # the step ran through torch.compile
     assert [v for _, v in compiled.history] == pytest.approx([v for _, v in eager.history], rel=1e-4)
+    regional = trained(tiny_args(data, tmp_path / "blocks", "--max_steps", "2", "--compile", "--compile_scope",
+                                 "blocks"))
+    blocks = [*regional.model.blocks, *regional.model.decoder_blocks]
+    assert all(block._compiled_call_impl is not None for block in blocks)  # each block runs compiled
+    assert regional.train_model is regional.model
+    assert "compiled (blocks)" in regional.describe()
+    assert [v for _, v in regional.history] == pytest.approx([v for _, v in eager.history], rel=1e-4)
 
 
 def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path):
