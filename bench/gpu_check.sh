@@ -4,9 +4,9 @@
 #   bash bench/gpu_check.sh                 # results in bench/results/<date>-<device>/
 #   RESULTS_DIR=/some/dir bash bench/gpu_check.sh
 #
-# 1. makes mae_fast importable without network (editable install, or a symlinked package tree);
+# 1. builds the CUDA extension for this GPU's architecture only (csrc/*.cu; MAE_FAST_CUDA_ARCHS overrides);
 #    wheels in an ignored .whl/ folder, if any, are installed offline first;
-# 2. builds the CUDA extension for this GPU's architecture only (csrc/*.cu; MAE_FAST_CUDA_ARCHS overrides);
+# 2. makes mae_fast importable without network (editable install, or a symlinked package tree);
 # 3. runs the benchmarks at the real MAE shapes (ViT-B/16 and ViT-L/16; the compiled-reference provider only
 #    for the loss, whose target names it; set BENCH_FILTER to change), each result also appended to
 #    bench_partial.jsonl as it finishes;
@@ -48,11 +48,34 @@ log "device: $device; results in $RESULTS_DIR"
   $PY -c "import triton; print('triton', triton.__version__)" 2>/dev/null
 } >"$RESULTS_DIR/environment.txt"
 
-# 1. mae_fast importable, offline.
+# 1. The CUDA extension, for this GPU only (a fraction of the default build's time).
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/mae_fast_site .whl/*.whl \
     && export PYTHONPATH=/tmp/mae_fast_site${PYTHONPATH:+:$PYTHONPATH}
 fi
+build_ext() {  # in the current folder
+  MAE_FAST_CUDA_ARCHS=${MAE_FAST_CUDA_ARCHS:-$arch} MAX_JOBS=${MAX_JOBS:-$(nproc)} MAE_FAST_FORCE_CUDA_BUILD=1 \
+    run_limited "${BUILD_TIMEOUT:-150}" $PY setup.py build_ext --inplace
+}
+if ls csrc/*.cu >/dev/null 2>&1; then
+  arch=$($PY -c "import torch; print('%d%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo 90)
+  log "building the CUDA extension for sm_${MAE_FAST_CUDA_ARCHS:-$arch}"
+  if build_ext >"$RESULTS_DIR/build.log" 2>&1; then
+    :
+  elif grep -q "invalid pyproject.toml config" "$RESULTS_DIR/build.log"; then
+    # setuptools older than 77 rejects pyproject.toml's SPDX license: build from a copy without it.
+    log "this setuptools cannot read pyproject.toml; building from a copy of setup.py and csrc/ alone"
+    stage=$(mktemp -d); cp -r setup.py csrc mae_fast kernels "$stage"/
+    { (cd "$stage" && build_ext) >>"$RESULTS_DIR/build.log" 2>&1 && cp "$stage"/mae_fast/_C*.so mae_fast/; } \
+      || { log "CUDA build FAILED (see build.log)"; status=1; }
+  else
+    log "CUDA build FAILED (see build.log)"; status=1
+  fi
+else
+  log "no CUDA sources in csrc/: nothing to build"
+fi
+
+# 2. mae_fast importable, offline (after the build, so a symlinked tree holds the extension too).
 if ! MAE_FAST_SKIP_CUDA_BUILD=1 $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$RESULTS_DIR/install.log" 2>&1; then
   log "editable install failed (see install.log); using a symlinked package tree"
   site=$(mktemp -d); mkdir -p "$site/mae_fast"
@@ -61,17 +84,6 @@ if ! MAE_FAST_SKIP_CUDA_BUILD=1 $PY -m pip install -q --no-index --no-deps --no-
   export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 fi
 $PY -c "import mae_fast.kernels, mae_fast; print('mae_fast from', mae_fast.__file__)" || exit 1
-
-# 2. The CUDA extension, for this GPU only (a fraction of the default build's time).
-if ls csrc/*.cu >/dev/null 2>&1; then
-  arch=$($PY -c "import torch; print('%d%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo 90)
-  log "building the CUDA extension for sm_${MAE_FAST_CUDA_ARCHS:-$arch}"
-  MAE_FAST_CUDA_ARCHS=${MAE_FAST_CUDA_ARCHS:-$arch} MAX_JOBS=${MAX_JOBS:-$(nproc)} MAE_FAST_FORCE_CUDA_BUILD=1 \
-    run_limited "${BUILD_TIMEOUT:-150}" $PY setup.py build_ext --inplace >"$RESULTS_DIR/build.log" 2>&1 \
-    || { log "CUDA build FAILED (see build.log)"; status=1; }
-else
-  log "no CUDA sources in csrc/: nothing to build"
-fi
 $PY -c "import mae_fast.ops.dispatch as d; print('CUDA extension loaded:', d.cuda_extension_loaded())" 2>&1 | tee -a "$RESULTS_DIR/environment.txt"
 
 # 3. Benchmarks at the real shapes.
