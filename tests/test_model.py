@@ -413,6 +413,7 @@ def test_compile_blocks_compiles_each_block_and_keeps_the_outputs():
     assert all(b._compiled_call_impl is None for b in ref.blocks)
     imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 4)
     (loss, pred, mask), (ref_loss, ref_pred, ref_mask) = regional(imgs, noise=noise), ref(imgs, noise=noise)
+    assert torch.equal(mask, ref_mask)
     torch.testing.assert_close(pred, ref_pred, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
     loss.backward()

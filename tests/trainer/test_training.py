@@ -138,6 +138,7 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path):
     blocks = [*regional.model.blocks, *regional.model.decoder_blocks]
     assert all(block._compiled_call_impl is not None for block in blocks)  # each block runs compiled
     assert regional.train_model is regional.model
+    assert list(regional.model.state_dict()) == list(eager.model.state_dict())  # checkpoint keys unchanged
     assert "compiled (blocks)" in regional.describe()
     assert [v for _, v in regional.history] == pytest.approx([v for _, v in eager.history], rel=1e-4)
 
