@@ -2,14 +2,15 @@
 # The GPU check: everything the CPU machine cannot verify, in one run on one GPU (aim: under 8 minutes).
 #
 #   bash bench/gpu_check.sh                 # results in bench/results/<date>-<device>/
-#   RESULTS_DIR=/some/dir bash bench/gpu_check.sh
+#   RESULTS_DIR=/some/dir RESULTS_ARCHIVE=/some/results.tgz bash bench/gpu_check.sh
 #
 # 1. builds the CUDA extension for this GPU's architecture only (csrc/*.cu; MAE_FAST_CUDA_ARCHS overrides);
 #    wheels in an ignored .whl/ folder, if any, are installed offline first;
 # 2. makes mae_fast importable without network (editable install, or a symlinked package tree);
 # 3. runs the benchmarks at the real MAE shapes (ViT-B/16 and ViT-L/16; the compiled-reference provider only
 #    for the loss's forward+backward, which its target names; set BENCH_FILTER to change), each result also
-#    appended to bench_partial.jsonl as it finishes;
+#    appended to bench_partial.jsonl as it finishes, the run saved as a pytest-benchmark baseline
+#    (<machine>/0001_gpu_check.json, for --benchmark-compare later);
 # 4. runs the whole test suite natively on the GPU (compiled Triton, CUDA ops, SDPA/FlashAttention, bf16
 #    steps, DALI mixed decoding when DALI is installed), on several workers when pytest-xdist is there;
 # 5. runs the real trainer for 60 steps (ViT-B/16, batch 256, blocks compiled, synthetic images) and keeps
@@ -34,7 +35,7 @@ CHECK_BUDGET=${CHECK_BUDGET:-460}
 run_limited() {
   local limit=$1 left=$((CHECK_BUDGET - (SECONDS - started) - 20)); shift
   [ "$left" -lt "$limit" ] && limit=$left
-  if [ "$limit" -lt 10 ]; then log "no time left in CHECK_BUDGET=$CHECK_BUDGET for: $*"; return 124; fi
+  if [ "$limit" -lt 10 ]; then log "skipped (under 10 s left of its limit or of CHECK_BUDGET=$CHECK_BUDGET): $*"; return 124; fi
   timeout -s INT -k 20 "$limit" "$@"
 }
 
@@ -92,7 +93,8 @@ rm -f "$RESULTS_DIR/bench_partial.jsonl"
 MAE_FAST_BENCH_JSONL="$RESULTS_DIR/bench_partial.jsonl" run_limited "${BENCH_TIMEOUT:-180}" \
   $PY -m pytest bench -q -p no:cacheprovider -o addopts="" \
   -k "${BENCH_FILTER:-not vit_h14 and (not torch-compile or (masked_patch_loss and forward+backward))}" \
-  --benchmark-json="$RESULTS_DIR/bench.json" --benchmark-columns=median,rounds >"$RESULTS_DIR/bench.log" 2>&1 \
+  --benchmark-json="$RESULTS_DIR/bench.json" --benchmark-storage="file://$(cd "$RESULTS_DIR" && pwd)" \
+  --benchmark-save=gpu_check --benchmark-columns=median,rounds >"$RESULTS_DIR/bench.log" 2>&1 \
   || { log "benchmarks failed or were stopped (see bench.log)"; status=1; }
 tail -n 3 "$RESULTS_DIR/bench.log"
 
@@ -131,5 +133,8 @@ if grep -qE "^step [0-9]+:" "$RESULTS_DIR/train.log" 2>/dev/null; then
     echo; grep -E "^step [0-9]+:" "$RESULTS_DIR/train.log" | sed 's/^/    /'; echo; } >>"$RESULTS_DIR/summary.md"
 fi
 [ -s "$RESULTS_DIR/summary.md" ] && cat "$RESULTS_DIR/summary.md"
+if [ -n "${RESULTS_ARCHIVE:-}" ]; then  # everything in one file, to carry off the machine
+  tar czf "$RESULTS_ARCHIVE" -C "$RESULTS_DIR" . && log "results packed into $RESULTS_ARCHIVE"
+fi
 log "done (status $status)"
 exit $status

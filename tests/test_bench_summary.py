@@ -111,3 +111,27 @@ def test_each_finished_benchmark_is_appended_as_it_ends(summarize, tmp_path):
     assert entry["extra_info"]["op"] == "gather_tokens" and entry["extra_info"]["provider"] == "torch"
     assert "git_revision" in entry["extra_info"]
     assert "| gather_tokens | square | forward | torch |" in summarize.summary(summarize.load(str(lines)))
+
+
+def test_a_saved_baseline_catches_a_slowdown(tmp_path):
+    """The regression check of bench/README.md, against a baseline in the layout the GPU check saves."""
+    repo = SUMMARIZE.parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    test = "bench/test_gather_tokens.py::test_gather_tokens[square-torch-forward]"
+    storage = f"--benchmark-storage=file://{tmp_path}"
+
+    def bench(*extra):
+        return subprocess.run([sys.executable, "-m", "pytest", test, "-q", "-p", "no:cacheprovider", storage, *extra],
+                              cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+
+    assert bench("--benchmark-save=gpu_check").returncode == 0
+    (saved,) = tmp_path.glob("*/0001_gpu_check.json")
+    baseline = json.loads(saved.read_text())
+    compare = ("--benchmark-compare=0001", "--benchmark-compare-fail=median:10%")
+    for seconds, regressed in ((1e-9, True), (1e3, False)):  # a baseline far faster, then far slower
+        for entry in baseline["benchmarks"]:
+            entry["stats"].update({k: seconds for k in ("min", "max", "mean", "median", "q1", "q3")}, ops=1 / seconds)
+        saved.write_text(json.dumps(baseline))
+        done = bench(*compare)
+        assert (done.returncode != 0) == regressed, done.stdout[-2000:] + done.stderr[-2000:]
+        assert ("Performance has regressed" in done.stdout + done.stderr) == regressed
