@@ -32,6 +32,7 @@ TARGETS = {
 }
 TARGET_SHAPES = ("vit_b16", "vit_l16")  # the shapes the op targets are stated for
 TARGET_STEP = ("mae_vit_base_patch16", "bf16")  # the setting the step targets are stated for
+STEP_PROVIDERS = ("mae_fast", "mae_fast-compile-blocks")  # judged against the step targets, each on its own
 
 
 class OpResult(NamedTuple):
@@ -122,10 +123,12 @@ def target_rows(ops: list[OpResult], steps: list[StepResult]) -> list[tuple[str,
             out.append(("Triton loss faster than torch.compile", where, f"{got:.2f}x",
                         got > TARGETS["loss_speedup_vs_compile"]))
     step = {s.provider: s for s in steps}
-    ours = step.get("mae_fast")
-    if ours is not None and ours.images_per_sec and (ours.preset, ours.precision) == TARGET_STEP:
-        where = f"{ours.preset}, batch {ours.batch}, {ours.precision}"
-        hf = step.get("huggingface")
+    hf = step.get("huggingface")
+    for provider in STEP_PROVIDERS:
+        ours = step.get(provider)
+        if ours is None or not ours.images_per_sec or (ours.preset, ours.precision) != TARGET_STEP:
+            continue
+        where = f"{provider}: {ours.preset}, batch {ours.batch}, {ours.precision}"
         if hf is not None and hf.images_per_sec:
             need, got = TARGETS["step_speedup_vs_huggingface"], ours.images_per_sec / hf.images_per_sec
             out.append((f"step >= {need:g}x Hugging Face", where, f"{got:.2f}x", got >= need))

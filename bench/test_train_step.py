@@ -1,6 +1,8 @@
 """The training step: mae_fast against Hugging Face ViTMAE (SDPA) and the official code in plain PyTorch.
 
-Same preset, batch and precision for all: forward, backward and a fused AdamW step. Records
+Same preset, batch and precision for all: forward, backward and a fused AdamW step. mae_fast runs
+eager and with its blocks compiled (``MAEViT.compile_blocks``, as ``--compile --compile_scope
+blocks`` does); the others run eager. Records
 images/s and model FLOP utilization (all providers are credited with mae_fast's analytic FLOPs
 per image, so MFU compares like with like). GPU: ViT-B/16 at 224, batch 256, bf16.
 CPU: the tiny preset at 64 px, batch 8, float32.
@@ -32,12 +34,14 @@ def hf_model(reference):
     return transformers.ViTMAEForPreTraining(config).to(DEVICE)
 
 
-@pytest.mark.parametrize("provider", ["mae_fast", "official-pytorch", "huggingface"])
+@pytest.mark.parametrize("provider", ["mae_fast", "mae_fast-compile-blocks", "official-pytorch", "huggingface"])
 def test_train_step(benchmark, record, provider):
     torch.manual_seed(0)
     model = create_model(PRESET, img_size=SIZE, norm_pix_loss=True).to(DEVICE)
     flops = model.flops_per_image(0.75)
-    if provider == "mae_fast":
+    if provider.startswith("mae_fast"):
+        if provider == "mae_fast-compile-blocks":
+            model.compile_blocks()  # what --compile --compile_scope blocks runs; compiled in the warm-up steps
         step_model, forward = model, (lambda imgs: model(imgs, mask_ratio=0.75)[0])
     elif provider == "official-pytorch":
         step_model, forward = model, (lambda imgs: official_forward(model, imgs, 0.75))
