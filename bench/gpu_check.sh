@@ -7,7 +7,8 @@
 # 1. builds the CUDA extension for this GPU's architecture only (csrc/*.cu; MAE_FAST_CUDA_ARCHS overrides);
 #    wheels in an ignored .whl/ folder, if any, are installed offline first;
 # 2. makes mae_fast importable without network (editable install, or a symlinked package tree);
-# 3. runs the benchmarks at the real MAE shapes (ViT-B/16 and ViT-L/16; the compiled-reference provider only
+# 3. runs the benchmarks at the real MAE shapes, training step first, then the ops, the loaders last
+#    (BENCH_FILES changes the files; ViT-B/16 and ViT-L/16; the compiled-reference provider only
 #    for the loss's forward+backward, which its target names; set BENCH_FILTER to change), each result also
 #    appended to bench_partial.jsonl as it finishes, the run saved as a pytest-benchmark baseline
 #    (<machine>/0001_gpu_check.json, for --benchmark-compare later);
@@ -87,11 +88,13 @@ fi
 $PY -c "import mae_fast.kernels, mae_fast; print('mae_fast from', mae_fast.__file__)" || exit 1
 $PY -c "import mae_fast.ops.dispatch as d; print('CUDA extension loaded:', d.cuda_extension_loaded())" 2>&1 | tee -a "$RESULTS_DIR/environment.txt"
 
-# 3. Benchmarks at the real shapes.
+# 3. Benchmarks at the real shapes, the ones the targets name first (a stopped run keeps what ran).
+bench_order="bench/test_train_step.py bench/test_masked_patch_loss.py bench/test_gather_tokens.py
+  bench/test_restore_tokens.py bench/test_gather_patches.py bench/test_data_loaders.py"
 log "benchmarks"
 rm -f "$RESULTS_DIR/bench_partial.jsonl"
 MAE_FAST_BENCH_JSONL="$RESULTS_DIR/bench_partial.jsonl" run_limited "${BENCH_TIMEOUT:-180}" \
-  $PY -m pytest bench -q -p no:cacheprovider -o addopts="" \
+  $PY -m pytest ${BENCH_FILES:-$bench_order} -q -p no:cacheprovider -o addopts="" \
   -k "${BENCH_FILTER:-not vit_h14 and (not torch-compile or (masked_patch_loss and forward+backward))}" \
   --benchmark-json="$RESULTS_DIR/bench.json" --benchmark-storage="file://$(cd "$RESULTS_DIR" && pwd)" \
   --benchmark-save=gpu_check --benchmark-columns=median,rounds >"$RESULTS_DIR/bench.log" 2>&1 \
