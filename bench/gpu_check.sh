@@ -14,8 +14,8 @@
 #    (<machine>/0001_gpu_check.json, for --benchmark-compare later);
 # 4. runs the whole test suite natively on the GPU (compiled Triton, CUDA ops, SDPA/FlashAttention, bf16
 #    steps, DALI mixed decoding when DALI is installed), on several workers when pytest-xdist is there;
-# 5. runs the real trainer for 60 steps (ViT-B/16, batch 256, blocks compiled, synthetic images) and keeps
-#    its log lines (images/s, MFU, peak memory);
+# 5. runs the real trainer for 60 steps (ViT-B/16, batch 256, blocks compiled, synthetic images; TRAIN_FLAGS
+#    and TRAIN_STEPS change that) and keeps its log lines (images/s, MFU, peak memory);
 # 6. prints the summary last and writes it, the logs and the raw results to the results folder.
 #
 # Time: each phase has a limit (BUILD_TIMEOUT 150, BENCH_TIMEOUT 180, TEST_TIMEOUT 150, TRAIN_TIMEOUT 150
@@ -114,14 +114,17 @@ tail -n 2 "$RESULTS_DIR/tests.log"
 # 5. The real trainer end to end: ViT-B/16, batch 256, bf16, blocks compiled (--compile_scope blocks), images
 #    made on the GPU (no decoding), so the images/s and MFU it logs are the training loop's own, logging,
 #    schedule and optimizer included (the step benchmark above measures the eager model).
+# The trainer's log lines, out of the progress bar's carriage returns.
+train_lines() { tr '\r' '\n' <"$RESULTS_DIR/train.log" 2>/dev/null | grep -E "^ *step [0-9]+:" | sed 's/^ *//'; }
 log "trainer: python -m mae_fast.pretrain, ViT-B/16, batch 256, blocks compiled, synthetic data"
 train_dir=$(mktemp -d)
-run_limited "${TRAIN_TIMEOUT:-150}" $PY -m mae_fast.pretrain --model mae_vit_base_patch16 --batch_size 256 \
-  --input_size 224 --norm_pix_loss --compile --compile_scope blocks --data_backend synthetic \
+train_flags=${TRAIN_FLAGS:---model mae_vit_base_patch16 --batch_size 256 --input_size 224}
+run_limited "${TRAIN_TIMEOUT:-150}" $PY -m mae_fast.pretrain $train_flags \
+  --norm_pix_loss --compile --compile_scope blocks --data_backend synthetic \
   --synthetic_samples 20480 --epochs 1 --warmup_epochs 0 --max_steps "${TRAIN_STEPS:-60}" --log_every 20 \
   --save_last_every 0 --output_dir "$train_dir" \
   >"$RESULTS_DIR/train.log" 2>&1 || { log "the training run failed or was stopped (see train.log)"; status=1; }
-grep -E "^step [0-9]+:" "$RESULTS_DIR/train.log"
+train_lines
 rm -rf "$train_dir"
 
 # 6. The summary, from the full JSON when pytest-benchmark wrote it, else from the lines written as it went.
@@ -130,10 +133,11 @@ if [ -s "$RESULTS_DIR/bench.json" ]; then
 elif [ -s "$RESULTS_DIR/bench_partial.jsonl" ]; then
   $PY bench/summarize.py "$RESULTS_DIR/bench_partial.jsonl" >"$RESULTS_DIR/summary.md"
 fi
-if grep -qE "^step [0-9]+:" "$RESULTS_DIR/train.log" 2>/dev/null; then
-  { echo "## Training run (python -m mae_fast.pretrain, ViT-B/16, batch 256, bf16, blocks compiled, synthetic data;"
-    echo "the first line includes compilation and warm-up)"
-    echo; grep -E "^step [0-9]+:" "$RESULTS_DIR/train.log" | sed 's/^/    /'; echo; } >>"$RESULTS_DIR/summary.md"
+if [ -n "$(train_lines)" ]; then
+  { echo "## Training run"; echo
+    echo "\`python -m mae_fast.pretrain $train_flags --compile --compile_scope blocks --data_backend synthetic\`"
+    echo "(precision auto: bf16 on a GPU); the first line includes compilation and warm-up."
+    echo; train_lines | sed 's/^/    /'; echo; } >>"$RESULTS_DIR/summary.md"
 fi
 [ -s "$RESULTS_DIR/summary.md" ] && cat "$RESULTS_DIR/summary.md"
 if [ -n "${RESULTS_ARCHIVE:-}" ]; then  # everything in one file, to carry off the machine
