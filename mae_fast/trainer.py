@@ -330,8 +330,9 @@ class MAETrainer:
         stats = {}
         from tqdm import tqdm
 
-        bar = tqdm(total=n_batches, initial=self.step_in_epoch, desc=f"epoch {self.epoch}", disable=not self.dist.is_main,
-                   dynamic_ncols=True, leave=True)
+        # The bar on rank 0 in a terminal; None: tqdm leaves it out when stderr is a file, so logs hold plain lines.
+        bar = tqdm(total=n_batches, initial=self.step_in_epoch, desc=f"epoch {self.epoch}",
+                   disable=None if self.dist.is_main else True, dynamic_ncols=True, leave=True)
         window_start = fetch_start = time.perf_counter()
         for data_step, (images, _) in enumerate(self.loader.epoch(self.epoch, start=self.step_in_epoch),
                                                 start=self.step_in_epoch):

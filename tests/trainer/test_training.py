@@ -38,6 +38,16 @@ def test_the_default_command_in_reduced_form_trains_and_its_loss_falls(tmp_path)
     assert "blocks.0.attn.qkv.weight" in state["model"] and state["epoch"] == 3
 
 
+def test_log_lines_are_plain_lines_when_the_output_is_not_a_terminal(tmp_path, capfd):
+    data = write_images(tmp_path / "data", 8)
+    assert main(tiny_args(data, tmp_path / "out", "--max_steps", "2")) == 0
+    out, err = capfd.readouterr()
+    assert "\r" not in out + err  # no progress bar redrawing itself in a log file
+    steps = [line for line in out.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in steps] == ["step 1", "step 2"]
+    assert "images/s" in steps[-1]
+
+
 def test_lr_follows_the_schedule_each_step_and_accumulation_steps_less_often(tmp_path):
     data = write_images(tmp_path / "data", 16)
     trainer = trained(tiny_args(data, tmp_path / "out", "--accum_iter", "2", "--max_steps", "3"))
