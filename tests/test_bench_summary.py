@@ -97,16 +97,22 @@ def test_summary_from_json_and_from_partial_lines_agree(summarize, tmp_path):
     assert from_lines.splitlines()[1:] == text.splitlines()[1:]
 
 
-def test_each_finished_benchmark_is_appended_as_it_ends(summarize, tmp_path):
-    repo = SUMMARIZE.parents[1]
-    lines = tmp_path / "partial.jsonl"
+ONE_BENCHMARK = "bench/test_gather_tokens.py::test_gather_tokens[square-torch-forward]"
+
+
+def run_one_benchmark(*flags: str, **env_vars: str) -> subprocess.CompletedProcess:
+    """Run ONE_BENCHMARK in a fresh pytest with ``flags`` and extra environment variables."""
     # pytest-benchmark turns itself off when it sees pytest-xdist's variables (this test on a worker).
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
-    env["MAE_FAST_BENCH_JSONL"] = str(lines)
-    test = "bench/test_gather_tokens.py::test_gather_tokens[square-torch-forward]"
+    env.update(env_vars)
+    return subprocess.run([sys.executable, "-m", "pytest", ONE_BENCHMARK, "-q", "-p", "no:cacheprovider", *flags],
+                          cwd=SUMMARIZE.parents[1], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_each_finished_benchmark_is_appended_as_it_ends(summarize, tmp_path):
+    lines = tmp_path / "partial.jsonl"
     for extra in (["--benchmark-disable"], []):  # a smoke run measures nothing, so it writes nothing
-        done = subprocess.run([sys.executable, "-m", "pytest", test, "-q", "-p", "no:cacheprovider", *extra],
-                              cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        done = run_one_benchmark(*extra, MAE_FAST_BENCH_JSONL=str(lines))
         assert done.returncode == 0, done.stdout + done.stderr
         if extra:
             assert not lines.exists()
@@ -119,16 +125,8 @@ def test_each_finished_benchmark_is_appended_as_it_ends(summarize, tmp_path):
 
 def test_a_saved_baseline_catches_a_slowdown(tmp_path):
     """The regression check of bench/README.md, against a baseline in the layout the GPU check saves."""
-    repo = SUMMARIZE.parents[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
-    test = "bench/test_gather_tokens.py::test_gather_tokens[square-torch-forward]"
     storage = f"--benchmark-storage=file://{tmp_path}"
-
-    def bench(*extra):
-        return subprocess.run([sys.executable, "-m", "pytest", test, "-q", "-p", "no:cacheprovider", storage, *extra],
-                              cwd=repo, env=env, capture_output=True, text=True, timeout=300)
-
-    assert bench("--benchmark-save=gpu_check").returncode == 0
+    assert run_one_benchmark(storage, "--benchmark-save=gpu_check").returncode == 0
     (saved,) = tmp_path.glob("*/0001_gpu_check.json")
     baseline = json.loads(saved.read_text())
     compare = ("--benchmark-compare=0001", "--benchmark-compare-fail=median:10%")
@@ -136,6 +134,6 @@ def test_a_saved_baseline_catches_a_slowdown(tmp_path):
         for entry in baseline["benchmarks"]:
             entry["stats"].update({k: seconds for k in ("min", "max", "mean", "median", "q1", "q3")}, ops=1 / seconds)
         saved.write_text(json.dumps(baseline))
-        done = bench(*compare)
+        done = run_one_benchmark(storage, *compare)
         assert (done.returncode != 0) == regressed, done.stdout[-2000:] + done.stderr[-2000:]
         assert ("Performance has regressed" in done.stdout + done.stderr) == regressed
