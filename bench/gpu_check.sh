@@ -115,7 +115,7 @@ tail -n 2 "$RESULTS_DIR/tests.log"
 #    made on the GPU (no decoding), so the images/s and MFU it logs are the training loop's own, logging,
 #    schedule and optimizer included (the step benchmark above measures the eager model).
 # The trainer's log lines, out of the progress bar's carriage returns.
-train_lines() { tr '\r' '\n' <"$RESULTS_DIR/train.log" 2>/dev/null | grep -E "^ *step [0-9]+:" | sed 's/^ *//'; }
+train_lines() { tr '\r' '\n' <"$RESULTS_DIR/train.log" 2>/dev/null | grep -E "^ *step [0-9]+/[0-9]+ " | sed 's/^ *//'; }
 log "trainer: python -m mae_fast.pretrain, ViT-B/16, batch 256, blocks compiled, synthetic data"
 train_dir=$(mktemp -d)
 train_flags=${TRAIN_FLAGS:---model mae_vit_base_patch16 --batch_size 256 --input_size 224}

@@ -2,74 +2,203 @@
 
 A checkpoint is a dict with the official keys (``model`` in the official key layout,
 ``optimizer``, ``epoch``, ``scaler``) plus mae_fast's (``step``, ``step_in_epoch``, ``config``,
-``rng``, ``format``). It is written to a temporary file in the same folder and renamed into
-place, so a crash never leaves a half-written checkpoint under a checkpoint's name. Loading uses
-``torch.load(weights_only=True)``.
+``rng``, ``loss_stats``, ``log_line``, ``format``). It is written to a temporary file in the same
+folder and renamed into place, so a crash never leaves a half-written checkpoint under a
+checkpoint's name; temporary files left by a killed save are removed at the next start
+(:func:`remove_stale_temporaries`). Loading uses ``torch.load(weights_only=True)``.
+
+The rolling checkpoint is ``checkpoint-last.pth``; the one before it is kept as
+``checkpoint-prev.pth`` (the trainer decides when, see :mod:`mae_fast.trainer`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
+import signal
+import tempfile
+import threading
 from pathlib import Path
 
 import torch
 
+from mae_fast.errors import CheckpointError, OutputDirError
+
 FORMAT = "mae_fast-checkpoint-v1"
 LAST = "checkpoint-last.pth"
+PREV = "checkpoint-prev.pth"
+_TEMPORARY = re.compile(r"\.checkpoint-.*\.pth\.tmp-\d+")
+_NAMES = re.compile(r"checkpoint-(\d+|last|prev)\.pth")
+
+__all__ = ["CheckpointError", "FORMAT", "LAST", "PREV", "save_checkpoint", "load_checkpoint", "read_summary",
+           "find_latest", "find_checkpoints", "remove_stale_temporaries", "check_writable"]
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be read, or is not a mae_fast training checkpoint."""
+def _os_error_line(exc: OSError) -> str:
+    return exc.strerror or str(exc)
 
 
-def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
-    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def check_writable(folder: str | os.PathLike) -> None:
+    """Create ``folder`` if needed and write (then remove) a small file in it.
+
+    Raises:
+        OutputDirError: the folder cannot be created or written (the message names it and the cause,
+            e.g. ``Read-only file system`` or ``No space left on device``).
+    """
+    folder = Path(folder)
     try:
-        with open(tmp, "wb") as f:
-            torch.save({**state, "format": FORMAT}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".mae_fast-write-test-", dir=folder)
+        try:
+            os.write(handle, b"mae_fast")
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+            os.unlink(probe)
+    except OSError as exc:
+        raise OutputDirError(f"--output_dir {str(folder)!r} cannot be written: {_os_error_line(exc)}") from exc
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove ``.checkpoint-*.pth.tmp-<pid>`` files a killed save left in ``folder``; returns what was removed.
+
+    Call it before the run writes anything (no save of this run can be under way).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.iterdir():
+        if _TEMPORARY.fullmatch(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike, keep_previous_as: str | os.PathLike | None = None) -> Path:
+    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename); returns the path.
+
+    Args:
+        state: the checkpoint dict.
+        path: where it goes.
+        keep_previous_as: if given, a file already at ``path`` is renamed to this name once the new one
+            is completely written (and only then), instead of being replaced.
+
+    Raises:
+        OutputDirError: the file cannot be written (full disk, read-only folder, ...): the message names the
+            folder and the cause; what was at ``path`` before is left as it was.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with _ctrl_c_after_the_save():  # a Ctrl-C lands after the rename, with the checkpoint complete
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                torch.save({**state, "format": FORMAT}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            if keep_previous_as is not None and path.exists():
+                os.replace(path, keep_previous_as)
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise OutputDirError(f"cannot write checkpoint {path.name} in {str(path.parent)!r}: "
+                                 f"{_os_error_line(exc)}; the checkpoints already there are intact") from exc
+        finally:
+            if tmp.exists():
+                tmp.unlink()
     return path
+
+
+@contextlib.contextmanager
+def _ctrl_c_after_the_save():
+    """Hold a Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt: torch.save interrupted half-way
+    raises an unrelated error from its zip writer, and the checkpoint would be lost for nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+# The fields a resume reads, with the type each must have.
+_FIELD_TYPES = {"model": dict, "optimizer": dict, "epoch": int, "step": int, "step_in_epoch": int}
+
+
+def _load(path: Path, mmap: bool = False):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "weights_only" in text or "Unsupported global" in text or "Weights only load failed" in text:
+            raise CheckpointError(f"checkpoint {str(path)!r} contains objects that are not plain tensors; refusing "
+                                  "to unpickle it (only load a file you trust, with torch.load(weights_only=False), "
+                                  "and save its tensors again)") from exc
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: it is truncated or not a torch checkpoint "
+                              f"({type(exc).__name__}: {text.splitlines()[0] if text else ''})") from exc
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        text = str(exc)
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: it is truncated or not a torch checkpoint "
+                              f"({type(exc).__name__}: {text.splitlines()[0] if text else ''})") from exc
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Read a mae_fast training checkpoint onto the CPU.
 
     Raises:
-        CheckpointError: the file is missing, truncated, not a torch file, or not a mae_fast
-            training checkpoint (the message says which).
+        CheckpointError: the file is missing, truncated, not a torch file, holds objects other than
+            tensors and plain containers, is not a mae_fast training checkpoint, or has a field of the
+            wrong type (the message says which).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: it is truncated or not a torch checkpoint "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    state = _load(path)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        keys = sorted(state)[:6] if isinstance(state, dict) else type(state).__name__
+        keys = sorted(map(str, state))[:6] if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{str(path)!r} is not a mae_fast training checkpoint (found {keys}); to start from "
                               "official MAE weights use MAEViT.load_pretrained")
     missing = [k for k in ("model", "optimizer", "epoch", "step") if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {str(path)!r} lacks {missing}")
+    for key, kind in _FIELD_TYPES.items():
+        value = state.get(key, 0 if kind is int else {})
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+            raise CheckpointError(f"checkpoint {str(path)!r} is damaged: its {key!r} is {value!r:.60} "
+                                  f"({type(value).__name__}), not {'an integer >= 0' if kind is int else 'a dict'}")
+    if not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+        raise CheckpointError(f"checkpoint {str(path)!r} is damaged: its 'model' holds values that are not tensors")
     return state
 
 
-def find_latest(output_dir: str | os.PathLike) -> Path | None:
-    """The most recently completed checkpoint in ``output_dir`` (``checkpoint-last.pth`` or ``checkpoint-<epoch>.pth``)."""
+def read_summary(path: str | os.PathLike) -> dict | None:
+    """``step``, ``epoch`` and ``loss_stats`` of a checkpoint, read without loading its tensors (memory-mapped),
+    or None when it cannot be read as a mae_fast checkpoint."""
+    try:
+        state = _load(Path(path), mmap=True)
+    except CheckpointError:
+        return None
+    if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("step"), int):
+        return None
+    return {"step": state["step"], "epoch": state.get("epoch"), "loss_stats": state.get("loss_stats")}
+
+
+def find_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Every ``checkpoint-<epoch>.pth``, ``checkpoint-last.pth`` and ``checkpoint-prev.pth`` in ``output_dir``."""
     folder = Path(output_dir)
     if not folder.is_dir():
-        return None
-    candidates = [p for p in folder.iterdir() if re.fullmatch(r"checkpoint-(\d+|last)\.pth", p.name)]
-    return max(candidates, key=lambda p: p.stat().st_mtime_ns, default=None)
+        return []
+    return sorted(p for p in folder.iterdir() if _NAMES.fullmatch(p.name) and p.is_file())
+
+
+def find_latest(output_dir: str | os.PathLike) -> Path | None:
+    """The most recently written checkpoint in ``output_dir`` (``checkpoint-prev.pth`` is older than
+    ``checkpoint-last.pth`` whenever both exist, so it is the newest only if a save died between its renames)."""
+    return max(find_checkpoints(output_dir), key=lambda p: p.stat().st_mtime_ns, default=None)

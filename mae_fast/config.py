@@ -1,17 +1,20 @@
 """The configuration tree of a pretraining run: one dataclass per concern, each field documented.
 
-Every field is validated in ``__post_init__``; a bad value raises ``ValueError`` naming the
-command-line flag and the value, before any work starts. Defaults follow the official MAE
+Every field is validated in ``__post_init__``; a bad value raises :class:`~mae_fast.errors.ConfigError`
+(a ``ValueError``) naming the command-line flag, the value and what would work, before any work
+starts. Each field's docstring is its ``--help`` text. Defaults follow the official MAE
 ``main_pretrain.py``, except that a run without ``--data_path`` is the built-in demo: a tiny
 model on the built-in image set that finishes in minutes on a CPU.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields
 
 from mae_fast.attention import ATTN_BACKENDS
+from mae_fast.errors import ConfigError
 from mae_fast.ops.dispatch import BACKENDS
 
 DATA_BACKENDS = ("auto", "dali", "torch", "synthetic")
@@ -24,8 +27,8 @@ OFFICIAL_DEFAULTS = dict(model="mae_vit_large_patch16", input_size=224, batch_si
 DEMO_DEFAULTS = dict(model="mae_vit_tiny_patch16", input_size=64, batch_size=32, epochs=20, warmup_epochs=2)
 
 
-def _error(flag: str, value, why: str) -> ValueError:
-    return ValueError(f"--{flag}: {why}, got {value!r}")
+def _error(flag: str, value, why: str) -> ConfigError:
+    return ConfigError(f"--{flag}: {why}, got {value!r}")
 
 
 def _positive_int(flag: str, value) -> None:
@@ -34,8 +37,24 @@ def _positive_int(flag: str, value) -> None:
 
 
 def _non_negative(flag: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise _error(flag, value, "must be a number >= 0")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 and math.isfinite(value)):
+        raise _error(flag, value, "must be a finite number >= 0")
+
+
+def _non_negative_int(flag: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _error(flag, value, "must be an integer >= 0")
+
+
+def default_num_workers() -> int:
+    """Loader workers per process: the CPU cores this process may use, shared among the ranks of the node, at most 10
+    (the official default)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(1, min(10, cores // local_ranks))
 
 
 def _choice(flag: str, value, choices) -> None:
@@ -48,17 +67,19 @@ class DataConfig:
     """What to read and how."""
 
     data_path: str | None = None
-    """--data_path: ImageNet-style folder (``train/<class>/*``) or a flat folder of images; None: the built-in set."""
+    """--data_path: an ImageNet-style folder (train/<class>/*) or a flat folder of images; unset: the built-in set."""
     val_path: str | None = None
     """--val_path: held-out images for the validation loss and reconstruction images (optional)."""
     backend: str = "auto"
     """--data_backend: auto (dali if installed, else torch), dali, torch or synthetic."""
     input_size: int | None = None
-    """--input_size: crop size in pixels (default 224; 64 for the built-in demo)."""
+    """--input_size: crop size in pixels, a multiple of the model's patch size (default 224; 64 for the built-in
+    demo)."""
     batch_size: int | None = None
     """--batch_size: images per GPU per step (default 64; 32 for the demo)."""
-    num_workers: int = 10
-    """--num_workers: DataLoader workers (torch backend) or DALI threads."""
+    num_workers: int | None = None
+    """--num_workers: DataLoader workers (torch backend) or DALI threads per process (default: the cores this
+    process may use, shared among the node's ranks, at most 10)."""
     verify_images: str = "header"
     """--verify_images: check files before training by a cheap header check ("header") or a full decode ("decode")."""
     synthetic_samples: int = 12800
@@ -75,8 +96,9 @@ class DataConfig:
             _positive_int("input_size", self.input_size)
         if self.batch_size is not None:
             _positive_int("batch_size", self.batch_size)
-        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
-            raise _error("num_workers", self.num_workers, "must be an integer >= 0")
+        if self.num_workers is None:
+            self.num_workers = default_num_workers()
+        _non_negative_int("num_workers", self.num_workers)
         _positive_int("synthetic_samples", self.synthetic_samples)
         for flag, path in (("data_path", self.data_path), ("val_path", self.val_path)):
             if path is not None and not os.path.isdir(os.path.expanduser(path)):
@@ -88,9 +110,9 @@ class ModelConfig:
     """Which MAE and which kernels."""
 
     name: str | None = None
-    """--model: a preset of mae_fast.MODELS (default mae_vit_large_patch16; mae_vit_tiny_patch16 for the demo)."""
+    """--model: a preset (listed below; default mae_vit_large_patch16; mae_vit_tiny_patch16 for the demo)."""
     mask_ratio: float = 0.75
-    """--mask_ratio: fraction of patches removed, in [0, 1)."""
+    """--mask_ratio: fraction of patches removed, in (0, 1); the loss is computed on the removed ones."""
     norm_pix_loss: bool = False
     """--norm_pix_loss: normalize each target patch by its mean and variance."""
     attn_backend: str = "auto"
@@ -106,8 +128,9 @@ class ModelConfig:
         if self.name is not None:
             _choice("model", self.name, tuple(MODELS))
         if isinstance(self.mask_ratio, bool) or not isinstance(self.mask_ratio, (int, float)) \
-                or not 0 <= self.mask_ratio < 1:
-            raise _error("mask_ratio", self.mask_ratio, "must be in [0, 1)")
+                or not 0 < self.mask_ratio < 1:
+            raise _error("mask_ratio", self.mask_ratio, "must be in (0, 1): with no patch removed the loss is 0 and "
+                         "nothing trains; the official value is 0.75")
         _choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
         _choice("kernel_backend", self.kernel_backend, BACKENDS)
 
@@ -117,11 +140,11 @@ class OptimConfig:
     """AdamW and its schedule, the official recipe."""
 
     lr: float | None = None
-    """--lr: absolute learning rate; default blr * effective batch / 256."""
+    """--lr: absolute (peak) learning rate; unset: blr * effective batch / 256."""
     blr: float = 1e-3
     """--blr: base learning rate for an effective batch of 256."""
     min_lr: float = 0.0
-    """--min_lr: the floor the cosine schedule decays to."""
+    """--min_lr: the floor the cosine schedule decays to; at most the peak learning rate."""
     weight_decay: float = 0.05
     """--weight_decay: AdamW weight decay (not applied to biases and 1-D parameters)."""
     warmup_epochs: float | None = None
@@ -138,6 +161,24 @@ class OptimConfig:
         if self.warmup_epochs is not None:
             _non_negative("warmup_epochs", self.warmup_epochs)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
+        if self.lr is not None and self.min_lr > self.lr:
+            raise _error("min_lr", self.min_lr, f"must not exceed the peak learning rate --lr {self.lr:g}")
+
+    def peak_lr(self, effective_batch: int) -> float:
+        """The peak learning rate: ``--lr``, or ``blr * effective_batch / 256`` (the official rule)."""
+        return self.lr if self.lr is not None else self.blr * effective_batch / 256
+
+    def check_schedule(self, effective_batch: int) -> None:
+        """Refuse a ``--min_lr`` above the peak learning rate, which is known once the world size is.
+
+        Raises:
+            ConfigError: naming --min_lr, its value and the peak with how it was computed.
+        """
+        peak = self.peak_lr(effective_batch)
+        if self.min_lr > peak:
+            how = f"--lr {self.lr:g}" if self.lr is not None else \
+                f"--blr {self.blr:g} x effective batch {effective_batch} / 256"
+            raise _error("min_lr", self.min_lr, f"must not exceed the peak learning rate {peak:g} ({how})")
 
 
 @dataclass
@@ -150,7 +191,7 @@ class RunConfig:
     epochs: int | None = None
     """--epochs: epochs to train (default 400; 20 for the demo)."""
     start_epoch: int = 0
-    """--start_epoch: first epoch (a checkpoint given by --resume overrides it)."""
+    """--start_epoch: first epoch, below --epochs (a checkpoint given by --resume overrides it)."""
     accum_iter: int = 1
     """--accum_iter: gradient accumulation steps per optimizer step."""
     output_dir: str = "./output_dir"
@@ -158,11 +199,11 @@ class RunConfig:
     log_dir: str | None = None
     """--log_dir: TensorBoard logs (default: output_dir)."""
     resume: str = ""
-    """--resume: a checkpoint path, or "auto" for the newest in output_dir; empty: start fresh."""
+    """--resume: a checkpoint path, or "auto" for the newest in --output_dir; unset: start fresh."""
     seed: int = 0
     """--seed: base seed; each rank adds its rank."""
     precision: str = "auto"
-    """--precision: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 (with a grad scaler) or fp32."""
+    """--precision: auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16 (GPU only, with a gradient scaler) or fp32."""
     compile: bool = False
     """--compile: torch.compile the model (see --compile_scope)."""
     compile_scope: str = "model"
@@ -173,7 +214,14 @@ class RunConfig:
     save_every: int = 20
     """--save_every: write checkpoint-<epoch>.pth every N epochs (and at the end)."""
     save_last_every: int = 500
-    """--save_last_every: rewrite checkpoint-last.pth every N optimizer steps (0: only at epoch ends)."""
+    """--save_last_every: write the rolling checkpoint-last.pth every N optimizer steps (0: only at epoch ends); the
+    one before it is kept as checkpoint-prev.pth while the loss was in its normal range."""
+    loss_spike_factor: float = 3.0
+    """--loss_spike_factor: a step loss above this many times its recent mean counts as having left the normal range
+    (as NaN and inf do): checkpoints from then on are not named good (0: only NaN and inf count)."""
+    dist_timeout: float = 900.0
+    """--dist_timeout: seconds a collective may wait for the other ranks before the job stops with an error (a
+    stalled or dead rank); above a first compile and a large checkpoint write."""
     log_every: int = 20
     """--log_every: steps between log lines (the only steps that synchronize with the device)."""
     val_every: int = 1
@@ -181,7 +229,7 @@ class RunConfig:
     max_steps: int | None = None
     """--max_steps: stop after this many optimizer steps in total (for smoke tests and benchmarks)."""
     device: str = "auto"
-    """--device: auto (cuda when available), cuda or cpu."""
+    """--device: auto (cuda when a GPU is available), cuda or cpu."""
 
     def __post_init__(self):
         demo = self.data.data_path is None and self.data.backend != "synthetic"
@@ -197,14 +245,28 @@ class RunConfig:
         if self.optim.warmup_epochs is None:
             self.optim.warmup_epochs = defaults["warmup_epochs"]
         _positive_int("epochs", self.epochs)
-        if isinstance(self.start_epoch, bool) or not isinstance(self.start_epoch, int) or self.start_epoch < 0:
-            raise _error("start_epoch", self.start_epoch, "must be an integer >= 0")
+        _non_negative_int("start_epoch", self.start_epoch)
+        if self.start_epoch >= self.epochs:
+            raise _error("start_epoch", self.start_epoch, f"must be below --epochs {self.epochs} (nothing would train)")
+        from mae_fast.model import patch_size_of
+
+        patch = patch_size_of(self.model.name)
+        if self.data.input_size % patch:
+            below, above = self.data.input_size // patch * patch, (self.data.input_size // patch + 1) * patch
+            valid = f"{below} or {above}" if below else str(above)
+            raise _error("input_size", self.data.input_size, f"must be a multiple of the patch size {patch} of "
+                         f"--model {self.model.name}, for example {valid}")
         _positive_int("accum_iter", self.accum_iter)
         _choice("precision", self.precision, PRECISIONS)
         _choice("compile_scope", self.compile_scope, COMPILE_SCOPES)
         _positive_int("save_every", self.save_every)
-        if isinstance(self.save_last_every, bool) or not isinstance(self.save_last_every, int) or self.save_last_every < 0:
-            raise _error("save_last_every", self.save_last_every, "must be an integer >= 0")
+        _non_negative_int("save_last_every", self.save_last_every)
+        _non_negative("loss_spike_factor", self.loss_spike_factor)
+        if self.loss_spike_factor and self.loss_spike_factor <= 1:
+            raise _error("loss_spike_factor", self.loss_spike_factor, "must be above 1 (or 0 to turn it off)")
+        _non_negative("dist_timeout", self.dist_timeout)
+        if self.dist_timeout <= 0:
+            raise _error("dist_timeout", self.dist_timeout, "must be a positive number of seconds")
         _positive_int("log_every", self.log_every)
         _positive_int("val_every", self.val_every)
         if self.max_steps is not None:
@@ -215,7 +277,16 @@ class RunConfig:
 
     @property
     def is_demo(self) -> bool:
+        """True for the built-in demo: no --data_path and not the synthetic backend."""
         return self.data.data_path is None and self.data.backend != "synthetic"
+
+    def warnings(self) -> list[str]:
+        """Settings that run but are likely mistakes, one sentence each (the trainer logs them once)."""
+        found = []
+        if self.optim.warmup_epochs >= self.epochs:
+            found.append(f"--warmup_epochs {self.optim.warmup_epochs:g} is not below --epochs {self.epochs}: the "
+                         "learning rate never reaches its peak and the cosine decay never starts")
+        return found
 
 
 def field_docs(cls) -> dict[str, str]:

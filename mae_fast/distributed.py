@@ -6,11 +6,14 @@ SLURM allocations (``srun torchrun ...``); plain ``python -m`` runs as a single 
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from mae_fast.errors import ConfigError
 
 
 @dataclass
@@ -31,19 +34,22 @@ class DistInfo:
         return self.world_size > 1
 
 
-def setup_distributed(device: str = "auto") -> DistInfo:
+def setup_distributed(device: str = "auto", timeout_s: float = 900.0) -> DistInfo:
     """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs) and pick the device.
 
     Args:
         device: "auto" (CUDA when available), "cuda" or "cpu".
+        timeout_s: how long a collective may wait for the other ranks (``--dist_timeout``). Past it, gloo
+            raises in the waiting rank (see :func:`is_collective_timeout`) and NCCL's watchdog ends the
+            process with a message naming the timeout; either way torchrun then stops the job.
 
     Raises:
-        RuntimeError: ``device="cuda"`` on a machine without a usable GPU.
+        ConfigError: ``device="cuda"`` on a machine without a usable GPU.
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA GPU is available on this machine")
+        raise ConfigError("--device: no CUDA GPU is available on this machine, got 'cuda'; use --device cpu or auto")
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -54,7 +60,8 @@ def setup_distributed(device: str = "auto") -> DistInfo:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device == "cuda" else "gloo",
-                                device_id=dev if device == "cuda" else None)
+                                device_id=dev if device == "cuda" else None,
+                                timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(rank, world_size, local_rank, dev)
 
 
@@ -62,6 +69,12 @@ def teardown_distributed() -> None:
     """Leave the process group if one was joined."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def is_collective_timeout(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that gave up waiting for another rank (gloo's or NCCL's timeout)."""
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("timed out" in text or "timeout" in text and "watchdog" in text)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -334,18 +334,20 @@ class MAEViT(nn.Module):
             if key in state and state[key].shape != getattr(self, key).shape:
                 state[key] = interpolate_pos_embed(state[key], self.patch_embed.grid_size)
                 interpolated.append(key)
+        # Validate everything before touching a parameter: a refused checkpoint leaves the model as it was.
         own = self.state_dict()
         for key, value in state.items():
             if key in own and own[key].shape != value.shape:
                 raise ValueError(f"checkpoint parameter {key} has shape {tuple(value.shape)}, "
                                  f"this model expects {tuple(own[key].shape)}")
-        result = self.load_state_dict(state, strict=False)
-        missing = list(result.missing_keys)
+        missing = [k for k in own if k not in state]
         decoder_prefixes = ("decoder_", "mask_token")
         missing_encoder = [k for k in missing if not k.startswith(decoder_prefixes)]
         if missing_encoder and strict_encoder:
             raise ValueError(f"checkpoint lacks encoder parameters: {missing_encoder[:8]}"
-                             f"{' ...' if len(missing_encoder) > 8 else ''}")
+                             f"{' ...' if len(missing_encoder) > 8 else ''}; nothing was loaded")
+        result = self.load_state_dict(state, strict=False)
+        missing = list(result.missing_keys)
         missing_decoder = [k for k in missing if k.startswith(decoder_prefixes)]
         if missing_decoder:
             logger.warning("checkpoint has no decoder (%d keys, e.g. %s): the decoder keeps its initialization",
@@ -355,43 +357,54 @@ class MAEViT(nn.Module):
         return {"missing_keys": missing, "unexpected_keys": list(result.unexpected_keys), "interpolated": interpolated}
 
 
-def mae_vit_tiny_patch16(**kwargs) -> MAEViT:
-    """ViT-Ti/16 encoder (192 wide, 12 deep, 3 heads) with a light decoder (128, 2 blocks): for CPUs and demos."""
-    return MAEViT(**{**dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, decoder_embed_dim=128,
-                            decoder_depth=2, decoder_num_heads=4, mlp_ratio=4), **kwargs})
-
-
-def mae_vit_small_patch16(**kwargs) -> MAEViT:
-    """ViT-S/16 encoder (384 wide, 12 deep, 6 heads) with a 256-wide, 4-block decoder."""
-    return MAEViT(**{**dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=256,
-                            decoder_depth=4, decoder_num_heads=8, mlp_ratio=4), **kwargs})
-
-
-def mae_vit_base_patch16(**kwargs) -> MAEViT:
-    """Official ``mae_vit_base_patch16_dec512d8b``."""
-    return MAEViT(**{**dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512,
-                            decoder_depth=8, decoder_num_heads=16, mlp_ratio=4), **kwargs})
-
-
-def mae_vit_large_patch16(**kwargs) -> MAEViT:
-    """Official ``mae_vit_large_patch16_dec512d8b``."""
-    return MAEViT(**{**dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=512,
-                            decoder_depth=8, decoder_num_heads=16, mlp_ratio=4), **kwargs})
-
-
-def mae_vit_huge_patch14(**kwargs) -> MAEViT:
-    """Official ``mae_vit_huge_patch14_dec512d8b``."""
-    return MAEViT(**{**dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, decoder_embed_dim=512,
-                            decoder_depth=8, decoder_num_heads=16, mlp_ratio=4), **kwargs})
-
-
-MODELS = {
-    "mae_vit_tiny_patch16": mae_vit_tiny_patch16,
-    "mae_vit_small_patch16": mae_vit_small_patch16,
-    "mae_vit_base_patch16": mae_vit_base_patch16,
-    "mae_vit_large_patch16": mae_vit_large_patch16,
-    "mae_vit_huge_patch14": mae_vit_huge_patch14,
+#: The presets: name -> (one-line description, MAEViT arguments). The last three are the official ones.
+PRESETS: dict[str, tuple[str, dict]] = {
+    "mae_vit_tiny_patch16": (
+        "ViT-Ti/16 encoder (192 wide, 12 deep, 3 heads) with a light decoder (128, 2 blocks): for CPUs and demos",
+        dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, decoder_embed_dim=128, decoder_depth=2,
+             decoder_num_heads=4, mlp_ratio=4)),
+    "mae_vit_small_patch16": (
+        "ViT-S/16 encoder (384 wide, 12 deep, 6 heads) with a 256-wide, 4-block decoder",
+        dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=256, decoder_depth=4,
+             decoder_num_heads=8, mlp_ratio=4)),
+    "mae_vit_base_patch16": (
+        "official mae_vit_base_patch16_dec512d8b (ViT-B/16, decoder 512 wide, 8 blocks)",
+        dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512, decoder_depth=8,
+             decoder_num_heads=16, mlp_ratio=4)),
+    "mae_vit_large_patch16": (
+        "official mae_vit_large_patch16_dec512d8b (ViT-L/16, decoder 512 wide, 8 blocks)",
+        dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=512, decoder_depth=8,
+             decoder_num_heads=16, mlp_ratio=4)),
+    "mae_vit_huge_patch14": (
+        "official mae_vit_huge_patch14_dec512d8b (ViT-H/14, decoder 512 wide, 8 blocks)",
+        dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, decoder_embed_dim=512, decoder_depth=8,
+             decoder_num_heads=16, mlp_ratio=4)),
 }
+
+
+def _preset(name: str) -> Callable[..., MAEViT]:
+    description, arguments = PRESETS[name]
+
+    def build(**kwargs) -> MAEViT:
+        return MAEViT(**{**arguments, **kwargs})
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = f"{description[0].upper()}{description[1:]}. Keyword arguments override the preset's (see MAEViT)."
+    return build
+
+
+mae_vit_tiny_patch16 = _preset("mae_vit_tiny_patch16")
+mae_vit_small_patch16 = _preset("mae_vit_small_patch16")
+mae_vit_base_patch16 = _preset("mae_vit_base_patch16")
+mae_vit_large_patch16 = _preset("mae_vit_large_patch16")
+mae_vit_huge_patch14 = _preset("mae_vit_huge_patch14")
+
+MODELS = {name: globals()[name] for name in PRESETS}
+
+
+def patch_size_of(name: str) -> int:
+    """The patch size of a preset, without building it."""
+    return PRESETS[name][1]["patch_size"]
 
 
 def create_model(name: str, **kwargs) -> MAEViT:

@@ -1,4 +1,4 @@
-"""``torchrun -m mae_fast.pretrain``: MAE pretraining with the official script's flags.
+"""torchrun -m mae_fast.pretrain: MAE pretraining with the official script's flags.
 
 With no flags it pretrains a tiny MAE on the built-in image set (a few minutes on a CPU) and
 writes checkpoints, log.txt and reconstruction images to ./output_dir.
@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shlex
 import sys
 
-from mae_fast.config import DataConfig, ModelConfig, OptimConfig, RunConfig, field_docs
+from mae_fast.config import DataConfig, ModelConfig, OptimConfig, RunConfig, field_docs, fields
+from mae_fast.errors import CollectiveTimeoutError, MaeFastError, TrainingStopped
+
+PROG = "mae_fast.pretrain"
 
 # flag -> (config section, field name); the sections are the dataclasses of mae_fast.config.
 FLAGS = {
@@ -26,39 +31,77 @@ FLAGS = {
     "compile_scope": ("run", "compile_scope"), "fsdp": ("run", "fsdp"),
     "grad_checkpointing": ("model", "grad_checkpointing"), "optimizer": ("optim", "optimizer"),
     "save_every": ("run", "save_every"), "save_last_every": ("run", "save_last_every"),
+    "loss_spike_factor": ("run", "loss_spike_factor"), "dist_timeout": ("run", "dist_timeout"),
     "log_every": ("run", "log_every"), "val_every": ("run", "val_every"), "max_steps": ("run", "max_steps"),
     "device": ("run", "device"), "verify_images": ("data", "verify_images"),
     "synthetic_samples": ("data", "synthetic_samples"),
 }
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig}
 BOOL_FLAGS = {"norm_pix_loss", "compile", "fsdp", "grad_checkpointing"}
-FLOAT_FLAGS = {"mask_ratio", "weight_decay", "lr", "blr", "min_lr", "warmup_epochs"}
+FLOAT_FLAGS = {"mask_ratio", "weight_decay", "lr", "blr", "min_lr", "warmup_epochs", "loss_spike_factor",
+               "dist_timeout"}
 STR_FLAGS = {"model", "data_path", "val_path", "output_dir", "log_dir", "resume", "data_backend", "attn_backend",
              "kernel_backend", "precision", "compile_scope", "optimizer", "device", "verify_images"}
+METAVARS = {"data_path": "PATH", "val_path": "PATH", "output_dir": "PATH", "log_dir": "PATH", "resume": "PATH|auto",
+            "model": "NAME", "data_backend": "{auto,dali,torch,synthetic}",
+            "attn_backend": "{auto,flash_attn,sdpa,math}",
+            "kernel_backend": "{auto,cuda,triton,torch}", "precision": "{auto,bf16,fp16,fp32}",
+            "compile_scope": "{model,blocks}", "optimizer": "{adamw,apex}", "device": "{auto,cuda,cpu}",
+            "verify_images": "{header,decode}"}
+
+
+def _epilog() -> str:
+    from mae_fast.model import PRESETS
+
+    presets = "\n".join(f"  {name:24s} {description}" for name, (description, _) in PRESETS.items())
+    return (f"model presets (--model):\n{presets}\n\n"
+            "A mistake in the flags or inputs ends with one line 'mae_fast.pretrain: error: ...' and exit code 2; a\n"
+            "run that stops on its own (NaN loss, full disk, stalled rank) exits 1, Ctrl-C exits 130. Set\n"
+            "MAE_FAST_DEBUG=1 or pass --debug for the traceback.")
+
+
+def _default_text(section: str, name: str, doc: str) -> str:
+    """The help text of a field with its default, unless the text already says what unset means."""
+    default = next(f.default for f in fields(SECTIONS[section]) if f.name == name)
+    doc = doc.rstrip(".")
+    if isinstance(default, bool):
+        return f"{doc} (default: {'on' if default else 'off'})"
+    if default is None or default == "":
+        return doc if ("default" in doc or "unset" in doc) else f"{doc} (default: unset)"
+    return f"{doc} (default: {default:g})" if isinstance(default, float) else f"{doc} (default: {default})"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line: every flag documented from the configuration dataclasses."""
-    parser = argparse.ArgumentParser(
-        prog="torchrun -m mae_fast.pretrain", description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The command line: every flag documented from the configuration dataclasses, with its default."""
+    parser = argparse.ArgumentParser(prog=f"torchrun -m {PROG}", description=__doc__.split(": ", 1)[1].strip(),
+                                     epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     docs = {name: field_docs(cls) for name, cls in SECTIONS.items()}
     for flag, (section, name) in FLAGS.items():
-        text = docs[section][name].split(": ", 1)[-1]
+        text = " ".join(docs[section][name].split(": ", 1)[-1].split())
+        text = _default_text(section, name, text)
         if flag in BOOL_FLAGS:
             parser.add_argument(f"--{flag}", action="store_true", default=argparse.SUPPRESS, help=text)
         else:
             kind = str if flag in STR_FLAGS else float if flag in FLOAT_FLAGS else int
-            parser.add_argument(f"--{flag}", type=kind, default=argparse.SUPPRESS, help=text)
-    parser.add_argument("--local_rank", type=int, default=argparse.SUPPRESS,
+            metavar = METAVARS.get(flag, "X" if kind is float else "N" if kind is int else flag.upper())
+            parser.add_argument(f"--{flag}", type=kind, default=argparse.SUPPRESS, help=text, metavar=metavar)
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of errors that are otherwise one line (or set MAE_FAST_DEBUG=1)")
+    parser.add_argument("--local_rank", type=int, default=argparse.SUPPRESS, metavar="N",
                         help="ignored: torchrun passes the rank in the environment")
     return parser
 
 
 def config_from_args(argv: list[str] | None = None) -> RunConfig:
-    """Parse flags into a validated :class:`RunConfig` (errors name the flag and the value)."""
+    """Parse flags into a validated :class:`RunConfig`.
+
+    Raises:
+        ConfigError: a value that cannot work (naming the flag and the value).
+        SystemExit: argparse's own errors (unknown flag, a value of the wrong type), exit code 2.
+    """
     args = vars(build_parser().parse_args(argv))
     args.pop("local_rank", None)
+    args.pop("debug", None)
     sections = {name: {} for name in SECTIONS}
     for flag, value in args.items():
         section, name = FLAGS[flag]
@@ -68,25 +111,84 @@ def config_from_args(argv: list[str] | None = None) -> RunConfig:
                      optim=OptimConfig(**sections["optim"]), **run)
 
 
+def resume_command(argv: list[str], checkpoint) -> str:
+    """The command that continues this run from ``checkpoint`` ("auto" or a path): the same flags, the same
+    launcher, ``--resume`` replaced."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--resume", "--local_rank"):
+            skip = True
+            continue
+        if arg.startswith(("--resume=", "--local_rank=")):
+            continue
+        kept.append(arg)
+    if "LOCAL_WORLD_SIZE" in os.environ:  # under torchrun
+        local, world = os.environ["LOCAL_WORLD_SIZE"], os.environ.get("WORLD_SIZE", "1")
+        launcher = (f"torchrun --standalone --nproc_per_node={local} -m" if local == world
+                    else "torchrun <the same torchrun flags> -m")
+    else:
+        launcher = "python -m"
+    return f"{launcher} {PROG} {shlex.join([*kept, '--resume', str(checkpoint)])}"
+
+
+def _stop_line(trainer, argv: list[str]) -> str:
+    """What Ctrl-C prints: where the run was, its last checkpoint, and how to continue."""
+    if trainer is None:
+        return f"{PROG}: interrupted before training started; nothing was saved"
+    good = trainer.good_checkpoint()
+    newest = trainer.last_saved
+    where = (f"interrupted at step {trainer.step}/{trainer.total_steps} (epoch {trainer.epoch + 1}/"
+             f"{trainer.config.epochs})")
+    if good is None:
+        return f"{PROG}: {where}; no checkpoint was written yet. Start again with: {resume_command(argv, 'auto')}"
+    target = "auto" if newest is not None and good.resolve() == newest.resolve() else good
+    return f"{PROG}: {where}; last good checkpoint {good}. Resume with: {resume_command(argv, target)}"
+
+
+def _rank_prefix() -> str:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    return f"[rank {os.environ.get('RANK', 0)}] " if world > 1 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Parse, build the trainer, train. Returns the process exit code."""
+    """Parse, build the trainer, train. Returns the process exit code (0, 1, 2, or 130 on Ctrl-C)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("MAE_FAST_DEBUG", "0") not in ("", "0")
+    from mae_fast.distributed import is_collective_timeout, teardown_distributed
+
+    trainer = config = None
     try:
         config = config_from_args(argv)
-    except ValueError as exc:
-        print(f"mae_fast.pretrain: error: {exc}", file=sys.stderr)
-        return 2
-    from mae_fast.distributed import teardown_distributed
-    from mae_fast.trainer import MAETrainer
+        from mae_fast.trainer import MAETrainer
 
-    try:
         trainer = MAETrainer(config)
         trainer.fit()
         if trainer.dist.is_main:
             logging.getLogger("mae_fast").info("done: checkpoints and reconstructions in %s", config.output_dir)
+        return 0
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            print(_stop_line(trainer, argv), file=sys.stderr, flush=True)
+        return 130
+    except Exception as exc:
+        if isinstance(exc, RuntimeError) and not isinstance(exc, MaeFastError) and is_collective_timeout(exc):
+            good = trainer.good_checkpoint() if trainer is not None else None
+            exc = CollectiveTimeoutError(
+                f"a collective waited longer than --dist_timeout {config.dist_timeout:g} s for the other ranks (one "
+                f"stalled or died); stopping. Last good checkpoint: {good or 'none'}", checkpoint=good)
+        if debug or not isinstance(exc, MaeFastError):
+            raise
+        message = " ".join(str(exc).split())  # one line, whatever the message held
+        if isinstance(exc, TrainingStopped) and exc.checkpoint is not None:
+            message += f". Resume with: {resume_command(argv, exc.checkpoint)}"
+        print(f"{_rank_prefix()}{PROG}: error: {message}", file=sys.stderr, flush=True)
+        return exc.exit_code
     finally:
         teardown_distributed()
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,13 +1,19 @@
 """MAETrainer: the pretraining loop, read top to bottom like the algorithm.
 
-build (process group, model, data, optimizer, resume) -> for each step: data, forward, backward,
-optimizer step, learning-rate schedule, log, checkpoint -> validate and checkpoint each epoch.
+build (process group, model, data, optimizer, resume) -> for each batch: learning rate, forward,
+backward, optimizer step (:meth:`MAETrainer.train_step`) -> log and checkpoint at their cadence
+-> at each epoch's end: validate, checkpoint, one summary line.
 
 The recipe is the official one: ``lr = blr * effective_batch / 256`` unless ``--lr`` is given,
 linear warmup then a half-cycle cosine to ``min_lr`` set every iteration from the fractional
 epoch, AdamW with betas (0.9, 0.95), no weight decay on biases and 1-D parameters, frozen position
 embeddings left out of the optimizer. The step makes no host synchronization except on logging
 and checkpoint steps: the loss stays on the device in between.
+
+Checkpoints and faults: the rolling ``checkpoint-last.pth`` keeps the one before it as
+``checkpoint-prev.pth`` while the loss was in its normal range (:mod:`mae_fast.monitor`); every
+checkpoint records the loss statistics at save time. When the run stops (a NaN/inf loss, Ctrl-C),
+it names the newest checkpoint written before the loss left its normal range.
 """
 
 from __future__ import annotations
@@ -17,31 +23,30 @@ import dataclasses
 import json
 import logging
 import math
-import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from mae_fast.checkpoint import LAST, CheckpointError, find_latest, load_checkpoint, save_checkpoint
+from mae_fast.checkpoint import (LAST, PREV, check_writable, find_checkpoints, find_latest, load_checkpoint,
+                                 read_summary, remove_stale_temporaries, save_checkpoint)
 from mae_fast.config import RunConfig
 from mae_fast.data import build_loader
 from mae_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, normalize
 from mae_fast.distributed import all_reduce_sum, setup_distributed
+from mae_fast.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputDirError
 from mae_fast.model import MAEViT, create_model
+from mae_fast.monitor import LossStats, LossWatch
 from mae_fast.ops import IMPLEMENTATIONS, dispatch, patchify, unpatchify
+from mae_fast.progress import Progress
 
 logger = logging.getLogger("mae_fast")
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) for model FLOP utilization; unknown devices report none.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
               "RTX 4090": 165e12, "V100": 125e12}
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stopped without saving the broken state."""
-
 
 def peak_flops(device: torch.device) -> float | None:
     """The device's dense bf16 peak, or None when unknown (CPUs included)."""
@@ -76,15 +81,15 @@ def build_optimizer(model: torch.nn.Module, config: RunConfig, lr: float, device
     """AdamW (fused on GPUs) or apex FusedAdam, with the official betas.
 
     Raises:
-        RuntimeError: ``--optimizer apex`` without NVIDIA apex installed.
+        ConfigError: ``--optimizer apex`` without NVIDIA apex installed.
     """
     groups = param_groups(model, config.optim.weight_decay)
     if config.optim.optimizer == "apex":
         try:
             from apex.optimizers import FusedAdam
         except ImportError as exc:
-            raise RuntimeError("--optimizer apex needs NVIDIA apex (apex.optimizers.FusedAdam), which is not "
-                               "installed; use --optimizer adamw") from exc
+            raise ConfigError("--optimizer: apex needs NVIDIA apex (apex.optimizers.FusedAdam), which is not "
+                              "installed, got 'apex'; use --optimizer adamw") from exc
         return FusedAdam(groups, lr=lr, betas=(0.9, 0.95), adam_w_mode=True)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
@@ -93,12 +98,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` -> bf16 on GPUs, fp32 on CPUs.
 
     Raises:
-        ValueError: fp16 asked for on a CPU.
+        ConfigError: fp16 asked for on a CPU.
     """
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError("--precision fp16 needs a GPU; use bf16 or fp32 on a CPU")
+        raise ConfigError("--precision: fp16 needs a GPU, got 'fp16'; use bf16 or fp32 on a CPU")
     return precision
 
 
@@ -108,20 +113,35 @@ class MAETrainer:
     Attributes:
         model: the unwrapped :class:`MAEViT` (its ``state_dict()`` has the official keys).
         epoch, step_in_epoch, step: where the run stands (epoch, batches done in it, optimizer steps).
+        history: ``(step, mean loss since the previous log line)`` at each log line.
+        last_saved: the newest checkpoint this run wrote or resumed from.
+
+    Raises (from the constructor and ``fit``):
+        ConfigError, DataError, CheckpointError, BackendUnavailableError: a mistake in the flags or inputs,
+            found before training starts where it can be.
+        OutputDirError: the output folder cannot be written.
+        NonFiniteLossError: the loss became NaN or inf; names the checkpoint to resume from.
     """
 
     def __init__(self, config: RunConfig):
         self.config = config
-        self.dist = setup_distributed(config.device)
+        self.dist = setup_distributed(config.device, config.dist_timeout)
         self.device = self.dist.device
         self.precision = resolve_precision(config.precision, self.device)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        # The same initial weights on every rank (FSDP shards them as they are; it broadcasts nothing).
-        torch.manual_seed(config.seed)
+        self.effective_batch = config.data.batch_size * config.accum_iter * self.dist.world_size
+        config.optim.check_schedule(self.effective_batch)
+        self.base_lr = config.optim.peak_lr(self.effective_batch)
         self.output_dir = Path(config.output_dir)
         if self.dist.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            check_writable(self.output_dir)
+            for path in remove_stale_temporaries(self.output_dir):
+                logger.info("removed %s, left by a save that was interrupted", path)
+            for warning in config.warnings():
+                logger.warning("%s", warning)
 
+        # The same initial weights on every rank (FSDP shards them as they are; it broadcasts nothing).
+        torch.manual_seed(config.seed)
         mcfg, dcfg = config.model, config.data
         self.model: MAEViT = create_model(mcfg.name, img_size=dcfg.input_size, norm_pix_loss=mcfg.norm_pix_loss,
                                           attn_backend=mcfg.attn_backend, kernel_backend=mcfg.kernel_backend,
@@ -130,8 +150,6 @@ class MAETrainer:
         self.val_loader = (build_loader(dcfg, self.dist.rank, self.dist.world_size, self.device, config.seed,
                                         train=False) if dcfg.val_path else None)
 
-        self.effective_batch = dcfg.batch_size * config.accum_iter * self.dist.world_size
-        self.base_lr = config.optim.lr if config.optim.lr is not None else config.optim.blr * self.effective_batch / 256
         torch.manual_seed(config.seed + self.dist.rank)
         self.train_model = self._wrap(self.model)  # before the optimizer: FSDP replaces the parameters
         self.optimizer = build_optimizer(self.model, config, self.base_lr, self.device)
@@ -139,10 +157,14 @@ class MAETrainer:
         # Mask noise is drawn for the global batch from one generator shared by all ranks, so a run
         # on N ranks masks each image as a run on one rank with the same global batch would.
         self.noise_generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.loss_watch = LossWatch(self.device, config.loss_spike_factor)
 
         self.epoch, self.step_in_epoch, self.step = config.start_epoch, 0, 0
-        self.last_good: Path | None = None
-        self.history: list[tuple[int, float]] = []  # (step, mean loss since the last log line), rank 0
+        self.lr = self.base_lr
+        self.last_saved: Path | None = None
+        self.last_log_line: dict | None = None  # the newest epoch line of log.txt, also kept in checkpoints
+        self.history: list[tuple[int, float]] = []
+        self._warned_excursion = -1
         self._resume()
         self.writer = None
         if self.dist.is_main:
@@ -180,6 +202,20 @@ class MAETrainer:
         ddp = getattr(self.train_model, "_orig_mod", self.train_model)
         return ddp.no_sync() if isinstance(ddp, DistributedDataParallel) else contextlib.nullcontext()
 
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch (the last accumulation group of an epoch may be short)."""
+        return math.ceil(len(self.loader) / self.config.accum_iter)
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps the whole run takes: all epochs, or ``--max_steps`` when that is sooner."""
+        total = self.config.epochs * self.steps_per_epoch
+        return min(total, self.config.max_steps) if self.config.max_steps is not None else total
+
     def describe(self) -> str:
         """One paragraph on what runs: model, kernels, attention, data, precision, recipe."""
         dtype = self.autocast_dtype or torch.float32
@@ -192,12 +228,159 @@ class MAETrainer:
                 f"precision {self.precision}, attention {self.model.attn_backend_for(self.device, dtype)}, "
                 f"{'compiled (' + self.config.compile_scope + '), ' if self.config.compile else ''}"
                 f"kernels: {kernels}; data {self.loader.backend} ({self.loader.num_samples} images, "
-                f"{len(self.loader)} steps per epoch); effective batch {self.effective_batch}, lr {self.base_lr:.3g} "
-                f"(blr {self.config.optim.blr:g}), {self.config.epochs} epochs, warmup {self.config.optim.warmup_epochs}")
+                f"{len(self.loader)} batches per epoch, {self.config.data.num_workers} workers); effective batch "
+                f"{self.effective_batch}, lr {self.base_lr:.3g} (blr {self.config.optim.blr:g}), "
+                f"{self.config.epochs} epochs ({self.total_steps} steps), warmup {self.config.optim.warmup_epochs}")
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict:
+        """Train to ``config.epochs`` (or ``--max_steps``); returns the last epoch's statistics."""
+        cfg = self.config
+        if self.dist.is_main:
+            logger.info("%s", self.describe())
+        self.progress = Progress(self.total_steps, self.step, cfg.epochs, cfg.data.batch_size * self.dist.world_size,
+                                 self.device, self.dist.is_main, self.writer,
+                                 self.model.flops_per_image(cfg.model.mask_ratio), peak_flops(self.device),
+                                 self.dist.world_size)
+        stats: dict = {}
+        try:
+            while self.epoch < cfg.epochs and not self.reached_max_steps():
+                stats = self.train_one_epoch()
+                if self.step_in_epoch < len(self.loader):  # stopped by --max_steps in the middle of an epoch
+                    self.progress.close()
+                    self.save(LAST)
+                    break
+                stats = self.end_epoch(stats)
+        finally:
+            self.progress.close()
+            if self.writer is not None:
+                self.writer.flush()
+        return stats
+
+    def train_one_epoch(self) -> dict:
+        """One epoch from ``step_in_epoch`` on; returns the statistics of its last log line."""
+        cfg, num_batches = self.config, len(self.loader)
+        self.train_model.train()
+        self.progress.start_epoch(self.epoch, self.step_in_epoch, num_batches)
+        stats: dict = {}
+        batches = self.loader.epoch(self.epoch, start=self.step_in_epoch)
+        for batch_index, (images, _) in enumerate(batches, start=self.step_in_epoch):
+            self.progress.data_ready()
+            update = (batch_index + 1) % cfg.accum_iter == 0 or batch_index + 1 == num_batches
+            if batch_index % cfg.accum_iter == 0:
+                self.set_lr(self.epoch + batch_index / num_batches)
+            loss = self.train_step(images, update)
+            self.loss_watch.observe(loss, self.step + 1)
+            self.step += int(update)
+            self.step_in_epoch = batch_index + 1
+            self.progress.batch_done(loss)
+
+            finished = self.step_in_epoch == num_batches or self.reached_max_steps()
+            if (update and self.step % cfg.log_every == 0) or finished:
+                stats = self.log_step()
+            if update and cfg.save_last_every and self.step % cfg.save_last_every == 0 and not finished:
+                self.save(LAST)
+            if self.reached_max_steps():
+                break
+        self.check_loss()
+        return stats
+
+    def train_step(self, images: torch.Tensor, update: bool) -> torch.Tensor:
+        """One batch: mask, forward, backward, and with ``update`` the optimizer step. Returns the detached loss."""
+        world, rank = self.dist.world_size, self.dist.rank
+        noise = torch.rand(world * self.config.data.batch_size, self.model.num_patches, device=self.device,
+                           generator=self.noise_generator)[rank::world]
+        with self._no_sync(update), self._autocast():
+            loss, _, _ = self.train_model(images, mask_ratio=self.config.model.mask_ratio, noise=noise)
+        self.scaler.scale(loss / self.config.accum_iter).backward()
+        if update:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.config.fsdp:
+                self.model.set_requires_gradient_sync(True)
+        return loss.detach()
+
+    def set_lr(self, epoch: float) -> None:
+        """The official schedule at a fractional epoch, set on every parameter group."""
+        optim = self.config.optim
+        self.lr = lr_at(epoch, self.base_lr, optim.min_lr, optim.warmup_epochs, self.config.epochs)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+
+    def reached_max_steps(self) -> bool:
+        return self.config.max_steps is not None and self.step >= self.config.max_steps
+
+    def log_step(self) -> dict:
+        """A log line (one synchronization): stop on a non-finite loss first, then print and record."""
+        self.check_loss()
+        stats = self.progress.log_step(self.step, self.step_in_epoch, self.lr)
+        self.history.append((self.step, stats.pop("window_loss")))
+        stats.pop("eta_s")
+        return stats
+
+    def end_epoch(self, stats: dict) -> dict:
+        """Validate, checkpoint and write the epoch's line to log.txt; move to the next epoch."""
+        cfg, epoch = self.config, self.epoch
+        if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
+            stats.update(self.evaluate())
+        self.last_log_line = {**stats, "epoch": epoch}
+        saved = []
+        if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
+            saved.append(self.save(f"checkpoint-{epoch}.pth"))
+        saved.append(self.save(LAST))
+        if self.dist.is_main:
+            self._append_log_line(self.last_log_line)
+        self.progress.end_epoch(stats, saved)
+        self.epoch, self.step_in_epoch = epoch + 1, 0
+        return stats
+
+    # ------------------------------------------------------------------ the loss's health
+
+    def check_loss(self) -> LossStats:
+        """Stop on a NaN/inf loss seen on any rank, warn once when the loss leaves its normal range (one sync).
+
+        Raises:
+            NonFiniteLossError: naming the step, and the checkpoint to resume from.
+        """
+        stats = self.loss_watch.stats()
+        if stats.first_nonfinite >= 0:
+            good = self.good_checkpoint(stats)
+            left = (f"; it had left its normal range at step {stats.excursion_start}"
+                    if 0 <= stats.excursion_start < stats.first_nonfinite else "")
+            raise NonFiniteLossError(
+                f"the loss became non-finite at step {stats.first_nonfinite} (epoch {self.epoch + 1}/"
+                f"{self.config.epochs}){left}; stopping without saving. The newest checkpoint written before the "
+                f"loss left its normal range is {good or 'none (none was written)'}", checkpoint=good)
+        if stats.excursion_start >= 0 and stats.excursion_start != self._warned_excursion and self.dist.is_main:
+            logger.warning("the loss left its normal range at step %d (above %g x its recent mean %.4g); checkpoints "
+                           "from step %d on are not named good until it returns", stats.excursion_start,
+                           self.config.loss_spike_factor, stats.recent_mean, stats.excursion_start - 1)
+        self._warned_excursion = stats.excursion_start
+        return stats
+
+    def good_checkpoint(self, stats: LossStats | None = None) -> Path | None:
+        """The newest checkpoint in the output folder whose parameters gave an in-range loss afterwards.
+
+        Args:
+            stats: the loss statistics to judge by (default: this rank's, without synchronizing).
+        """
+        stats = stats or self.loss_watch.stats(reduce=False)
+        rank_of_name = {LAST: 1, PREV: 0}  # at equal steps prefer a numbered checkpoint: it is never rotated away
+        best, best_key = None, None
+        for path in find_checkpoints(self.output_dir):
+            summary = read_summary(path)
+            if summary is None or summary["step"] > self.step or not stats.known_good(summary["step"]):
+                continue
+            key = (summary["step"], rank_of_name.get(path.name, 2))
+            if best_key is None or key > best_key:
+                best, best_key = path, key
+        return best
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _checkpoint_state(self) -> dict:
+    def _checkpoint_state(self, loss_stats: LossStats) -> dict:
         rng = {"torch": torch.get_rng_state(), "noise": self.noise_generator.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
@@ -210,7 +393,8 @@ class MAETrainer:
             model_state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
         return {"model": model_state, "optimizer": optim_state, "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.step,
-                "config": dataclasses.asdict(self.config), "rng": rng}
+                "config": dataclasses.asdict(self.config), "rng": rng, "loss_stats": loss_stats.as_dict(),
+                "log_line": self.last_log_line}
 
     def _state_is_finite(self) -> bool:
         finite = torch.ones((), device=self.device)
@@ -219,19 +403,64 @@ class MAETrainer:
             finite = finite * torch.isfinite(local).all()
         return bool(all_reduce_sum(finite) == self.dist.world_size)
 
-    def save(self, name: str) -> Path | None:
-        """Write ``output_dir/name`` (rank 0) unless the state is broken; returns the path."""
+    def save(self, name: str) -> Path:
+        """Write ``output_dir/name`` (rank 0; every rank takes part) unless the state is broken; returns the path.
+
+        Saving ``checkpoint-last.pth`` first moves the previous one to ``checkpoint-prev.pth`` when its
+        parameters are known good (see :mod:`mae_fast.monitor`); otherwise the older ``checkpoint-prev.pth`` stays.
+
+        Raises:
+            NonFiniteLossError: a NaN/inf loss was seen or a parameter is not finite; nothing is written.
+            OutputDirError: the file cannot be written (every rank raises it); earlier checkpoints are intact.
+        """
+        loss_stats = self.check_loss()
         if not self._state_is_finite():
+            good = self.good_checkpoint(loss_stats)
             raise NonFiniteLossError(f"the model has non-finite parameters at step {self.step}; not saving {name}. "
-                                     f"The last good checkpoint is {self.last_good or 'none (none was written)'}")
-        state = self._checkpoint_state()  # every rank takes part when the state is sharded
+                                     f"The newest good checkpoint is {good or 'none (none was written)'}",
+                                     checkpoint=good)
+        state = self._checkpoint_state(loss_stats)  # every rank takes part when the state is sharded
         path = self.output_dir / name
+        error = None
         if self.dist.is_main:
-            save_checkpoint(state, path)
-        if dist.is_initialized():
-            dist.barrier()
-        self.last_good = path
+            try:
+                save_checkpoint(state, path, keep_previous_as=self._previous_last_name(loss_stats) if name == LAST
+                                else None)
+            except OutputDirError as exc:
+                error = exc
+        # Every rank learns whether rank 0 could write, so none waits for a rank that stopped.
+        failed = all_reduce_sum(torch.tensor(float(error is not None), device=self.device)).item()
+        if failed:
+            raise error or OutputDirError(f"rank 0 could not write {path}; see its error")
+        self.last_saved = path
         return path
+
+    def _previous_last_name(self, loss_stats: LossStats) -> Path | None:
+        """Where the current checkpoint-last.pth goes when a new one is written: checkpoint-prev.pth if its
+        parameters are known good, else nowhere (it is replaced and the older checkpoint-prev.pth stays)."""
+        last = self.output_dir / LAST
+        summary = read_summary(last) if last.is_file() else None
+        return self.output_dir / PREV if summary is not None and loss_stats.known_good(summary["step"]) else None
+
+    def _append_log_line(self, entry: dict) -> None:
+        try:
+            with open(self.output_dir / "log.txt", "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        except OSError as exc:
+            raise OutputDirError(f"cannot write log.txt in {str(self.output_dir)!r}: {exc.strerror or exc}") from exc
+
+    def _restore_log_line(self, entry: dict | None) -> None:
+        """Append the checkpoint's newest epoch line to log.txt if a run killed after saving never wrote it."""
+        if not entry:
+            return
+        log = self.output_dir / "log.txt"
+        epochs = set()
+        if log.is_file():
+            for line in log.read_text().splitlines():
+                with contextlib.suppress(ValueError, AttributeError):
+                    epochs.add(json.loads(line).get("epoch"))
+        if entry.get("epoch") not in epochs:
+            self._append_log_line(entry)
 
     def _resume(self) -> None:
         resume = self.config.resume
@@ -252,7 +481,7 @@ class MAETrainer:
             else:
                 self.model.load_state_dict(state["model"])
                 self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, KeyError, ValueError) as exc:
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
             raise CheckpointError(f"checkpoint {str(path)!r} does not fit this run's model/optimizer "
                                   f"(--model {self.config.model.name}): {str(exc).splitlines()[0]}") from exc
         if "scaler" in state:
@@ -264,147 +493,20 @@ class MAETrainer:
             self.noise_generator.set_state(rng["noise"])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.loss_watch.load(state.get("loss_stats"))
+        self.last_log_line = state.get("log_line")
+        if self.dist.is_main:
+            self._restore_log_line(self.last_log_line)
         self.epoch, self.step_in_epoch, self.step = state["epoch"], state.get("step_in_epoch", 0), state["step"]
         if self.step_in_epoch >= len(self.loader):
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
-        self.last_good = path
+        self.last_saved = path
         if self.dist.is_main:
             logger.info("resumed from %s at epoch %d, batch %d, step %d", path, self.epoch, self.step_in_epoch,
                         self.step)
-
-    # ------------------------------------------------------------------ the loop
-
-    def _check_finite(self, first_bad: torch.Tensor) -> None:
-        """Raise if any rank saw a non-finite loss (one device sync)."""
-        bad = first_bad.clone()
-        if dist.is_initialized():
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item() >= 0:
-            raise NonFiniteLossError(f"the loss became non-finite at step {int(bad.item())} (epoch {self.epoch}); "
-                                     f"stopping without saving. The last good checkpoint is "
-                                     f"{self.last_good or 'none (none was written)'}")
-
-    def fit(self) -> dict:
-        """Train to ``config.epochs`` (or ``--max_steps``); returns the last epoch's statistics."""
-        cfg = self.config
-        if self.dist.is_main:
-            logger.info("%s", self.describe())
-        stats: dict = {}
-        while self.epoch < cfg.epochs:
-            stats = self.train_one_epoch()
-            finished_epoch = self.step_in_epoch >= len(self.loader)
-            if not finished_epoch:  # stopped by --max_steps
-                self.save(LAST)
-                break
-            epoch = self.epoch
-            if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
-                stats.update(self.evaluate())
-            if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
-                self.save(f"checkpoint-{epoch}.pth")
-            self.save(LAST)
-            if self.dist.is_main:
-                with open(self.output_dir / "log.txt", "a") as f:
-                    f.write(json.dumps({**stats, "epoch": epoch}) + "\n")
-            self.epoch, self.step_in_epoch = epoch + 1, 0
-            if cfg.max_steps is not None and self.step >= cfg.max_steps:
-                break
-        if self.writer is not None:
-            self.writer.flush()
-        return stats
-
-    def train_one_epoch(self) -> dict:
-        """One epoch from ``step_in_epoch`` on; returns ``train_loss``, ``train_lr`` and throughput."""
-        cfg, model = self.config, self.train_model
-        model.train()
-        n_batches, accum = len(self.loader), cfg.accum_iter
-        world, rank, B = self.dist.world_size, self.dist.rank, cfg.data.batch_size
-        L, mask_ratio = self.model.num_patches, cfg.model.mask_ratio
-        flops_per_image = self.model.flops_per_image(mask_ratio)
-        peak = peak_flops(self.device)
-
-        loss_sum = torch.zeros((), device=self.device)
-        first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
-        logged_sum = torch.zeros((), device=self.device)
-        seen, logged_seen, window_images, data_wait, window_wait = 0, 0, 0, 0.0, 0.0
-        lr = self.optimizer.param_groups[0]["lr"]
-        stats = {}
-        from tqdm import tqdm
-
-        # The bar on rank 0 in a terminal; None: tqdm leaves it out when stderr is a file, so logs hold plain lines.
-        bar = tqdm(total=n_batches, initial=self.step_in_epoch, desc=f"epoch {self.epoch}",
-                   disable=None if self.dist.is_main else True, dynamic_ncols=True, leave=True)
-        window_start = fetch_start = time.perf_counter()
-        for data_step, (images, _) in enumerate(self.loader.epoch(self.epoch, start=self.step_in_epoch),
-                                                start=self.step_in_epoch):
-            wait = time.perf_counter() - fetch_start
-            data_wait += wait
-            window_wait += wait
-            update = (data_step + 1) % accum == 0 or data_step + 1 == n_batches
-            if data_step % accum == 0:
-                lr = lr_at(data_step / n_batches + self.epoch, self.base_lr, cfg.optim.min_lr,
-                           cfg.optim.warmup_epochs, cfg.epochs)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-
-            noise = torch.rand(world * B, L, device=self.device, generator=self.noise_generator)[rank::world]
-            with self._no_sync(update), torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                                                       enabled=self.autocast_dtype is not None):
-                loss, _, _ = model(images, mask_ratio=mask_ratio, noise=noise)
-            self.scaler.scale(loss / accum).backward()
-            loss = loss.detach()
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss),
-                                    torch.full_like(first_bad, self.step + 1), first_bad)
-            loss_sum += loss
-            if update:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                if cfg.fsdp:
-                    self.model.set_requires_gradient_sync(True)
-                self.step += 1
-            self.step_in_epoch = data_step + 1
-            seen += 1
-            window_images += B * world
-            bar.update(1)
-
-            last = self.step_in_epoch == n_batches or (cfg.max_steps is not None and self.step >= cfg.max_steps)
-            if (update and self.step % cfg.log_every == 0) or last:
-                self._check_finite(first_bad)
-                mean_loss = all_reduce_sum(loss_sum.clone()).item() / (seen * world)
-                window_loss = all_reduce_sum(loss_sum - logged_sum).item() / ((seen - logged_seen) * world)
-                logged_sum, logged_seen = loss_sum.clone(), seen
-                self.history.append((self.step, window_loss))
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                elapsed = time.perf_counter() - window_start
-                images_per_s = window_images / max(elapsed, 1e-9)
-                stats = {"train_loss": mean_loss, "train_lr": lr, "images_per_sec": images_per_s,
-                         "data_wait_s": data_wait}
-                line = (f"step {self.step}: loss {mean_loss:.4f}, lr {lr:.3g}, {images_per_s:,.0f} images/s, "
-                        f"data wait {window_wait / max(elapsed, 1e-9):.0%}")
-                if peak:
-                    stats["mfu"] = images_per_s / world * flops_per_image / peak
-                    line += f", MFU {stats['mfu']:.1%}"
-                if self.device.type == "cuda":
-                    stats["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-                    line += f", peak memory {stats['peak_memory_gb']:.1f} GiB"
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:,.0f}")
-                if self.dist.is_main:
-                    bar.write(line)
-                    if self.writer is not None:
-                        self.writer.add_scalar("train/loss", mean_loss, self.step)
-                        self.writer.add_scalar("train/lr", lr, self.step)
-                        self.writer.add_scalar("train/images_per_sec", images_per_s, self.step)
-                window_images, window_wait, window_start = 0, 0.0, time.perf_counter()
-            if update and cfg.save_last_every and self.step % cfg.save_last_every == 0 and not last:
-                self._check_finite(first_bad)
-                self.save(LAST)
-            if cfg.max_steps is not None and self.step >= cfg.max_steps:
-                break
-            fetch_start = time.perf_counter()
-        bar.close()
-        self._check_finite(first_bad)
-        return stats
+            if self.epoch >= self.config.epochs:
+                logger.info("the run in %s already finished its %d epochs; raise --epochs to train longer", path,
+                            self.config.epochs)
 
     # ------------------------------------------------------------------ validation
 
@@ -415,30 +517,31 @@ class MAETrainer:
         stats = {}
         generator = torch.Generator(device=self.device).manual_seed(self.config.seed + 1)
         mask_ratio = self.config.model.mask_ratio
-        autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
         if self.val_loader is not None:
             total = torch.zeros(2, device=self.device)
             for images, indices in self.val_loader.epoch(0):
                 noise = torch.rand(images.shape[0], self.model.num_patches, device=self.device, generator=generator)
-                with autocast:
+                with self._autocast():
                     loss, _, _ = self.train_model(images, mask_ratio=mask_ratio, noise=noise)
                 valid = (indices >= 0).sum().to(self.device)
                 total += torch.stack([loss.float() * valid, valid.float()])
             loss_sum, count = all_reduce_sum(total).tolist()
             stats["val_loss"] = loss_sum / max(count, 1)
-            if self.dist.is_main:
-                logger.info("epoch %d: validation loss %.4f on %d images", self.epoch, stats["val_loss"], int(count))
-                if self.writer is not None:
-                    self.writer.add_scalar("val/loss", stats["val_loss"], self.epoch)
+            if self.writer is not None:
+                self.writer.add_scalar("val/loss", stats["val_loss"], self.epoch)
         # Every rank runs the preview forward (a sharded model needs them all); rank 0 writes it.
         images = self._preview_images()
         noise = torch.rand(images.shape[0], self.model.num_patches, device=self.device, generator=generator)
-        with autocast:
+        with self._autocast():
             _, pred, mask = self.model(images, mask_ratio=mask_ratio, noise=noise)
         if self.dist.is_main:
             grid = reconstruction_grid(self.model, images, pred.float(), mask)
             path = self.output_dir / f"reconstruction-epoch{self.epoch}.png"
-            save_png(grid, path)
+            try:
+                save_png(grid, path)
+            except OSError as exc:
+                raise OutputDirError(f"cannot write {path.name} in {str(self.output_dir)!r}: "
+                                     f"{exc.strerror or exc}") from exc
             if self.writer is not None:
                 self.writer.add_image("val/reconstruction", grid, self.epoch)
         self.model.train()
@@ -450,18 +553,22 @@ class MAETrainer:
         size = self.config.data.input_size
         if not files:
             return torch.randn(count, 3, size, size, device=self.device)
-        from PIL import Image
+        from mae_fast.data.files import open_rgb
 
-        batch = []
-        for path in files[:count]:
-            with Image.open(path) as img:
-                batch.append(eval_transform(img.convert("RGB"), size))
+        batch = [eval_transform(open_rgb(path), size) for path in files[:count]]
         return normalize(torch.stack(batch).to(self.device), torch.float32)
 
 
+#: The reconstruction image's columns, left to right.
+RECONSTRUCTION_COLUMNS = ("original", "masked input", "prediction", "prediction + visible")
+#: Narrower images are enlarged by a whole factor in the reconstruction image, so the labels fit over them.
+MIN_COLUMN_WIDTH = 96
+
+
 def reconstruction_grid(model: MAEViT, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[3, rows*H, 4*W] in [0, 1]: per image, the original, the masked input, the reconstruction, and the
-    reconstruction with the visible patches pasted back (as the official visualization shows them)."""
+    """[3, header + rows*H*s, 4*W*s] in [0, 1]: a header naming the columns, then per image the original, the
+    masked input, the reconstruction, and the reconstruction with the visible patches pasted back (as the official
+    visualization shows them). ``s`` enlarges images narrower than :data:`MIN_COLUMN_WIDTH` (else 1)."""
     p = model.patch_size
     grid = model.patch_embed.grid_size
     if model.norm_pix_loss:  # predictions are per-patch normalized: undo with the target's statistics
@@ -479,7 +586,40 @@ def reconstruction_grid(model: MAEViT, images: torch.Tensor, pred: torch.Tensor,
     panels = [show(images), show(images) * (1 - mask_img) + 0.5 * mask_img, show(recon),
               show(images * (1 - mask_img) + recon * mask_img)]
     rows = torch.cat(panels, dim=3)  # [N, 3, H, 4W]
-    return torch.cat(list(rows), dim=1).cpu()  # [3, N*H, 4W]
+    body = torch.cat(list(rows), dim=1).cpu()  # [3, N*H, 4W]
+    scale = -(-MIN_COLUMN_WIDTH // images.shape[-1])  # small images are enlarged (nearest) to be seen and labelled
+    if scale > 1:
+        body = body.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+    return torch.cat([column_header(images.shape[-1] * scale, RECONSTRUCTION_COLUMNS), body], dim=1)
+
+
+def column_header(column_width: int, labels) -> torch.Tensor:
+    """[3, h, len(labels) * column_width] in [0, 1]: black labels on white, centered over each column, words
+    wrapped onto more lines where a column is narrow."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_height = measure.textbbox((0, 0), "Ag", font=font)[3] + 2
+    wrapped = []
+    for label in labels:
+        lines, current = [], ""
+        for word in label.split():
+            candidate = f"{current} {word}".strip()
+            if current and measure.textlength(candidate, font=font) > column_width - 2:
+                lines.append(current)
+                current = word
+            else:
+                current = candidate
+        wrapped.append(lines + [current])
+    height = line_height * max(len(lines) for lines in wrapped) + 4
+    header = Image.new("RGB", (column_width * len(labels), height), "white")
+    draw = ImageDraw.Draw(header)
+    for column, lines in enumerate(wrapped):
+        for row, line in enumerate(lines):
+            x = column * column_width + (column_width - measure.textlength(line, font=font)) / 2
+            draw.text((max(x, column * column_width), 2 + row * line_height), line, fill="black", font=font)
+    return torch.from_numpy(np.asarray(header, dtype=np.float32) / 255).permute(2, 0, 1)
 
 
 def save_png(image: torch.Tensor, path: Path) -> None:

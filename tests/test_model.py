@@ -350,6 +350,24 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
         model.load_pretrained(bad)
 
 
+def test_a_refused_checkpoint_changes_nothing():
+    model = small_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    donor = small_model()
+    torch.nn.init.normal_(donor.cls_token)
+    state = {k: v + 1 for k, v in donor.state_dict().items()}
+    del state["blocks.1.mlp.fc2.bias"]  # one encoder key missing: refused only after the others loaded, before
+    with pytest.raises(ValueError, match=r"lacks encoder parameters: \['blocks.1.mlp.fc2.bias'\]; nothing was loaded"):
+        model.load_pretrained(state)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    bad_shape = {k: v + 1 for k, v in donor.state_dict().items()}
+    bad_shape["decoder_pred.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match="decoder_pred.weight has shape"):
+        model.load_pretrained(bad_shape)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_flops_per_image_counts_vit_b():
     with torch.device("meta"):
         model = create_model("mae_vit_base_patch16")

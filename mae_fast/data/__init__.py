@@ -16,6 +16,7 @@ import logging
 import torch
 
 from mae_fast.config import DataConfig
+from mae_fast.errors import BackendUnavailableError, ConfigError
 from mae_fast.data.builtin import builtin_image_dir
 from mae_fast.data.dali_loader import DaliLoader, dali_unavailable_reason
 from mae_fast.data.files import usable_images
@@ -31,14 +32,14 @@ def resolve_data_backend(backend: str) -> str:
     """``auto`` -> ``dali`` when DALI is importable, else ``torch``; an explicit ``dali`` must be importable.
 
     Raises:
-        RuntimeError: ``dali`` asked for but not importable.
+        BackendUnavailableError: ``dali`` asked for but not importable.
     """
     if backend == "auto":
         return "dali" if dali_unavailable_reason() is None else "torch"
     if backend == "dali":
         reason = dali_unavailable_reason()
         if reason:
-            raise RuntimeError(f"--data_backend dali cannot run: {reason}")
+            raise BackendUnavailableError(f"--data_backend dali cannot run: {reason}; or use --data_backend torch")
     return backend
 
 
@@ -60,8 +61,8 @@ def build_loader(config: DataConfig, rank: int, world_size: int, device: torch.d
         ``epoch(e)`` yielding ``(images, indices)``.
 
     Raises:
-        FileNotFoundError / ValueError: missing or empty data folder.
-        RuntimeError: the backend cannot run here.
+        DataError: missing or empty data folder, or none of its files readable by the backend.
+        BackendUnavailableError: the backend cannot run here.
     """
     backend = resolve_data_backend(config.backend)
     device = torch.device(device)
@@ -72,10 +73,11 @@ def build_loader(config: DataConfig, rank: int, world_size: int, device: torch.d
         path = config.data_path or builtin_image_dir(config.builtin_count, config.builtin_size)
     else:
         if not config.val_path:
-            raise ValueError("a validation loader needs --val_path")
+            raise ConfigError("a validation loader needs --val_path")
         path = config.val_path
     split = "train" if train else "val"
-    files = usable_images(path, split=split, verify=config.verify_images, workers=max(1, config.num_workers))
+    files = usable_images(path, split=split, verify=config.verify_images, workers=max(1, config.num_workers),
+                          backend=backend)
     cls = DaliLoader if backend == "dali" else TorchLoader
     return cls(files, config.input_size, config.batch_size, rank, world_size, device, seed, config.num_workers,
                train=train, dtype=dtype)

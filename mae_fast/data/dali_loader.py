@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from mae_fast.data.sampler import batches_per_epoch, epoch_indices
+from mae_fast.errors import BackendUnavailableError, DataError
 from mae_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RATIO, SCALE
 
 
@@ -60,7 +61,7 @@ class DaliLoader:
                  seed: int, num_workers: int, train: bool = True, dtype: torch.dtype = torch.float32):
         reason = dali_unavailable_reason()
         if reason:
-            raise RuntimeError(f"data backend 'dali' cannot run: {reason}")
+            raise BackendUnavailableError(f"data backend 'dali' cannot run: {reason}")
         self.files, self.size, self.batch_size = files, size, batch_size
         self.rank, self.world_size, self.seed, self.train = rank, world_size, seed, train
         self.device, self.dtype, self.num_threads = torch.device(device), dtype, num_workers
@@ -91,8 +92,10 @@ class DaliLoader:
                 except RuntimeError as exc:
                     # The pipeline reads ahead, so the culprit is in this batch or the prefetched one.
                     batch_files = [self.files[i] for i in indices[step * B:(step + 2) * B]]
-                    raise RuntimeError(f"DALI failed at batch {step} of epoch {epoch}: one of {batch_files} could "
-                                       f"not be read or decoded: {str(exc).strip()}") from exc
+                    first_line = next((line for line in str(exc).splitlines() if line.strip()), "")
+                    raise DataError(f"DALI failed at batch {step} of epoch {epoch}: one of {batch_files} could not be "
+                                    f"read or decoded ({first_line.strip()}); remove or replace it, or check the "
+                                    "folder with --verify_images decode") from exc
                 if step < start:
                     continue
                 images = self._to_torch(out)

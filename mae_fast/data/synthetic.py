@@ -22,8 +22,9 @@ class SyntheticLoader:
     def epoch(self, epoch: int, start: int = 0):
         """Yield ``(images, indices)`` from batch ``start`` of ``epoch`` on."""
         generator = torch.Generator(device=self.device)
-        generator.manual_seed((self.seed * 1_000_003 + self.rank * 7919 + epoch * 31 + start) % 2**62)
         for step in range(start, len(self)):
+            # Seeded per batch, so batch k of an epoch is the same whether the epoch starts at 0 or resumes at k.
+            generator.manual_seed((((self.seed * 1_000_003 + self.rank) * 7919 + epoch) * 100_003 + step) % 2**62)
             images = torch.randn(self.batch_size, 3, self.size, self.size, device=self.device, generator=generator)
             first = (step * self.world_size + self.rank) * self.batch_size
             yield images.to(self.dtype), torch.arange(first, first + self.batch_size)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from mae_fast.data.files import open_rgb
 from mae_fast.data.sampler import batches_per_epoch, epoch_indices
+from mae_fast.errors import DataError
 from mae_fast.data.transforms import eval_transform, normalize, train_transform
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Decodes ``files[index]`` to RGB (grayscale, CMYK, palette and PNG alike) and augments it.
+    """Decodes ``files[index]`` to 8-bit RGB (grayscale, CMYK, palette, 16-bit alike; see ``open_rgb``) and augments it.
 
     Items are addressed by ``(index, seed)`` so that augmentation depends on the sample's slot in
     the epoch, never on which worker decodes it.
@@ -22,15 +24,12 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
-        from PIL import Image
-
         index, seed = item
         path = self.files[index]
         try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
+            img = open_rgb(path)
         except Exception as exc:
-            raise RuntimeError(f"cannot decode {path}: {type(exc).__name__}: {exc}") from exc
+            raise DataError(f"cannot decode {path}: {type(exc).__name__}: {exc}") from exc
         return train_transform(img, self.size, seed) if self.train else eval_transform(img, self.size)
 
 
@@ -84,8 +83,17 @@ class TorchLoader:
         self.batches.set_epoch(epoch, start)
         indices, valid, _ = self.batches.indices()
         B = self.batches.batch_size
-        for step, images in enumerate(self.loader, start=start):
+        for step, images in enumerate(_one_line_errors(self.loader), start=start):
             images = normalize(images.to(self.device, non_blocking=True), self.dtype)
             idx = torch.from_numpy(indices[step * B:(step + 1) * B].copy())
             idx[~torch.from_numpy(valid[step * B:(step + 1) * B].copy())] = -1
             yield images, idx
+
+
+def _one_line_errors(batches):
+    """Re-raise a worker's DataError with its own message: DataLoader wraps it in the worker's whole traceback."""
+    try:
+        yield from batches
+    except DataError as exc:
+        last = [line for line in str(exc).splitlines() if line.strip()][-1]
+        raise DataError(last.split("DataError: ", 1)[-1]) from exc

@@ -18,6 +18,8 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
+from mae_fast.errors import BackendUnavailableError  # raised by explicit backends; re-exported
+
 BACKENDS = ("auto", "cuda", "triton", "torch")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -31,10 +33,6 @@ def register(op: str, **implementations: Callable) -> dict[str, Callable]:
         raise ValueError(f"{op}: the torch reference implementation is required")
     REGISTRY.setdefault(op, {}).update(implementations)
     return REGISTRY[op]
-
-
-class BackendUnavailableError(RuntimeError):
-    """An explicitly requested backend cannot run the op on the given inputs."""
 
 
 def check_backend(backend: str, name: str = "backend") -> str:

@@ -35,8 +35,26 @@ def write_coordinate_image(path: Path, width: int = 200, height: int = 160) -> N
     Image.fromarray(rgb, "RGB").save(path)
 
 
+def write_png16(path: Path, values: np.ndarray) -> None:
+    """A 16-bit PNG of ``values`` (uint16 [H, W] gray or [H, W, 3] RGB); Pillow cannot write 16-bit color PNGs."""
+    import struct
+    import zlib
+
+    height, width = values.shape[:2]
+    color_type = 2 if values.ndim == 3 else 0
+    rows = b"".join(b"\x00" + values[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+
+
 def write_mixed_folder(folder: Path) -> dict[str, str]:
-    """Good images in odd formats plus broken files; returns name -> 'good' or 'bad'."""
+    """Good images in odd formats plus broken files; returns name -> 'good', 'bad', or 'torch' (only the torch
+    backend decodes it)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     rgb = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), "RGB")
@@ -46,6 +64,9 @@ def write_mixed_folder(folder: Path) -> dict[str, str]:
     rgb.convert("CMYK").save(folder / "cmyk.jpg"); kinds["cmyk.jpg"] = "good"
     rgb.save(folder / "image.png"); kinds["image.png"] = "good"
     rgb.save(folder / "progressive.jpg", progressive=True, quality=90); kinds["progressive.jpg"] = "good"
+    write_png16(folder / "gray16.png", rng.integers(0, 65536, (48, 64), dtype=np.uint16)); kinds["gray16.png"] = "good"
+    write_png16(folder / "rgb16.png", rng.integers(0, 65536, (48, 64, 3), dtype=np.uint16)); kinds["rgb16.png"] = "good"
+    rgb.save(folder / "anim.gif"); kinds["anim.gif"] = "torch"
     (folder / "empty.jpg").write_bytes(b""); kinds["empty.jpg"] = "bad"
     (folder / "notes.jpg").write_text("this is not an image"); kinds["notes.jpg"] = "bad"
     data = (folder / "plain.jpg").read_bytes()

@@ -2,13 +2,17 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from mae_fast.config import DataConfig
 from mae_fast.data import build_loader, dali_unavailable_reason
+from mae_fast.data.files import open_rgb
 from mae_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from image_files import color_index, index_color, write_coordinate_image, write_mixed_folder, write_solid_images
+from mae_fast.errors import DataError
+from image_files import (color_index, index_color, write_coordinate_image, write_mixed_folder, write_png16,
+                         write_solid_images)
 
 BACKENDS = [pytest.param("torch", id="torch"),
             pytest.param("dali", id="dali", marks=pytest.mark.skipif(dali_unavailable_reason() is not None,
@@ -106,11 +110,14 @@ def test_resuming_mid_epoch_gives_the_remaining_batches(tmp_path, backend):
     assert len(rest) == len(full) - 2 and all(torch.equal(a, b) for a, b in zip(full[2:], rest))
 
 
+@pytest.mark.parametrize("verify", ["header", "decode"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_folder_with_broken_and_odd_files_loads(tmp_path, backend):
+def test_a_folder_with_broken_and_odd_files_loads(tmp_path, backend, verify):
     kinds = write_mixed_folder(tmp_path)
-    ld = loader(tmp_path, backend, batch=2, size=16)
-    assert ld.num_samples == sum(v == "good" for v in kinds.values())
+    cfg = DataConfig(data_path=str(tmp_path), backend=backend, input_size=16, batch_size=2, num_workers=0,
+                     verify_images=verify)
+    ld = build_loader(cfg, 0, 1, "cpu", 0)
+    assert ld.num_samples == sum(v in ("good", backend) for v in kinds.values())  # the GIF only on torch
     batches = list(ld.epoch(0))
     assert len(batches) == math.ceil(ld.num_samples / 2)
     assert all(torch.isfinite(images).all() and images.shape == (2, 3, 16, 16) for images, _ in batches)
@@ -131,9 +138,55 @@ def test_a_file_broken_after_the_scan_ends_the_epoch_with_the_reason(tmp_path, b
     write_solid_images(tmp_path, 4)
     ld = loader(tmp_path, backend, batch=2, num_workers=2)
     (tmp_path / "img_001.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 64 + b"\xff\xd9")  # broken after the scan
-    with pytest.raises(RuntimeError, match="img_001.jpg"):
+    with pytest.raises(DataError, match="img_001.jpg"):
         for _ in ld.epoch(0):
             pass
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_16_bit_pngs_are_scaled_to_8_bits_alike_on_every_backend(tmp_path, backend):
+    write_png16(tmp_path / "gray.png", np.full((30, 40), 30000, dtype=np.uint16))
+    write_png16(tmp_path / "rgb.png", np.tile(np.array([60000, 20000, 45000], dtype=np.uint16), (30, 40, 1)))
+    expected = {"gray.png": [117.0] * 3, "rgb.png": [233.0, 78.0, 175.0]}  # round(v * 255 / 65535)
+    ld = loader(tmp_path, backend, batch=2, size=16, train=False)
+    images, indices = next(iter(ld.epoch(0)))
+    for image, index in zip(denormalize(images), indices.tolist()):
+        name = ld.files[index].rsplit("/", 1)[-1]
+        got = image.mean(dim=(1, 2))
+        # Pillow keeps the high byte of 16-bit color, DALI rounds: one level apart at most.
+        assert (got - torch.tensor(expected[name])).abs().max() <= 1.5, (name, got)
+        assert (image.amax(dim=(1, 2)) - image.amin(dim=(1, 2))).max() < 1.5  # a flat image stays flat
+
+
+def test_open_rgb_scales_16_bit_gray_exactly_as_dali_does(tmp_path):
+    values = np.arange(0, 65536, 64, dtype=np.uint16).reshape(32, 32)
+    write_png16(tmp_path / "ramp.png", values)
+    got = np.asarray(open_rgb(str(tmp_path / "ramp.png")))
+    assert got.shape == (32, 32, 3)
+    assert np.array_equal(got[..., 0], np.round(values * (255 / 65535)).astype(np.uint8))
+    if dali_unavailable_reason() is None:
+        from nvidia.dali import fn, pipeline_def, types
+
+        @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+        def decode():
+            encoded, _ = fn.readers.file(files=[str(tmp_path / "ramp.png")])
+            return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+
+        pipe = decode()
+        pipe.build()
+        (out,) = pipe.run()
+        assert np.array_equal(out.as_array()[0], got)
+
+
+def test_synthetic_loader_resumes_mid_epoch_exactly():
+    cfg = DataConfig(backend="synthetic", input_size=8, batch_size=2, synthetic_samples=20)
+    ld = build_loader(cfg, 1, 2, "cpu", 0)
+    full = list(ld.epoch(1))
+    rest = list(ld.epoch(1, start=3))
+    assert len(rest) == len(full) - 3
+    for (a, ia), (b, ib) in zip(full[3:], rest):
+        assert torch.equal(a, b) and torch.equal(ia, ib)
+    assert not torch.equal(full[0][0], list(ld.epoch(2))[0][0])  # a new epoch, new images
 
 
 def test_synthetic_loader_and_missing_paths(tmp_path):

@@ -7,11 +7,13 @@ import signal
 import subprocess
 import sys
 import time
+from fractions import Fraction
 
 import pytest
 import torch
 
 from mae_fast.checkpoint import CheckpointError, load_checkpoint
+from mae_fast.errors import ConfigError
 from mae_fast.pretrain import config_from_args, main
 from mae_fast.trainer import MAETrainer, NonFiniteLossError, lr_at
 from helpers import tiny_args, write_images
@@ -44,7 +46,7 @@ def test_log_lines_are_plain_lines_when_the_output_is_not_a_terminal(tmp_path, c
     out, err = capfd.readouterr()
     assert "\r" not in out + err  # no progress bar redrawing itself in a log file
     steps = [line for line in out.splitlines() if line.startswith("step ")]
-    assert [line.split(":")[0] for line in steps] == ["step 1", "step 2"]
+    assert [line.split(" (")[0] for line in steps] == ["step 1/2", "step 2/2"]
     assert "images/s" in steps[-1]
 
 
@@ -94,7 +96,7 @@ def test_a_killed_run_resumes_from_the_rolling_checkpoint(tmp_path):
     assert saved_step >= 6 and saved_step % 2 == 0
     resumed = MAETrainer(config_from_args(tiny_args(data, out, "--epochs", "50", "--resume", "auto",
                                                     "--max_steps", str(saved_step + 2))))
-    assert resumed.step == saved_step and resumed.last_good == last
+    assert resumed.step == saved_step and resumed.last_saved == last
     resumed.fit()
     assert resumed.step == saved_step + 2
 
@@ -111,11 +113,13 @@ def test_a_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_
         return loss * float("nan") if calls["n"] >= 3 else loss
 
     monkeypatch.setattr(type(trainer.model), "forward_loss", poisoned)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite at step 3 .*last good checkpoint is .*checkpoint-last.pth"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite at step 3 .*before the loss left its normal range is "
+                                                 r".*checkpoint-prev.pth"):
         trainer.fit()
     state = load_checkpoint(tmp_path / "out" / "checkpoint-last.pth")
     assert state["step"] == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert load_checkpoint(tmp_path / "out" / "checkpoint-prev.pth")["step"] == 1
 
 
 def test_bad_checkpoints_give_clear_errors(tmp_path):
@@ -135,6 +139,15 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
         MAETrainer(config_from_args(tiny_args(data, out, "--resume", str(tmp_path / "missing.pth"))))
     with pytest.raises(CheckpointError, match="does not fit this run's model"):
         MAETrainer(config_from_args(tiny_args(data, out, "--resume", str(good), "--model", "mae_vit_small_patch16")))
+    pickled = tmp_path / "pickled.pth"
+    torch.save({**load_checkpoint(good), "extra": Fraction(1, 3)}, pickled)  # an object the safe loader refuses
+    with pytest.raises(CheckpointError, match="contains objects that are not plain tensors; refusing to unpickle it"):
+        load_checkpoint(pickled)
+    for field, value in (("epoch", "abc"), ("step", -1), ("step_in_epoch", 1.5), ("optimizer", [1])):
+        damaged = tmp_path / f"damaged-{field}.pth"
+        torch.save({**load_checkpoint(good), field: value, "format": "mae_fast-checkpoint-v1"}, damaged)
+        with pytest.raises(CheckpointError, match=f"is damaged: its '{field}' is"):
+            MAETrainer(config_from_args(tiny_args(data, out, "--resume", str(damaged))))
 
 
 def test_compiled_model_trains_like_the_eager_one(tmp_path):
@@ -156,7 +169,7 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path):
 def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path):
     data = write_images(tmp_path / "data", 8)
     trainer = MAETrainer(config_from_args(tiny_args(data, tmp_path / "empty", "--resume", "auto")))
-    assert trainer.step == 0 and trainer.last_good is None
+    assert trainer.step == 0 and trainer.last_saved is None
 
 
 def test_validation_writes_loss_and_reconstructions(tmp_path):
@@ -176,7 +189,7 @@ def test_apex_optimizer_without_apex_is_a_clear_error(tmp_path):
     except ImportError:
         pass
     data = write_images(tmp_path / "data", 8)
-    with pytest.raises(RuntimeError, match="--optimizer apex needs NVIDIA apex"):
+    with pytest.raises(ConfigError, match="--optimizer: apex needs NVIDIA apex"):
         MAETrainer(config_from_args(tiny_args(data, tmp_path / "out", "--optimizer", "apex")))
 
 

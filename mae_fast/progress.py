@@ -1,0 +1,164 @@
+"""What a run shows while it trains: step lines with an ETA, a progress bar, epoch summaries, TensorBoard.
+
+Loss sums stay on the device between log steps; :meth:`Progress.log_step` is the one place that
+reads them back (and all-reduces them over the ranks). Rank 0 prints; every rank takes part in
+the reductions.
+
+A step line::
+
+    step 120/640 (epoch 4/20, batch 24/32): loss 0.4123, lr 1.5e-04, 812 images/s, data wait 2%, ETA 1m05s
+
+and on GPUs also ``MFU 41.2%`` and ``peak memory 21.3 GiB``. An epoch ends with one summary line::
+
+    epoch 4/20 done: mean loss 0.4310, 805 images/s, 41s; saved output_dir/checkpoint-last.pth
+
+Epochs count from 1 in these lines; ``log.txt`` and checkpoint names keep the official 0-based
+epoch index (``checkpoint-3.pth`` is the fourth epoch).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from mae_fast.distributed import all_reduce_sum
+
+
+def format_duration(seconds: float) -> str:
+    """``3h05m``, ``4m07s`` or ``12s``."""
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+class Progress:
+    """Progress of one rank through a run.
+
+    Args:
+        total_steps: optimizer steps the whole run will take (for ``step N/total`` and the ETA).
+        start_step: the optimizer step the run starts (or resumes) at.
+        epochs: epochs of the run.
+        images_per_batch: images per batch over all ranks.
+        device: where the losses live.
+        is_main: rank 0, which prints and writes TensorBoard.
+        writer: a TensorBoard SummaryWriter or None.
+        flops_per_image: training FLOPs per image, for MFU.
+        peak_flops: the device's dense peak (FLOP/s), or None where unknown (no MFU then).
+        world_size: data-parallel ranks (the loss sums are averaged over them).
+    """
+
+    def __init__(self, total_steps: int, start_step: int, epochs: int, images_per_batch: int, device: torch.device,
+                 is_main: bool, writer=None, flops_per_image: float = 0.0, peak_flops: float | None = None,
+                 world_size: int = 1):
+        self.total_steps, self.epochs, self.images_per_batch = total_steps, epochs, images_per_batch
+        self.device, self.is_main, self.writer = device, is_main, writer
+        self.flops_per_image, self.peak_flops, self.world_size = flops_per_image, peak_flops, world_size
+        self.run_start_step, self.run_start_time = start_step, time.perf_counter()
+        self.bar = None
+
+    # ------------------------------------------------------------------ an epoch
+
+    def start_epoch(self, epoch: int, first_batch: int, num_batches: int) -> None:
+        """Reset the epoch's sums and open the progress bar (rank 0, only in a terminal)."""
+        from tqdm import tqdm
+
+        self.epoch, self.num_batches = epoch, num_batches
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.logged_sum = torch.zeros((), device=self.device)
+        self.batches = self.logged_batches = 0
+        self.epoch_images, self.epoch_start = 0, time.perf_counter()
+        self.window_images, self.window_wait, self.window_start = 0, 0.0, time.perf_counter()
+        self.data_wait = 0.0
+        self.fetch_start = self.last_batch_end = time.perf_counter()
+        # disable=None: tqdm leaves the bar out when stderr is not a terminal, so log files hold plain lines.
+        self.bar = tqdm(total=num_batches, initial=first_batch, desc=f"epoch {epoch}",
+                        disable=None if self.is_main else True, dynamic_ncols=True, leave=False)
+
+    def data_ready(self) -> None:
+        """A batch arrived: count the time spent waiting for it."""
+        wait = time.perf_counter() - self.fetch_start
+        self.data_wait += wait
+        self.window_wait += wait
+
+    def batch_done(self, loss: torch.Tensor) -> None:
+        """Add a batch's (detached) loss; no synchronization."""
+        self.loss_sum += loss
+        self.batches += 1
+        self.window_images += self.images_per_batch
+        self.epoch_images += self.images_per_batch
+        self.bar.update(1)
+        self.fetch_start = self.last_batch_end = time.perf_counter()
+
+    # ------------------------------------------------------------------ lines
+
+    def log_step(self, step: int, batch_in_epoch: int, lr: float) -> dict:
+        """Reduce the loss sums over the ranks, print the step line (rank 0) and return the statistics.
+
+        Returns:
+            ``train_loss`` (mean over the epoch so far), ``window_loss`` (since the last line), ``train_lr``,
+            ``images_per_sec``, ``data_wait_s``, ``eta_s`` and, on GPUs, ``mfu`` (where the peak is known) and
+            ``peak_memory_gb``.
+        """
+        sums = all_reduce_sum(torch.stack([self.loss_sum, self.loss_sum - self.logged_sum])).tolist()
+        mean_loss = sums[0] / (self.batches * self.world_size)
+        window_loss = sums[1] / (max(self.batches - self.logged_batches, 1) * self.world_size)
+        self.logged_sum, self.logged_batches = self.loss_sum.clone(), self.batches
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        elapsed = max(now - self.window_start, 1e-9)
+        images_per_s = self.window_images / elapsed
+        steps_done = step - self.run_start_step
+        eta = (now - self.run_start_time) / steps_done * (self.total_steps - step) if steps_done > 0 else float("nan")
+        stats = {"train_loss": mean_loss, "window_loss": window_loss, "train_lr": lr, "images_per_sec": images_per_s,
+                 "data_wait_s": self.data_wait, "eta_s": eta}
+        line = (f"step {step}/{self.total_steps} (epoch {self.epoch + 1}/{self.epochs}, batch {batch_in_epoch}/"
+                f"{self.num_batches}): "
+                f"loss {mean_loss:.4f}, lr {lr:.3g}, {images_per_s:,.0f} images/s, "
+                f"data wait {self.window_wait / elapsed:.0%}")
+        if self.peak_flops:
+            stats["mfu"] = images_per_s / self.world_size * self.flops_per_image / self.peak_flops
+            line += f", MFU {stats['mfu']:.1%}"
+        if self.device.type == "cuda":
+            stats["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            line += f", peak memory {stats['peak_memory_gb']:.1f} GiB"
+        line += f", ETA {format_duration(eta)}" if eta == eta else ""
+        if self.is_main:
+            self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:,.0f}")
+            self.bar.write(line)
+            if self.writer is not None:
+                self.writer.add_scalar("train/loss", mean_loss, step)
+                self.writer.add_scalar("train/lr", lr, step)
+                self.writer.add_scalar("train/images_per_sec", images_per_s, step)
+        self.window_images, self.window_wait, self.window_start = 0, 0.0, time.perf_counter()
+        return stats
+
+    def end_epoch(self, stats: dict, saved: list) -> str:
+        """Close the bar and print the epoch's summary line (rank 0); returns the line.
+
+        Args:
+            stats: the epoch's statistics (``train_loss``; ``val_loss`` when validated).
+            saved: the checkpoint paths written at the end of the epoch.
+        """
+        self.close()
+        seconds = self.last_batch_end - self.epoch_start  # the training, not the validation and saves after it
+        line = (f"epoch {self.epoch + 1}/{self.epochs} done: mean loss {stats['train_loss']:.4f}, "
+                f"{self.epoch_images / max(seconds, 1e-9):,.0f} images/s, {format_duration(seconds)}")
+        if "val_loss" in stats:
+            line += f", validation loss {stats['val_loss']:.4f}"
+        if saved:
+            line += "; saved " + ", ".join(str(p) for p in saved)
+        if self.is_main:
+            print(line, flush=True)
+        return line
+
+    def close(self) -> None:
+        """Close the progress bar (idempotent)."""
+        if self.bar is not None:
+            self.bar.close()

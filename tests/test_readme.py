@@ -1,0 +1,59 @@
+"""The README's code runs as written, and its commands say what they do."""
+
+import os
+import re
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+
+
+def test_the_readme_has_its_python_examples():
+    assert len(PYTHON_BLOCKS) >= 2
+    assert any("mae_fast.ops import" in block for block in PYTHON_BLOCKS)
+
+
+@pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))
+def test_each_python_block_runs_as_written_on_a_cpu(tmp_path, index):
+    script = tmp_path / f"block{index}.py"
+    script.write_text(PYTHON_BLOCKS[index])
+    # As a user runs it: a fresh process in an empty folder, no test-suite settings (Triton interpreter off).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_the_quick_start_states_its_measured_time_on_a_cpu():
+    quick_start = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert re.search(r"Measured on\s+a 2-core CPU", quick_start)
+    assert re.search(r"took \d+ min \d+ s", quick_start)
+    assert "python -m mae_fast.pretrain" in quick_start
+
+
+def test_the_cpu_only_test_command_skips_the_cuda_build_and_shows_skip_reasons(monkeypatch):
+    command = next(line.strip() for line in README.splitlines() if "MAE_FAST_SKIP_CUDA_BUILD=1 pip install" in line)
+    assert command.endswith("pytest tests -rs")
+    # The variable does what the README says: setup.py builds no extension with it.
+    monkeypatch.setenv("MAE_FAST_SKIP_CUDA_BUILD", "1")
+    monkeypatch.setattr(sys, "argv", ["setup.py", "--name"])
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: None)
+    namespace = runpy.run_path(str(ROOT / "setup.py"))
+    assert namespace["ext_modules"] == [] and namespace["cmdclass"] == {}
+
+
+def test_the_step_line_shown_in_the_readme_is_the_trainers_format():
+    from mae_fast.progress import format_duration
+
+    shown = next(line.strip() for line in README.splitlines() if line.strip().startswith("step 120/640"))
+    assert re.fullmatch(r"step \d+/\d+ \(epoch \d+/\d+, batch \d+/\d+\): loss [\d.]+, lr [\d.e-]+, [\d,]+ images/s, "
+                        r"data wait \d+%, ETA \w+", shown)
+    assert shown.endswith(format_duration(65))

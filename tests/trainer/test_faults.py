@@ -1,0 +1,226 @@
+"""Faults found by probing: a diverging run, a full or read-only disk, a killed save, a stalled rank, Ctrl-C."""
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import mae_fast.checkpoint as checkpoint_module
+from mae_fast.checkpoint import LAST, PREV, load_checkpoint
+from mae_fast.errors import NonFiniteLossError, OutputDirError
+from mae_fast.pretrain import config_from_args, main
+from mae_fast.trainer import MAETrainer
+from helpers import tiny_args, write_images
+
+HERE = Path(__file__).parent
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "mae_fast.pretrain: error:" in line]
+
+
+def max_abs_parameter(path: Path) -> float:
+    return max(v.abs().max().item() for v in load_checkpoint(path)["model"].values())
+
+
+def test_a_diverged_run_names_the_checkpoint_from_before_the_loss_left_its_range(tmp_path, capsys):
+    data = write_images(tmp_path / "data", 16)
+    out = tmp_path / "out"
+    assert main(tiny_args(data, out, "--epochs", "1", "--log_every", "100")) == 0  # a good checkpoint-0.pth
+    capsys.readouterr()
+    argv = tiny_args(data, out, "--epochs", "20", "--resume", "auto", "--lr", "1e6", "--save_last_every", "1",
+                     "--log_every", "1")
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    [line] = error_lines(err)
+    assert "Traceback" not in err
+    # checkpoint-last.pth was rewritten after the blow-up, with parameters near 1e6: it must not be named.
+    assert max_abs_parameter(out / LAST) > 1e4
+    named = Path(line.split("normal range is ")[1].split(". Resume with")[0])
+    assert named.name != LAST and max_abs_parameter(named) < 10
+    assert named.name == "checkpoint-0.pth"  # at the same step as checkpoint-prev.pth: the one never rotated away
+    assert f"--resume {named}" in line and line.count("--resume") == 1
+    # The command it prints resumes from the good state.
+    resumed = MAETrainer(config_from_args(tiny_args(data, out, "--epochs", "20", "--resume", str(named))))
+    assert resumed.step == load_checkpoint(named)["step"]
+    assert max(p.abs().max().item() for p in resumed.model.parameters()) < 10
+
+
+def test_a_finite_spike_counts_as_leaving_the_normal_range(tmp_path, monkeypatch):
+    data = write_images(tmp_path / "data", 16)
+    out = tmp_path / "out"
+    trainer = MAETrainer(config_from_args(tiny_args(data, out, "--epochs", "50", "--save_last_every", "1",
+                                                    "--log_every", "100")))
+    calls = {"n": 0}
+    real_loss = type(trainer.model).forward_loss
+
+    def spiking(self, imgs, pred, mask):
+        calls["n"] += self.training  # training steps only, not the reconstruction preview at epoch ends
+        loss = real_loss(self, imgs, pred, mask)
+        if not self.training:
+            return loss
+        if calls["n"] >= 13:
+            return loss * float("nan")
+        return loss * 100 if calls["n"] >= 9 else loss  # steps 9-12: finite but 100x the recent mean
+
+    monkeypatch.setattr(type(trainer.model), "forward_loss", spiking)
+    with pytest.raises(NonFiniteLossError, match="non-finite at step 13 .*left its normal range at step 9") as caught:
+        trainer.fit()
+    # Saved after step 7, the parameters gave the in-range loss of step 8: the newest good one.
+    good = caught.value.checkpoint
+    assert good is not None and load_checkpoint(good)["step"] == 7
+    assert load_checkpoint(out / LAST)["step"] == 12  # written during the spike, not named
+    # The rolling pair kept the last good state: checkpoint-prev.pth was not rotated away during the spike.
+    assert load_checkpoint(out / PREV)["step"] == 7
+    stats = load_checkpoint(out / LAST)["loss_stats"]
+    assert stats["excursion_start"] == 9 and stats["recent_mean"] < 10  # recorded at save time
+
+
+def test_load_writes_never_lose_an_epoch_line_when_killed_between_save_and_log(tmp_path, monkeypatch):
+    data = write_images(tmp_path / "data", 8)
+    out = tmp_path / "out"
+    real_append = MAETrainer._append_log_line
+
+    def killed_after_saving(self, entry):
+        raise KeyboardInterrupt  # the saves of epoch 0 are on disk, its log line is not
+
+    monkeypatch.setattr(MAETrainer, "_append_log_line", killed_after_saving)
+    assert main(tiny_args(data, out, "--epochs", "3")) == 130
+    assert load_checkpoint(out / LAST)["epoch"] == 0 and not (out / "log.txt").exists()
+    monkeypatch.setattr(MAETrainer, "_append_log_line", real_append)
+    assert main(tiny_args(data, out, "--epochs", "3", "--resume", "auto")) == 0
+    epochs = [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()]
+    assert epochs == [0, 1, 2]
+
+
+def test_a_full_disk_at_a_save_is_one_line_and_keeps_the_earlier_checkpoints(tmp_path, monkeypatch, capsys):
+    data = write_images(tmp_path / "data", 16)
+    out = tmp_path / "out"
+    real_save = torch.save
+    saves = {"n": 0}
+
+    def filling_disk(obj, f, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] >= 3:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", filling_disk)
+    assert main(tiny_args(data, out, "--epochs", "5", "--save_last_every", "1", "--log_every", "100")) == 1
+    [line] = error_lines(capsys.readouterr().err)
+    assert "No space left on device" in line and str(out) in line and "intact" in line
+    monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
+    assert load_checkpoint(out / LAST)["step"] == 2 and load_checkpoint(out / PREV)["step"] == 1
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_read_only_output_folder_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    data = write_images(tmp_path / "data", 8)
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(checkpoint_module.tempfile, "mkstemp", read_only)
+    started = []
+    monkeypatch.setattr(MAETrainer, "fit", lambda self: started.append(1))
+    assert main(tiny_args(data, tmp_path / "out")) == 1
+    [line] = error_lines(capsys.readouterr().err)
+    assert "--output_dir" in line and str(tmp_path / "out") in line and "Read-only file system" in line
+    assert not started
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; the patched test covers it")
+def test_a_folder_without_write_permission_is_refused(tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(OutputDirError, match="Permission denied"):
+            checkpoint_module.check_writable(folder)
+    finally:
+        folder.chmod(0o755)
+
+
+def test_temporaries_of_a_killed_save_are_removed_at_the_next_start(tmp_path):
+    data = write_images(tmp_path / "data", 8)
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / ".checkpoint-last.pth.tmp-12345"
+    stale.write_bytes(b"half a checkpoint")
+    keep = out / "notes.tmp-1"
+    keep.write_text("not ours")
+    MAETrainer(config_from_args(tiny_args(data, out)))
+    assert not stale.exists() and keep.exists()
+
+
+def test_ctrl_c_prints_one_line_with_the_resume_command_and_exits_130(tmp_path):
+    data = write_images(tmp_path / "data", 32)
+    out = tmp_path / "out"
+    args = tiny_args(data, out, "--epochs", "50", "--save_last_every", "2", "--log_every", "100")
+    proc = subprocess.Popen([sys.executable, "-m", "mae_fast.pretrain", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and not (out / LAST).is_file():
+            time.sleep(0.2)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    [line] = [line for line in err.splitlines() if "interrupted" in line]
+    assert line.startswith("mae_fast.pretrain: interrupted at step ")
+    assert "last good checkpoint" in line and str(out) in line
+    assert line.endswith("--resume auto") and line.count("--resume") == 1
+    assert "python -m mae_fast.pretrain --data_path" in line
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_stalled_rank_stops_the_job_after_the_collective_timeout(tmp_path):
+    data = write_images(tmp_path / "data", 32)
+    args = tiny_args(data, tmp_path / "out", "--epochs", "5", "--dist_timeout", "5")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+           "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(HERE / "stall_worker.py"), *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in (0, 1)]
+    try:
+        _, err = procs[0].communicate(timeout=180)  # rank 1 stops itself at its third batch
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    assert procs[0].returncode == 1, err[-3000:]
+    [line] = error_lines(err)
+    assert "--dist_timeout 5 s" in line and "Traceback" not in err
+
+
+def test_ctrl_c_during_a_save_lands_after_the_checkpoint_is_complete(tmp_path, monkeypatch):
+    real_save = torch.save
+
+    def interrupted_save(obj, f, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives while the file is half written
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", interrupted_save)
+    state = {"model": {"w": torch.ones(3)}, "optimizer": {}, "epoch": 0, "step": 5}
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint_module.save_checkpoint(state, tmp_path / LAST)
+    assert load_checkpoint(tmp_path / LAST)["step"] == 5
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
