@@ -15,10 +15,11 @@ from dataclasses import dataclass, field, fields
 
 from mae_fast.attention import ATTN_BACKENDS
 from mae_fast.errors import ConfigError
+from mae_fast.fp8 import FP8_RECIPES
 from mae_fast.ops.dispatch import BACKENDS
 
 DATA_BACKENDS = ("auto", "dali", "torch", "synthetic")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32", "fp8")
 OPTIMIZERS = ("adamw", "apex")
 COMPILE_SCOPES = ("model", "blocks")
 
@@ -193,7 +194,11 @@ class RunConfig:
     start_epoch: int = 0
     """--start_epoch: first epoch, below --epochs (a checkpoint given by --resume overrides it)."""
     accum_iter: int = 1
-    """--accum_iter: gradient accumulation steps per optimizer step."""
+    """--accum_iter: gradient accumulation steps per optimizer step (derived from --global_batch when that is
+    given)."""
+    global_batch: int | None = None
+    """--global_batch: the effective batch per optimizer step that a recipe names (4096 in the official ViT-L
+    recipe); --accum_iter is then derived as global_batch / (batch_size x world size)."""
     output_dir: str = "./output_dir"
     """--output_dir: checkpoints, log.txt and reconstruction images."""
     log_dir: str | None = None
@@ -203,7 +208,15 @@ class RunConfig:
     seed: int = 0
     """--seed: base seed; each rank adds its rank."""
     precision: str = "auto"
-    """--precision: auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16 (GPU only, with a gradient scaler) or fp32."""
+    """--precision: auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16 (GPU only, with a gradient scaler), fp32, or
+    fp8: bf16 with the blocks' linear layers in FP8 through torchao (GPUs with FP8 tensor cores; use it with
+    --compile, which its speed needs)."""
+    fp8_recipe: str = "tensorwise"
+    """--fp8_recipe: with --precision fp8, tensorwise (one scale per tensor: the fastest, float8 all-gather under
+    --fsdp) or rowwise (one scale per row: more robust to outliers, slower)."""
+    fp8_emulate: bool = False
+    """--fp8_emulate: with --precision fp8, emulate the FP8 matmuls where there are no FP8 tensor cores (CPUs, older
+    GPUs): same casts and scales, slow; for checking numerics."""
     compile: bool = False
     """--compile: torch.compile the model (see --compile_scope)."""
     compile_scope: str = "model"
@@ -258,6 +271,9 @@ class RunConfig:
                          f"--model {self.model.name}, for example {valid}")
         _positive_int("accum_iter", self.accum_iter)
         _choice("precision", self.precision, PRECISIONS)
+        _choice("fp8_recipe", self.fp8_recipe, FP8_RECIPES)
+        if self.global_batch is not None:
+            _positive_int("global_batch", self.global_batch)
         _choice("compile_scope", self.compile_scope, COMPILE_SCOPES)
         _positive_int("save_every", self.save_every)
         _non_negative_int("save_last_every", self.save_last_every)
@@ -274,6 +290,28 @@ class RunConfig:
         _choice("device", self.device, ("auto", "cuda", "cpu"))
         if self.log_dir is None:
             self.log_dir = self.output_dir
+
+    def derive_accumulation(self, world_size: int) -> None:
+        """With --global_batch, set --accum_iter to global_batch / (batch_size x world_size).
+
+        Raises:
+            ConfigError: the global batch is not a whole number of steps' batches (naming the three numbers), is
+                smaller than one step's batch, or disagrees with an explicit --accum_iter.
+        """
+        if self.global_batch is None:
+            return
+        per_step = self.data.batch_size * world_size
+        if self.global_batch < per_step:
+            raise _error("global_batch", self.global_batch, f"must be at least one step's batch, --batch_size "
+                         f"{self.data.batch_size} x {world_size} ranks = {per_step}")
+        if self.global_batch % per_step:
+            raise _error("global_batch", self.global_batch, f"must be a multiple of --batch_size {self.data.batch_size} "
+                         f"x {world_size} ranks = {per_step}")
+        accum = self.global_batch // per_step
+        if self.accum_iter not in (1, accum):
+            raise _error("accum_iter", self.accum_iter, f"disagrees with --global_batch {self.global_batch} = "
+                         f"--batch_size {self.data.batch_size} x {world_size} ranks x {accum}; give one of the two")
+        self.accum_iter = accum
 
     @property
     def is_demo(self) -> bool:

@@ -7,6 +7,7 @@ one masked forward and backward of a small MAE on a random batch to show the mod
 from __future__ import annotations
 
 import argparse
+import importlib
 import platform
 import time
 
@@ -14,12 +15,13 @@ import torch
 
 import mae_fast
 from mae_fast import create_model
+from mae_fast.fp8 import fp8_unavailable_reason
 from mae_fast.ops import IMPLEMENTATIONS, dispatch
 
 
 def _version(module: str) -> str:
     try:
-        return __import__(module).__version__
+        return importlib.import_module(module).__version__  # not __import__: it returns the top package
     except Exception:
         return "not installed"
 
@@ -41,7 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"mae_fast {mae_fast.__version__}  torch {torch.__version__}  triton {_version('triton')}  "
           f"python {platform.python_version()}")
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}  compute dtype: {dtype}")
-    print(f"flash_attn: {_version('flash_attn')}  DALI: {_version('nvidia.dali')}")
+    print(f"flash_attn: {_version('flash_attn')}  DALI: {_version('nvidia.dali')}  torchao: {_version('torchao')}")
+    fp8_reason = fp8_unavailable_reason(device)
+    print(f"--precision fp8: {'available' if fp8_reason is None else 'not here: ' + fp8_reason}")
     for op, backend in op_backends(device, dtype).items():
         print(f"  {op:<18} -> {backend}")
 

@@ -27,7 +27,8 @@ FLAGS = {
     "log_dir": ("run", "log_dir"), "resume": ("run", "resume"), "start_epoch": ("run", "start_epoch"),
     "num_workers": ("data", "num_workers"), "seed": ("run", "seed"), "data_backend": ("data", "backend"),
     "attn_backend": ("model", "attn_backend"), "kernel_backend": ("model", "kernel_backend"),
-    "precision": ("run", "precision"), "compile": ("run", "compile"),
+    "precision": ("run", "precision"), "fp8_recipe": ("run", "fp8_recipe"), "fp8_emulate": ("run", "fp8_emulate"),
+    "global_batch": ("run", "global_batch"), "compile": ("run", "compile"),
     "compile_scope": ("run", "compile_scope"), "fsdp": ("run", "fsdp"),
     "grad_checkpointing": ("model", "grad_checkpointing"), "optimizer": ("optim", "optimizer"),
     "save_every": ("run", "save_every"), "save_last_every": ("run", "save_last_every"),
@@ -37,15 +38,16 @@ FLAGS = {
     "synthetic_samples": ("data", "synthetic_samples"),
 }
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig}
-BOOL_FLAGS = {"norm_pix_loss", "compile", "fsdp", "grad_checkpointing"}
+BOOL_FLAGS = {"norm_pix_loss", "compile", "fsdp", "grad_checkpointing", "fp8_emulate"}
 FLOAT_FLAGS = {"mask_ratio", "weight_decay", "lr", "blr", "min_lr", "warmup_epochs", "loss_spike_factor",
                "dist_timeout"}
 STR_FLAGS = {"model", "data_path", "val_path", "output_dir", "log_dir", "resume", "data_backend", "attn_backend",
-             "kernel_backend", "precision", "compile_scope", "optimizer", "device", "verify_images"}
+             "kernel_backend", "precision", "fp8_recipe", "compile_scope", "optimizer", "device", "verify_images"}
 METAVARS = {"data_path": "PATH", "val_path": "PATH", "output_dir": "PATH", "log_dir": "PATH", "resume": "PATH|auto",
             "model": "NAME", "data_backend": "{auto,dali,torch,synthetic}",
             "attn_backend": "{auto,flash_attn,sdpa,math}",
-            "kernel_backend": "{auto,cuda,triton,torch}", "precision": "{auto,bf16,fp16,fp32}",
+            "kernel_backend": "{auto,cuda,triton,torch}", "precision": "{auto,bf16,fp16,fp32,fp8}",
+            "fp8_recipe": "{tensorwise,rowwise}",
             "compile_scope": "{model,blocks}", "optimizer": "{adamw,apex}", "device": "{auto,cuda,cpu}",
             "verify_images": "{header,decode}"}
 

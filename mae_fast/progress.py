@@ -51,14 +51,17 @@ class Progress:
         flops_per_image: training FLOPs per image, for MFU.
         peak_flops: the device's dense peak (FLOP/s), or None where unknown (no MFU then).
         world_size: data-parallel ranks (the loss sums are averaged over them).
+        mfu_note: said after the MFU figure (" of the bf16 peak" for FP8 runs, which count against bf16's peak
+            so runs stay comparable).
     """
 
     def __init__(self, total_steps: int, start_step: int, epochs: int, images_per_batch: int, device: torch.device,
                  is_main: bool, writer=None, flops_per_image: float = 0.0, peak_flops: float | None = None,
-                 world_size: int = 1):
+                 world_size: int = 1, mfu_note: str = ""):
         self.total_steps, self.epochs, self.images_per_batch = total_steps, epochs, images_per_batch
         self.device, self.is_main, self.writer = device, is_main, writer
         self.flops_per_image, self.peak_flops, self.world_size = flops_per_image, peak_flops, world_size
+        self.mfu_note = mfu_note
         self.run_start_step, self.run_start_time = start_step, time.perf_counter()
         self.bar = None
 
@@ -124,7 +127,7 @@ class Progress:
                 f"data wait {self.window_wait / elapsed:.0%}")
         if self.peak_flops:
             stats["mfu"] = images_per_s / self.world_size * self.flops_per_image / self.peak_flops
-            line += f", MFU {stats['mfu']:.1%}"
+            line += f", MFU {stats['mfu']:.1%}{self.mfu_note}"
         if self.device.type == "cuda":
             stats["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             line += f", peak memory {stats['peak_memory_gb']:.1f} GiB"

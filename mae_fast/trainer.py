@@ -37,6 +37,7 @@ from mae_fast.data import build_loader
 from mae_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, normalize
 from mae_fast.distributed import all_reduce_sum, setup_distributed
 from mae_fast.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputDirError
+from mae_fast.fp8 import convert_to_fp8, fp8_unavailable_reason, precompute_fsdp_scales
 from mae_fast.model import MAEViT, create_model
 from mae_fast.monitor import LossStats, LossWatch
 from mae_fast.ops import IMPLEMENTATIONS, dispatch, patchify, unpatchify
@@ -94,16 +95,22 @@ def build_optimizer(model: torch.nn.Module, config: RunConfig, lr: float, device
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> bf16 on GPUs, fp32 on CPUs.
+def resolve_precision(precision: str, device: torch.device, fp8_emulate: bool = False) -> str:
+    """``auto`` -> bf16 on GPUs, fp32 on CPUs; checks that fp16 and fp8 can run on ``device``.
 
     Raises:
-        ConfigError: fp16 asked for on a CPU.
+        ConfigError: fp16 on a CPU; fp8 without torchao, or on a device without FP8 tensor cores and
+            without ``fp8_emulate``.
     """
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("--precision: fp16 needs a GPU, got 'fp16'; use bf16 or fp32 on a CPU")
+    if precision == "fp8":
+        reason = fp8_unavailable_reason(device, fp8_emulate)
+        if reason:
+            raise ConfigError(f"--precision: fp8 cannot run here: {reason}, got 'fp8'; use bf16 (--fp8_emulate "
+                              "emulates it, slowly, to check numerics)")
     return precision
 
 
@@ -127,8 +134,10 @@ class MAETrainer:
         self.config = config
         self.dist = setup_distributed(config.device, config.dist_timeout)
         self.device = self.dist.device
-        self.precision = resolve_precision(config.precision, self.device)
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self.precision = resolve_precision(config.precision, self.device, config.fp8_emulate)
+        # fp8: bf16 autocast around the FP8 block linears (mae_fast.fp8).
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        config.derive_accumulation(self.dist.world_size)
         self.effective_batch = config.data.batch_size * config.accum_iter * self.dist.world_size
         config.optim.check_schedule(self.effective_batch)
         self.base_lr = config.optim.peak_lr(self.effective_batch)
@@ -139,6 +148,12 @@ class MAETrainer:
                 logger.info("removed %s, left by a save that was interrupted", path)
             for warning in config.warnings():
                 logger.warning("%s", warning)
+            if config.global_batch is not None:
+                logger.info("--global_batch %d = --batch_size %d x %d ranks x --accum_iter %d (derived)",
+                            config.global_batch, config.data.batch_size, self.dist.world_size, config.accum_iter)
+            if self.precision == "fp8" and not config.compile:
+                logger.warning("--precision fp8 without --compile: the FP8 casts are not fused, so the step is "
+                               "slower than bf16; add --compile")
 
         # The same initial weights on every rank (FSDP shards them as they are; it broadcasts nothing).
         torch.manual_seed(config.seed)
@@ -174,6 +189,12 @@ class MAETrainer:
     # ------------------------------------------------------------------ build
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """FP8 conversion, regional compilation, FSDP2 or DDP, whole-model compilation: in that order."""
+        self.fp8_fsdp_all_gather = (self.precision == "fp8" and self.config.fsdp and self.device.type == "cuda"
+                                    and self.config.fp8_recipe == "tensorwise")
+        if self.precision == "fp8":
+            convert_to_fp8(model, self.config.fp8_recipe, emulate=self.config.fp8_emulate,
+                           fsdp_float8_all_gather=self.fp8_fsdp_all_gather)
         if self.config.compile and self.config.compile_scope == "blocks":
             model.compile_blocks()  # in place, before DDP or FSDP wrap the model
         if self.config.fsdp:
@@ -189,7 +210,10 @@ class MAETrainer:
         elif self.dist.distributed:
             model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if self.config.compile and self.config.compile_scope == "model":
-            model = torch.compile(model)
+            # One graph for forward and loss (tested: no graph break, no recompilation across steps). Wrapped in DDP
+            # or FSDP2, the graph is split where the wrapper needs it (DDP's optimizer splits it at the gradient
+            # buckets, so the all-reduce overlaps the backward).
+            model = torch.compile(model, fullgraph=not (self.config.fsdp or self.dist.distributed))
         return model
 
     def _no_sync(self, update: bool):
@@ -225,7 +249,8 @@ class MAETrainer:
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         return (f"model {self.config.model.name} ({trainable:,} trainable parameters, {self.config.data.input_size}px, "
                 f"mask ratio {self.config.model.mask_ratio}) on {self.device} x{self.dist.world_size}, "
-                f"precision {self.precision}, attention {self.model.attn_backend_for(self.device, dtype)}, "
+                f"precision {self.precision}{' (' + self.config.fp8_recipe + ')' if self.precision == 'fp8' else ''}, "
+                f"attention {self.model.attn_backend_for(self.device, dtype)}, "
                 f"{'compiled (' + self.config.compile_scope + '), ' if self.config.compile else ''}"
                 f"kernels: {kernels}; data {self.loader.backend} ({self.loader.num_samples} images, "
                 f"{len(self.loader)} batches per epoch, {self.config.data.num_workers} workers); effective batch "
@@ -242,7 +267,7 @@ class MAETrainer:
         self.progress = Progress(self.total_steps, self.step, cfg.epochs, cfg.data.batch_size * self.dist.world_size,
                                  self.device, self.dist.is_main, self.writer,
                                  self.model.flops_per_image(cfg.model.mask_ratio), peak_flops(self.device),
-                                 self.dist.world_size)
+                                 self.dist.world_size, mfu_note=" of the bf16 peak" if self.precision == "fp8" else "")
         stats: dict = {}
         try:
             while self.epoch < cfg.epochs and not self.reached_max_steps():
@@ -300,6 +325,8 @@ class MAETrainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.config.fsdp:
                 self.model.set_requires_gradient_sync(True)
+            if self.fp8_fsdp_all_gather:
+                precompute_fsdp_scales(self.model)
         return loss.detach()
 
     def set_lr(self, epoch: float) -> None:

@@ -33,7 +33,7 @@ def step(provider, images_per_sec, mfu=None, preset="mae_vit_base_patch16", prec
             "images_per_sec": images_per_sec}
     if mfu is not None:
         info["mfu"] = mfu
-    return {"name": f"test_train_step[{provider}]", "stats": {"median": 256 / images_per_sec}, "extra_info": info}
+    return {"name": f"test_train_step[{preset}-{provider}]", "stats": {"median": 256 / images_per_sec}, "extra_info": info}
 
 
 RESULTS = {"datetime": "2026-11-28T10:00:00", "benchmarks": [
@@ -48,6 +48,9 @@ RESULTS = {"datetime": "2026-11-28T10:00:00", "benchmarks": [
     step("mae_fast", 3000.0, 0.45),
     step("mae_fast-compile-blocks", 2500.0, 0.38),
     step("huggingface", 1800.0, 0.27),
+    step("mae_fast-compile", 1000.0, 0.42, preset="mae_vit_large_patch16"),
+    step("mae_fast-fp8", 1400.0, 0.59, preset="mae_vit_large_patch16", precision="fp8"),
+    step("huggingface", 1000.0, 0.42, preset="mae_vit_large_patch16"),
 ]}
 
 
@@ -69,8 +72,12 @@ def test_targets_are_judged_where_measured(summarize):
     where = "mae_fast-compile-blocks: mae_vit_base_patch16, batch 256, bf16"
     assert verdicts[("step >= 1.5x Hugging Face", where)] == ("1.39x", False)
     assert verdicts[("step MFU >= 40%", where)] == ("38.0%", False)
+    where = "mae_fast-fp8: mae_vit_large_patch16, batch 256, fp8"
+    assert verdicts[("FP8 step >= 1.3x compiled bf16", where)] == ("1.40x", True)
+    assert verdicts[("step >= 1.5x Hugging Face", where)] == ("1.40x", False)  # against ViT-L's Hugging Face run
+    assert not any("mae_fast-compile:" in w for _, w in verdicts)  # compiled bf16 is judged on ViT-B only
     assert not any("square" in w for _, w in verdicts)
-    assert len(verdicts) == 12
+    assert len(verdicts) == 14
 
 
 def test_step_targets_need_the_stated_setting(summarize):
@@ -91,7 +98,7 @@ def test_summary_from_json_and_from_partial_lines_agree(summarize, tmp_path):
     assert text.splitlines()[0] == "# mae_fast benchmarks on NVIDIA H100 80GB HBM3 (2026-11-28)"
     assert "| gather_tokens | vit_b16 | backward | cuda | 0.250 | 2,430.0 | 81 |" in text
     assert "| mae_fast | mae_vit_base_patch16 | 256 | bf16 | 3,000 | 45.0% |" in text
-    assert "8 of 12 met." in text and "| MISSED |" in text
+    assert "9 of 14 met." in text and "| MISSED |" in text
     from_lines = summarize.summary(summarize.load(str(partial)))
     # Everything but the date (taken from the file's time) is the same.
     assert from_lines.splitlines()[1:] == text.splitlines()[1:]

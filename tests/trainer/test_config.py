@@ -43,7 +43,7 @@ def test_help_documents_every_flag(capsys):
     (["--mask_ratio", "1.0"], r"--mask_ratio: must be in \(0, 1\).*got 1.0"),
     (["--model", "vit_giant"], "--model: must be one of .*got 'vit_giant'"),
     (["--data_path", "/no/such/folder"], "--data_path: is not an existing folder, got '/no/such/folder'"),
-    (["--precision", "fp8"], "--precision: must be one of"),
+    (["--precision", "fp4"], "--precision: must be one of"),
     (["--compile_scope", "layers"], "--compile_scope: must be one of model, blocks"),
     (["--accum_iter", "0"], "--accum_iter: must be a positive integer, got 0"),
     (["--blr", "-1"], "--blr: must be a finite number >= 0, got -1.0"),

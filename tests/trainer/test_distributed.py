@@ -48,6 +48,15 @@ def test_torchrun_runs_the_pretrain_module(tmp_path):
     assert "x2" in run.stderr + run.stdout  # the start-up summary names the world size
 
 
+def test_compile_under_ddp(tmp_path):
+    # torch.compile(DDP(model), fullgraph=True) cannot trace DDP's forward: the trainer leaves the split to DDP.
+    data = write_images(tmp_path / "data", 8)
+    run = torchrun(str(HERE / "aot_eager_worker.py"), *tiny_args(data, tmp_path / "out", "--batch_size", "2",
+                                                                 "--max_steps", "3", "--compile"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "step 3/3" in run.stdout
+
+
 def test_fsdp_matches_one_rank_saves_full_official_weights_and_resumes(tmp_path):
     data = write_images(tmp_path / "data", 16)
     out = tmp_path / "fsdp"
