@@ -11,6 +11,7 @@ backend (see :mod:`mae_fast.ops`).
 from __future__ import annotations
 
 import logging
+import os
 from functools import partial
 from typing import Callable
 
@@ -310,7 +311,8 @@ class MAEViT(nn.Module):
     # ------------------------------------------------------------------ checkpoints
 
     def load_pretrained(self, checkpoint, strict_encoder: bool = True) -> dict:
-        """Load an official (or mae_fast) checkpoint: a path, a full checkpoint dict, or a ``model`` state dict.
+        """Load an official (or mae_fast) checkpoint: a path (``.pth``, or ``.safetensors`` as ``mae_fast.export``
+        writes), a full checkpoint dict, or a ``model`` state dict.
 
         Position embeddings made for another patch grid are resized bicubically (as the official
         fine-tuning code does). Encoder-only releases load with the decoder left at its
@@ -324,7 +326,12 @@ class MAEViT(nn.Module):
                 parameter whose shape does not fit this model.
         """
         if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
-            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            if str(os.fspath(checkpoint)).endswith(".safetensors"):  # as mae_fast.export writes them
+                from safetensors.torch import load_file
+
+                checkpoint = load_file(os.fspath(checkpoint))
+            else:
+                checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
         state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError("checkpoint must be a state dict of tensors or a dict with a 'model' state dict")

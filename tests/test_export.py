@@ -1,0 +1,142 @@
+"""python -m mae_fast.export: timm, Hugging Face and safetensors, loaded by the real libraries, compared at float64."""
+
+import pytest
+import torch
+
+from mae_fast import create_model
+from mae_fast.export import TIMM_MODELS, main, timm_call
+
+PRESET = "mae_vit_tiny_patch16"
+
+
+def trained_like(img_size=32, preset=PRESET, seed=0):
+    """A model whose weights are not at their initialization (random everywhere, positions kept)."""
+    torch.manual_seed(seed)
+    model = create_model(preset, img_size=img_size, kernel_backend="torch", attn_backend="math")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "pos_embed" not in name:
+                param.normal_(0, 0.05)
+    return model
+
+
+def save_official(model, path):
+    torch.save({"model": model.state_dict(), "epoch": 399}, path)  # the layout of the official releases
+    return path
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+@pytest.mark.parametrize("img_size", [(32, 32), (32, 48)])
+def test_timm_loads_the_encoder_strictly_and_gives_extract_features(tmp_path, capsys, pool, img_size):
+    timm = pytest.importorskip("timm")
+    model = trained_like(img_size)
+    out = tmp_path / "encoder.pth"
+    code, printed, err = run([save_official(model, tmp_path / "ckpt.pth"), out, "--to", "timm",
+                              "--img_size", *img_size], capsys)
+    assert code == 0, err
+    assert timm_call(PRESET, img_size, "mean") in printed
+    vit = timm.create_model(TIMM_MODELS[PRESET], num_classes=0, global_pool="avg" if pool == "mean" else "token",
+                            fc_norm=False, img_size=img_size)
+    vit.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    images = torch.randn(3, 3, *img_size, dtype=torch.float64)
+    vit, model = vit.double().eval(), model.double().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(vit(images), model.extract_features(images, pool=pool), rtol=1e-10, atol=1e-10)
+
+
+def test_timm_export_at_another_size_interpolates_positions_as_load_pretrained_does(tmp_path, capsys):
+    timm = pytest.importorskip("timm")
+    model = trained_like(32)
+    out = tmp_path / "encoder.safetensors"
+    code, _, err = run([save_official(model, tmp_path / "ckpt.pth"), out, "--to", "timm", "--img_size", "48", "64"],
+                       capsys)
+    assert code == 0, err
+    from safetensors.torch import load_file
+
+    vit = timm.create_model(TIMM_MODELS[PRESET], num_classes=0, global_pool="avg", fc_norm=False, img_size=(48, 64))
+    vit.load_state_dict(load_file(str(out)), strict=True)
+    resized = create_model(PRESET, img_size=(48, 64), kernel_backend="torch", attn_backend="math")
+    resized.load_pretrained(model.state_dict())
+    images = torch.randn(2, 3, 48, 64, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(vit.double().eval()(images), resized.double().extract_features(images),
+                                   rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_hugging_face_loads_the_folder_and_gives_the_same_outputs_for_the_same_noise(tmp_path, capsys, norm_pix):
+    transformers = pytest.importorskip("transformers")
+    model = trained_like(48)
+    model.norm_pix_loss = norm_pix
+    model.config["norm_pix_loss"] = norm_pix
+    ckpt = tmp_path / "ckpt.pth"
+    torch.save({"model": model.state_dict(), "format": "mae_fast-checkpoint-v1", "optimizer": {}, "epoch": 0,
+                "step": 1, "config": {"model": {"name": PRESET, "norm_pix_loss": norm_pix}}}, ckpt)
+    out = tmp_path / "hf"
+    code, printed, err = run([ckpt, out, "--to", "hf"], capsys)
+    assert code == 0, err and "from_pretrained" in printed
+    # SDPA: Hugging Face's eager attention takes its softmax in float32, which a float64 comparison would measure.
+    hf = transformers.ViTMAEForPreTraining.from_pretrained(out, attn_implementation="sdpa").double().eval()
+    hf.config.norm_pix_loss = norm_pix
+    model = model.double().eval()
+    images = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    noise = torch.rand(2, model.num_patches, dtype=torch.float64)
+    with torch.no_grad():
+        ours = model(images, mask_ratio=0.75, noise=noise)
+        theirs = hf(pixel_values=images, noise=noise)
+    torch.testing.assert_close(theirs.mask, ours[2].to(theirs.mask.dtype))
+    torch.testing.assert_close(theirs.logits, ours[1], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(theirs.loss, ours[0].to(theirs.loss.dtype), rtol=1e-10, atol=1e-10)
+
+
+def test_safetensors_holds_the_official_keys_and_load_pretrained_reads_it(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    model = trained_like(32)
+    out = tmp_path / "weights.safetensors"
+    code, _, err = run([save_official(model, tmp_path / "ckpt.pth"), out, "--to", "safetensors"], capsys)
+    assert code == 0, err
+    assert not out.read_bytes().startswith(b"PK")  # not a zip of pickles
+    tensors = load_file(str(out))
+    assert list(tensors) == list(model.state_dict()) or set(tensors) == set(model.state_dict())
+    fresh = create_model(PRESET, img_size=32)
+    fresh.load_pretrained(out)
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+
+def test_bad_input_is_one_line_and_nothing_is_overwritten(tmp_path, capsys):
+    model = trained_like(32)
+    ckpt = save_official(model, tmp_path / "ckpt.pth")
+    code, _, err = run([ckpt, tmp_path / "x.pth", "--to", "timm", "--model", "mae_vit_base_patch16"], capsys)
+    assert code == 2 and "192-wide, 12-block encoder with 16-px patches (mae_vit_tiny_patch16), not " \
+                          "mae_vit_base_patch16" in err
+    existing = tmp_path / "taken.pth"
+    existing.write_text("keep me")
+    code, _, err = run([ckpt, existing, "--to", "safetensors"], capsys)
+    assert code == 2 and "exists; nothing was overwritten (pass --force" in err and existing.read_text() == "keep me"
+    assert run([ckpt, existing, "--to", "safetensors", "--force"], capsys)[0] == 0
+    code, _, err = run([tmp_path / "missing.pth", tmp_path / "y.pth", "--to", "timm"], capsys)
+    assert code == 2 and "does not exist" in err
+    code, _, err = run([ckpt, tmp_path / "hf", "--to", "hf", "--img_size", "32", "48"], capsys)
+    assert code == 2 and "square" in err and not (tmp_path / "hf").exists()
+    encoder_only = tmp_path / "encoder_only.pth"
+    torch.save({"model": {k: v for k, v in model.state_dict().items() if not k.startswith(("decoder", "mask"))}},
+               encoder_only)
+    code, _, err = run([encoder_only, tmp_path / "hf", "--to", "hf"], capsys)
+    assert code == 2 and "has no decoder" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_missing_library_names_the_extra(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    code, _, err = run([save_official(trained_like(32), tmp_path / "ckpt.pth"), tmp_path / "hf", "--to", "hf"], capsys)
+    assert code == 2 and "pip install 'mae_fast[export]'" in err
