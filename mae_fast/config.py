@@ -239,6 +239,15 @@ class RunConfig:
     """--log_every: steps between log lines (the only steps that synchronize with the device)."""
     val_every: int = 1
     """--val_every: validate every N epochs when --val_path is given."""
+    knn_every: int = 0
+    """--knn_every: every N epochs (and before the first), the weighted kNN top-1 of the frozen encoder's features
+    on --val_path, which needs class sub-folders (0: off)."""
+    knn_train_path: str | None = None
+    """--knn_train_path: the labeled memory bank for the kNN monitor, ImageNet layout (default: --data_path)."""
+    knn_train_size: int = 10000
+    """--knn_train_size: at most this many memory-bank images, a fixed subset."""
+    knn_pool: str = "mean"
+    """--knn_pool: the kNN monitor's features: mean of the patch tokens, or the cls token."""
     max_steps: int | None = None
     """--max_steps: stop after this many optimizer steps in total (for smoke tests and benchmarks)."""
     device: str = "auto"
@@ -285,6 +294,14 @@ class RunConfig:
             raise _error("dist_timeout", self.dist_timeout, "must be a positive number of seconds")
         _positive_int("log_every", self.log_every)
         _positive_int("val_every", self.val_every)
+        _non_negative_int("knn_every", self.knn_every)
+        _positive_int("knn_train_size", self.knn_train_size)
+        _choice("knn_pool", self.knn_pool, ("mean", "cls"))
+        if self.knn_every and not demo and self.data.val_path is None:
+            raise _error("knn_every", self.knn_every, "needs --val_path, a labeled validation folder (class "
+                         "sub-folders)")
+        if self.knn_train_path is not None and not os.path.isdir(os.path.expanduser(self.knn_train_path)):
+            raise _error("knn_train_path", self.knn_train_path, "is not an existing folder")
         if self.max_steps is not None:
             _positive_int("max_steps", self.max_steps)
         _choice("device", self.device, ("auto", "cuda", "cpu"))
@@ -305,7 +322,8 @@ class RunConfig:
             raise _error("global_batch", self.global_batch, f"must be at least one step's batch, --batch_size "
                          f"{self.data.batch_size} x {world_size} ranks = {per_step}")
         if self.global_batch % per_step:
-            raise _error("global_batch", self.global_batch, f"must be a multiple of --batch_size {self.data.batch_size} "
+            raise _error("global_batch", self.global_batch,
+                         f"must be a multiple of --batch_size {self.data.batch_size} "
                          f"x {world_size} ranks = {per_step}")
         accum = self.global_batch // per_step
         if self.accum_iter not in (1, accum):

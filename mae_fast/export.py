@@ -153,7 +153,8 @@ def build_model(state: dict[str, torch.Tensor], preset: str, img_size=None) -> t
 
 def timm_state(model: MAEViT) -> dict[str, torch.Tensor]:
     """The encoder's weights under timm ``VisionTransformer``'s names (they are the official ones)."""
-    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if k.startswith(_ENCODER_PREFIXES)}
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()
+            if k.startswith(_ENCODER_PREFIXES)}
 
 
 def timm_call(preset: str, img_size, pool: str = "mean") -> str:

@@ -34,6 +34,8 @@ FLAGS = {
     "save_every": ("run", "save_every"), "save_last_every": ("run", "save_last_every"),
     "loss_spike_factor": ("run", "loss_spike_factor"), "dist_timeout": ("run", "dist_timeout"),
     "log_every": ("run", "log_every"), "val_every": ("run", "val_every"), "max_steps": ("run", "max_steps"),
+    "knn_every": ("run", "knn_every"), "knn_train_path": ("run", "knn_train_path"),
+    "knn_train_size": ("run", "knn_train_size"), "knn_pool": ("run", "knn_pool"),
     "device": ("run", "device"), "verify_images": ("data", "verify_images"),
     "synthetic_samples": ("data", "synthetic_samples"),
 }
@@ -42,14 +44,15 @@ BOOL_FLAGS = {"norm_pix_loss", "compile", "fsdp", "grad_checkpointing", "fp8_emu
 FLOAT_FLAGS = {"mask_ratio", "weight_decay", "lr", "blr", "min_lr", "warmup_epochs", "loss_spike_factor",
                "dist_timeout"}
 STR_FLAGS = {"model", "data_path", "val_path", "output_dir", "log_dir", "resume", "data_backend", "attn_backend",
-             "kernel_backend", "precision", "fp8_recipe", "compile_scope", "optimizer", "device", "verify_images"}
+             "kernel_backend", "precision", "fp8_recipe", "compile_scope", "optimizer", "device", "verify_images",
+             "knn_train_path", "knn_pool"}
 METAVARS = {"data_path": "PATH", "val_path": "PATH", "output_dir": "PATH", "log_dir": "PATH", "resume": "PATH|auto",
             "model": "NAME", "data_backend": "{auto,dali,torch,synthetic}",
             "attn_backend": "{auto,flash_attn,sdpa,math}",
             "kernel_backend": "{auto,cuda,triton,torch}", "precision": "{auto,bf16,fp16,fp32,fp8}",
             "fp8_recipe": "{tensorwise,rowwise}",
             "compile_scope": "{model,blocks}", "optimizer": "{adamw,apex}", "device": "{auto,cuda,cpu}",
-            "verify_images": "{header,decode}"}
+            "verify_images": "{header,decode}", "knn_train_path": "PATH", "knn_pool": "{mean,cls}"}
 
 
 def _epilog() -> str:

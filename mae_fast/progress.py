@@ -155,6 +155,8 @@ class Progress:
                 f"{self.epoch_images / max(seconds, 1e-9):,.0f} images/s, {format_duration(seconds)}")
         if "val_loss" in stats:
             line += f", validation loss {stats['val_loss']:.4f}"
+        if "knn_top1" in stats:
+            line += f", kNN top-1 {stats['knn_top1']:.1%}"
         if saved:
             line += "; saved " + ", ".join(str(p) for p in saved)
         if self.is_main:

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +34,13 @@ from torch.nn.parallel import DistributedDataParallel
 from mae_fast.checkpoint import (LAST, PREV, check_writable, find_checkpoints, find_latest, load_checkpoint,
                                  read_summary, remove_stale_temporaries, save_checkpoint)
 from mae_fast.config import RunConfig
-from mae_fast.data import build_loader
+from mae_fast.data import build_eval_loader, build_loader
+from mae_fast.data.builtin import builtin_image_dir
 from mae_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, normalize
 from mae_fast.distributed import all_reduce_sum, setup_distributed
 from mae_fast.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputDirError
 from mae_fast.fp8 import convert_to_fp8, fp8_unavailable_reason, precompute_fsdp_scales
+from mae_fast.knn import KnnMonitor
 from mae_fast.model import MAEViT, create_model
 from mae_fast.monitor import LossStats, LossWatch
 from mae_fast.ops import IMPLEMENTATIONS, dispatch, patchify, unpatchify
@@ -158,12 +161,23 @@ class MAETrainer:
         # The same initial weights on every rank (FSDP shards them as they are; it broadcasts nothing).
         torch.manual_seed(config.seed)
         mcfg, dcfg = config.model, config.data
+        if config.is_demo and dcfg.val_path is None:  # the built-in set's held-out split, with its classes
+            dcfg.val_path = str(builtin_image_dir(dcfg.builtin_count, dcfg.builtin_size) / "val")
         self.model: MAEViT = create_model(mcfg.name, img_size=dcfg.input_size, norm_pix_loss=mcfg.norm_pix_loss,
                                           attn_backend=mcfg.attn_backend, kernel_backend=mcfg.kernel_backend,
                                           grad_checkpointing=mcfg.grad_checkpointing).to(self.device)
         self.loader = build_loader(dcfg, self.dist.rank, self.dist.world_size, self.device, config.seed, train=True)
         self.val_loader = (build_loader(dcfg, self.dist.rank, self.dist.world_size, self.device, config.seed,
                                         train=False) if dcfg.val_path else None)
+        self.knn = None
+        if config.knn_every:
+            bank = config.knn_train_path or dcfg.data_path or str(Path(dcfg.val_path).parent)
+            self.knn = KnnMonitor(dcfg.val_path, bank, config.knn_train_size, pool=config.knn_pool,
+                                  verify=dcfg.verify_images,
+                                  backend="dali" if self.loader.backend == "dali" else "torch",
+                                  make_loader=lambda files: build_eval_loader(dcfg, files, self.dist.rank,
+                                                                              self.dist.world_size, self.device,
+                                                                              config.seed))
 
         torch.manual_seed(config.seed + self.dist.rank)
         self.train_model = self._wrap(self.model)  # before the optimizer: FSDP replaces the parameters
@@ -269,6 +283,8 @@ class MAETrainer:
                                  self.model.flops_per_image(cfg.model.mask_ratio), peak_flops(self.device),
                                  self.dist.world_size, mfu_note=" of the bf16 peak" if self.precision == "fp8" else "")
         stats: dict = {}
+        if self.knn is not None and self.step == 0:
+            self.run_knn(label="at initialization")
         try:
             while self.epoch < cfg.epochs and not self.reached_max_steps():
                 stats = self.train_one_epoch()
@@ -352,6 +368,8 @@ class MAETrainer:
         cfg, epoch = self.config, self.epoch
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
             stats.update(self.evaluate())
+        if self.knn is not None and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
+            stats.update(self.run_knn())
         self.last_log_line = {**stats, "epoch": epoch}
         saved = []
         if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
@@ -361,6 +379,20 @@ class MAETrainer:
             self._append_log_line(self.last_log_line)
         self.progress.end_epoch(stats, saved)
         self.epoch, self.step_in_epoch = epoch + 1, 0
+        return stats
+
+    def run_knn(self, label: str | None = None) -> dict:
+        """The kNN monitor on the frozen encoder (every rank takes part); returns ``knn_top1`` and ``knn_top5``."""
+        started = time.perf_counter()
+        stats = self.knn.evaluate(self.model, self.device, self._autocast())
+        if self.dist.is_main:
+            if self.writer is not None:
+                self.writer.add_scalar("val/knn_top1", stats["knn_top1"], self.step)
+                self.writer.add_scalar("val/knn_top5", stats["knn_top5"], self.step)
+            if label:
+                logger.info("kNN top-1 %s: %.1f%% (top-5 %.1f%%; %d bank and %d validation images, %.1f s)",
+                            label, 100 * stats["knn_top1"], 100 * stats["knn_top5"], self.knn.num_bank,
+                            self.knn.num_val, time.perf_counter() - started)
         return stats
 
     # ------------------------------------------------------------------ the loss's health

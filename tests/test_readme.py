@@ -57,3 +57,34 @@ def test_the_step_line_shown_in_the_readme_is_the_trainers_format():
     assert re.fullmatch(r"step \d+/\d+ \(epoch \d+/\d+, batch \d+/\d+\): loss [\d.]+, lr [\d.e-]+, [\d,]+ images/s, "
                         r"data wait \d+%, ETA \w+", shown)
     assert shown.endswith(format_duration(65))
+
+
+def _commands(prefix: str) -> list[str]:
+    """The README's shell commands that start with ``prefix`` (continuation lines joined)."""
+    lines, commands = README.splitlines(), []
+    for i, line in enumerate(lines):
+        if line.strip().startswith(prefix):
+            command = line.strip()
+            while command.endswith("\\"):
+                i += 1
+                command = command[:-1] + " " + lines[i].strip()
+            commands.append(command)
+    return commands
+
+
+def test_the_export_and_linear_probe_commands_run_as_written_after_the_quick_start(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MAE_FAST_CACHE")}
+    # The quick start's run, cut short: it leaves output_dir/checkpoint-last.pth as the full one does.
+    quick = subprocess.run([sys.executable, "-m", "mae_fast.pretrain", "--epochs", "1", "--max_steps", "2",
+                            "--num_workers", "0", "--data_backend", "torch"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert quick.returncode == 0, quick.stderr[-3000:]
+    commands = _commands("python -m mae_fast.export") + _commands("python -m mae_fast.linprobe")
+    assert len(commands) == 4
+    for command in commands:
+        run = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert run.returncode == 0, (command, run.stderr[-3000:])
+    assert (tmp_path / "encoder.pth").is_file() and (tmp_path / "weights.safetensors").is_file()
+    assert (tmp_path / "vit_mae_hf" / "config.json").is_file()
+    assert (tmp_path / "linprobe" / "results.json").is_file()

@@ -25,7 +25,7 @@ from mae_fast.data.torch_loader import TorchLoader
 
 logger = logging.getLogger("mae_fast")
 
-__all__ = ["build_loader", "resolve_data_backend", "builtin_image_dir", "usable_images"]
+__all__ = ["build_loader", "build_eval_loader", "resolve_data_backend", "builtin_image_dir", "usable_images"]
 
 
 def resolve_data_backend(backend: str) -> str:
@@ -81,3 +81,18 @@ def build_loader(config: DataConfig, rank: int, world_size: int, device: torch.d
     cls = DaliLoader if backend == "dali" else TorchLoader
     return cls(files, config.input_size, config.batch_size, rank, world_size, device, seed, config.num_workers,
                train=train, dtype=dtype)
+
+
+def build_eval_loader(config: DataConfig, files: list[str], rank: int, world_size: int, device: torch.device | str,
+                      seed: int, dtype: torch.dtype = torch.float32):
+    """One rank's evaluation loader (resize and center crop, fixed order) over ``files``, already checked.
+
+    Raises:
+        BackendUnavailableError: the backend cannot run here.
+    """
+    backend = resolve_data_backend(config.backend)
+    if backend == "synthetic":
+        backend = "torch"  # labeled images are real files whatever the training data
+    cls = DaliLoader if backend == "dali" else TorchLoader
+    return cls(files, config.input_size, config.batch_size, rank, world_size, torch.device(device), seed,
+               config.num_workers, train=False, dtype=dtype)

@@ -1,9 +1,12 @@
-"""The built-in image set: procedural scenes written as real JPEG files on first use.
+"""The built-in image set: procedural scenes in classes, written as real JPEG files on first use.
 
 With no ``--data_path`` the trainer still runs a real pretraining through the same decode path as
-real data. Each image is a scene of gradients, shapes and textures drawn from a seeded generator,
-so the set is the same on every machine; it is written once into a cache folder (atomically: a
-temporary folder renamed into place), then reused.
+real data. Each image is a scene of one of :data:`CLASSES` (what shapes or texture it holds) over a
+random gradient, in random colors, drawn from a seeded generator, so the set is the same on every
+machine. It is laid out as ImageNet is: ``train/<class>/*.jpg`` and a held-out ``val/<class>/*.jpg``,
+so the kNN monitor can tell whether the encoder separates the classes (color says nothing about
+the class; shape does). It is written once into a cache folder (atomically: a temporary folder
+renamed into place), then reused.
 """
 
 from __future__ import annotations
@@ -18,9 +21,13 @@ import numpy as np
 
 logger = logging.getLogger("mae_fast")
 
-VERSION = 1
+VERSION = 2
 DEFAULT_SIZE = 96
 DEFAULT_COUNT = 1024
+#: The classes: what each scene holds over its background.
+CLASSES = ("circles", "boxes", "triangles", "stripes", "checkers", "rings", "dots", "plain")
+#: Held-out images per class in ``val/``, for every ``count``: a quarter of the training images, at least one.
+VAL_FRACTION = 0.25
 
 
 def default_cache_dir() -> Path:
@@ -28,64 +35,88 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MAE_FAST_CACHE", Path.home() / ".cache" / "mae_fast")).expanduser()
 
 
-def render_scene(rng: np.random.Generator, size: int):
-    """One procedural RGB scene as a PIL image: a gradient sky, a textured ground and a few shapes."""
+def render_scene(rng: np.random.Generator, size: int, kind: str = "circles"):
+    """One procedural RGB scene of class ``kind`` as a PIL image: a gradient background and the class's content."""
     from PIL import Image, ImageDraw
 
+    if kind not in CLASSES:
+        raise ValueError(f"kind must be one of {', '.join(CLASSES)}, got {kind!r}")
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / (size - 1)
     angle = rng.uniform(0, 2 * np.pi)
     t = np.clip(0.5 + (np.cos(angle) * (xx - 0.5) + np.sin(angle) * (yy - 0.5)), 0, 1)[..., None]
     c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
     canvas = c0 * (1 - t) + c1 * t
-    # A textured band: stripes or a checkerboard at a random frequency.
-    freq = rng.uniform(3, 10)
-    if rng.random() < 0.5:
-        texture = np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle)))[..., None]
-    else:
-        texture = np.sign(np.sin(2 * np.pi * freq * xx) * np.sin(2 * np.pi * freq * yy))[..., None]
-    band = (yy > rng.uniform(0.5, 0.8))[..., None]
-    canvas = np.where(band, canvas * 0.6 + 50 * texture + rng.uniform(0, 255, 3) * 0.4, canvas)
+    ink = rng.uniform(0, 255, 3)
+    freq = rng.uniform(3, 8)
+    if kind == "stripes":
+        wave = np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle)))[..., None] > 0
+        canvas = np.where(wave, canvas * 0.3 + ink * 0.7, canvas)
+    elif kind == "checkers":
+        cells = (np.floor(xx * freq) + np.floor(yy * freq)) % 2 == 1
+        canvas = np.where(cells[..., None], canvas * 0.3 + ink * 0.7, canvas)
+    elif kind == "rings":
+        cx, cy = rng.uniform(0.3, 0.7, 2)
+        radius = np.hypot(xx - cx, yy - cy)
+        canvas = np.where((np.sin(2 * np.pi * freq * radius) > 0)[..., None], canvas * 0.3 + ink * 0.7, canvas)
     img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(2, 6))):
-        color = tuple(int(v) for v in rng.integers(0, 256, 3))
-        cx, cy = rng.uniform(0, size, 2)
-        r = rng.uniform(size * 0.06, size * 0.25)
-        kind = rng.integers(0, 3)
-        if kind == 0:
+    if kind in ("circles", "boxes", "triangles"):
+        for _ in range(int(rng.integers(2, 5))):
+            color = tuple(int(v) for v in rng.integers(0, 256, 3))
+            cx, cy = rng.uniform(0, size, 2)
+            r = rng.uniform(size * 0.1, size * 0.25)
+            if kind == "circles":
+                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+            elif kind == "boxes":
+                draw.rectangle([cx - r, cy - r * rng.uniform(0.5, 1.0), cx + r, cy + r], fill=color)
+            else:
+                start = rng.uniform(0, 2 * np.pi)
+                draw.polygon([(cx + r * np.cos(start + a), cy + r * np.sin(start + a))
+                              for a in (0, 2 * np.pi / 3, 4 * np.pi / 3)], fill=color)
+    elif kind == "dots":
+        for _ in range(int(rng.integers(15, 30))):
+            color = tuple(int(v) for v in rng.integers(0, 256, 3))
+            cx, cy = rng.uniform(0, size, 2)
+            r = size * 0.03
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
-        elif kind == 1:
-            draw.rectangle([cx - r, cy - r * rng.uniform(0.4, 1.0), cx + r, cy + r], fill=color)
-        else:
-            pts = [(cx + r * np.cos(a), cy + r * np.sin(a)) for a in rng.uniform(0, 2 * np.pi, 3)]
-            draw.polygon(pts, fill=color)
     noise = rng.normal(0, 4, (size, size, 3))
     return Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8), "RGB")
 
 
 def builtin_image_dir(count: int = DEFAULT_COUNT, size: int = DEFAULT_SIZE, cache_dir: str | os.PathLike | None = None,
                       seed: int = 0) -> Path:
-    """The folder of the built-in set, written on first use; returns its path.
+    """The folder of the built-in set (``train/<class>/`` and ``val/<class>/``), written on first use.
 
     Args:
-        count: number of images.
+        count: training images, spread evenly over the classes (``val/`` holds a quarter as many more).
         size: side of the square images in pixels.
         cache_dir: where to keep it (default :func:`default_cache_dir`).
         seed: generator seed (a different seed is a different set).
+
+    Raises:
+        ValueError: fewer images than classes, or images under 8 px.
     """
-    if count < 1 or size < 8:
-        raise ValueError(f"the built-in set needs count >= 1 and size >= 8, got count={count}, size={size}")
+    if count < len(CLASSES) or size < 8:
+        raise ValueError(f"the built-in set needs count >= {len(CLASSES)} (one image per class) and size >= 8, got "
+                         f"count={count}, size={size}")
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = root / f"builtin-v{VERSION}-n{count}-s{size}-seed{seed}"
     if (target / "DONE").exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    logger.info("writing the built-in image set (%d JPEGs, %dx%d) to %s", count, size, size, target)
+    per_class = count // len(CLASSES)
+    val_per_class = max(1, round(per_class * VAL_FRACTION))
+    logger.info("writing the built-in image set (%d classes, %d training and %d validation JPEGs, %dx%d) to %s",
+                len(CLASSES), per_class * len(CLASSES), val_per_class * len(CLASSES), size, size, target)
     tmp = Path(tempfile.mkdtemp(prefix=".builtin-", dir=root))
     try:
-        for i in range(count):
-            rng = np.random.default_rng([seed, i])
-            render_scene(rng, size).save(tmp / f"scene_{i:05d}.jpg", quality=90)
+        for label, kind in enumerate(CLASSES):
+            for split, first, number in (("train", 0, per_class), ("val", per_class, val_per_class)):
+                folder = tmp / split / kind
+                folder.mkdir(parents=True)
+                for i in range(first, first + number):
+                    rng = np.random.default_rng([seed, label, i])
+                    render_scene(rng, size, kind).save(folder / f"{kind}_{i:05d}.jpg", quality=90)
         (tmp / "DONE").write_text(f"{count}\n")
         try:
             tmp.rename(target)

@@ -1,0 +1,212 @@
+"""``python -m mae_fast.linprobe``: the linear probe on frozen encoder features.
+
+    python -m mae_fast.linprobe --checkpoint output_dir/checkpoint-last.pth --data_path /data/imagenet \\
+        --output_dir probe/
+
+The features of the training and validation images (``--data_path`` in ImageNet layout:
+``train/<class>/``, ``val/<class>/``; ``--val_path`` for a separate validation folder) are
+extracted once, without masking (``MAEViT.extract_features``, ``--pool mean|cls``, resize and
+center crop), and cached in ``--output_dir``: a later run with the same checkpoint file, images and
+settings reuses them. Then the official probe head, BatchNorm without affine parameters followed
+by a Linear layer (weights ``trunc_normal(std=0.01)``), is trained on them: ``--epochs`` (default
+90) with linear warmup (10) and a cosine schedule, ``lr = blr x batch / 256`` (``--blr`` 0.1,
+``--batch_size`` 1024). It reports top-1/top-5 on the validation set and writes ``head.pth`` and
+``results.json``.
+
+Two deliberate differences from the official ``main_linprobe.py``: the features are computed once
+on center crops, so the head sees no random-crop augmentation, and the head trains with SGD
+(momentum 0.9, no weight decay) instead of LARS (for one linear layer LARS's trust ratio only
+rescales the step, which ``--blr`` sets). Under ``torchrun`` every rank extracts its share of the
+images; rank 0 trains the head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mae_fast.config import DataConfig, default_num_workers
+from mae_fast.errors import ConfigError, DataError, MaeFastError
+
+logger = logging.getLogger("mae_fast")
+
+
+def probe_head(dim: int, num_classes: int) -> nn.Sequential:
+    """The official linear-probe head: ``BatchNorm1d(dim, affine=False, eps=1e-6)``, then ``Linear(dim, classes)``."""
+    linear = nn.Linear(dim, num_classes)
+    nn.init.trunc_normal_(linear.weight, std=0.01)
+    nn.init.zeros_(linear.bias)
+    return nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear)
+
+
+def cache_key(checkpoint: Path, files: list[str], settings: dict) -> str:
+    """A digest of what the features depend on: the checkpoint file (path, size, time), the images, the settings."""
+    stat = checkpoint.stat()
+    digest = hashlib.sha256(json.dumps([str(checkpoint.resolve()), stat.st_size, stat.st_mtime_ns, settings]).encode())
+    for path in files:
+        digest.update(path.encode())
+    return digest.hexdigest()[:16]
+
+
+def train_head(train_x, train_y, val_x, val_y, num_classes: int, epochs: int = 90, warmup_epochs: int = 10,
+               batch_size: int = 1024, blr: float = 0.1, seed: int = 0) -> tuple[nn.Sequential, dict]:
+    """Train the probe head on features; returns the head (eval mode) and ``top1``, ``top5`` on the validation set."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    head = probe_head(train_x.shape[1], num_classes)
+    lr = blr * batch_size / 256
+    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    steps_per_epoch = max(1, math.ceil(train_x.shape[0] / batch_size))
+    for epoch in range(epochs):
+        head.train()
+        order = torch.randperm(train_x.shape[0], generator=generator)
+        for step in range(steps_per_epoch):
+            t = epoch + step / steps_per_epoch
+            scale = t / warmup_epochs if t < warmup_epochs else \
+                0.5 * (1 + math.cos(math.pi * (t - warmup_epochs) / max(epochs - warmup_epochs, 1e-9)))
+            for group in optimizer.param_groups:
+                group["lr"] = lr * scale
+            batch = order[step * batch_size:(step + 1) * batch_size]
+            if batch.numel() < 2:  # BatchNorm needs two
+                continue
+            loss = nn.functional.cross_entropy(head(train_x[batch]), train_y[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    head.eval()
+    with torch.no_grad():
+        logits = head(val_x)
+    from mae_fast.knn import top_k_accuracy
+
+    return head, {"top1": top_k_accuracy(logits, val_y, 1), "top5": top_k_accuracy(logits, val_y, 5)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m mae_fast.linprobe``."""
+    parser = argparse.ArgumentParser(prog="python -m mae_fast.linprobe", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 2)[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a mae_fast or official MAE checkpoint (.pth/.safetensors)")
+    parser.add_argument("--data_path", required=True, help="ImageNet-layout folder: train/<class>/ (and val/<class>/)")
+    parser.add_argument("--val_path", default=None, help="validation folder with class sub-folders (default: "
+                                                         "--data_path's val/)")
+    parser.add_argument("--output_dir", default="./linprobe", help="features cache, head.pth, results.json "
+                                                                   "(default: %(default)s)")
+    parser.add_argument("--model", default=None, help="the preset the checkpoint must hold (default: read from it)")
+    parser.add_argument("--pool", default="mean", choices=("mean", "cls"), help="features (default: %(default)s)")
+    parser.add_argument("--input_size", type=int, default=224, help="center crop in pixels (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=90, help="head training epochs (default: %(default)s)")
+    parser.add_argument("--warmup_epochs", type=int, default=10, help="linear warmup epochs (default: %(default)s)")
+    parser.add_argument("--batch_size", type=int, default=1024, help="head training batch (default: %(default)s)")
+    parser.add_argument("--blr", type=float, default=0.1, help="base lr for a batch of 256 (default: %(default)s)")
+    parser.add_argument("--extract_batch_size", type=int, default=128, help="images per step and rank in feature "
+                                                                            "extraction (default: %(default)s)")
+    parser.add_argument("--num_workers", type=int, default=None, help="loader workers (default: the usable cores)")
+    parser.add_argument("--data_backend", default="auto", choices=("auto", "dali", "torch"),
+                        help="decoder (default: %(default)s: dali if installed)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="(default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict | None:
+    """Extract (or reuse) the features, train the head (rank 0); returns the results on rank 0, else None.
+
+    Raises:
+        ConfigError, DataError, CheckpointError: bad flags, folders without classes, validation classes the
+            training set lacks, a checkpoint that cannot be read or does not fit.
+    """
+    from mae_fast.data import build_eval_loader
+    from mae_fast.distributed import setup_distributed
+    from mae_fast.export import build_model, infer_preset, read_state
+    from mae_fast.knn import extract_features, labeled_images
+
+    for flag in ("epochs", "batch_size", "input_size", "extract_batch_size"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag}: must be a positive integer, got {getattr(args, flag)}")
+    dist_info = setup_distributed(args.device)
+    device = dist_info.device
+    if args.val_path is None and not (Path(args.data_path) / "val").is_dir():
+        raise DataError(f"--data_path {args.data_path!r} has no val/ folder; give the validation images with "
+                        "--val_path")
+    train_files, train_labels, classes = labeled_images(args.data_path, "train")
+    val_files, val_labels, val_classes = labeled_images(args.val_path or args.data_path, "val")
+    missing = sorted(set(val_classes) - set(classes))
+    if missing:
+        raise DataError(f"the validation set has classes the training set lacks: {missing[:10]}")
+    val_labels = torch.as_tensor([classes.index(val_classes[i]) for i in val_labels])
+    train_labels = torch.as_tensor(train_labels)
+
+    checkpoint = Path(args.checkpoint)
+    state, named = read_state(checkpoint)
+    preset = infer_preset(state, named, args.model)
+    model, _ = build_model(state, preset, (args.input_size, args.input_size))
+    model = model.to(device).eval()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"preset": preset, "pool": args.pool, "input_size": args.input_size}
+    cache = out / f"features-{cache_key(checkpoint, train_files + val_files, settings)}.pt"
+    if cache.is_file():
+        features = torch.load(cache, weights_only=True)
+        if dist_info.is_main:
+            logger.info("reusing the features in %s", cache)
+    else:
+        data = DataConfig(data_path=None, backend=args.data_backend, input_size=args.input_size,
+                          batch_size=args.extract_batch_size,
+                          num_workers=args.num_workers if args.num_workers is not None else default_num_workers())
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        started = time.perf_counter()
+        features = {}
+        for split, files in (("train", train_files), ("val", val_files)):
+            loader = build_eval_loader(data, files, dist_info.rank, dist_info.world_size, device, args.seed)
+            features[split] = extract_features(model, loader, len(files), device, autocast, args.pool).cpu()
+        if dist_info.is_main:
+            torch.save(features, cache)
+            logger.info("extracted %d + %d features in %.1f s into %s", len(train_files), len(val_files),
+                        time.perf_counter() - started, cache)
+    if not dist_info.is_main:
+        return None
+    head, metrics = train_head(features["train"], train_labels, features["val"], val_labels, len(classes),
+                               args.epochs, args.warmup_epochs, args.batch_size, args.blr, args.seed)
+    torch.save({"head": head.state_dict(), "classes": classes, "pool": args.pool, "preset": preset}, out / "head.pth")
+    results = {"top1": metrics["top1"], "top5": metrics["top5"], "checkpoint": str(checkpoint), "preset": preset,
+               "pool": args.pool, "input_size": args.input_size, "classes": len(classes),
+               "train_images": len(train_files), "val_images": len(val_files), "epochs": args.epochs,
+               "batch_size": args.batch_size, "blr": args.blr}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the probe; print the result line. Returns the exit code (2 with one line for a mistake)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    from mae_fast.distributed import teardown_distributed
+
+    try:
+        results = run(args)
+    except MaeFastError as exc:
+        if os.environ.get("MAE_FAST_DEBUG", "0") not in ("", "0"):
+            raise
+        print(f"mae_fast.linprobe: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return exc.exit_code
+    finally:
+        teardown_distributed()
+    if results is not None:
+        print(f"linear probe: top-1 {results['top1']:.1%}, top-5 {results['top5']:.1%} on {results['val_images']} "
+              f"images of {results['classes']} classes; head and results.json in {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

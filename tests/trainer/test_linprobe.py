@@ -1,0 +1,105 @@
+"""python -m mae_fast.linprobe: features cached and reused, the official head, results, and its errors."""
+
+import json
+
+import pytest
+import torch
+
+import mae_fast.knn
+from mae_fast import create_model
+from mae_fast.linprobe import main, probe_head
+from helpers import colored_classes
+
+
+def checkpoint(tmp_path, seed=0):
+    torch.manual_seed(seed)
+    path = tmp_path / f"ckpt{seed}.pth"
+    torch.save({"model": create_model("mae_vit_tiny_patch16", img_size=32).state_dict()}, path)
+    return path
+
+
+def args(data, ckpt, out, *extra):
+    return ["--checkpoint", str(ckpt), "--data_path", str(data), "--output_dir", str(out), "--input_size", "32",
+            "--epochs", "30", "--warmup_epochs", "3", "--batch_size", "8", "--device", "cpu", "--data_backend",
+            "torch", "--num_workers", "0", *[str(e) for e in extra]]
+
+
+def test_the_probe_learns_separable_classes_and_writes_its_results(tmp_path, capsys):
+    data = colored_classes(tmp_path / "data")
+    out = tmp_path / "probe"
+    assert main(args(data, checkpoint(tmp_path), out)) == 0
+    assert "linear probe: top-1" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["top1"] >= 0.99 and results["top5"] == 1.0 and results["classes"] == 3
+    assert results["train_images"] == 18 and results["val_images"] == 9
+    saved = torch.load(out / "head.pth", weights_only=True)
+    head = probe_head(192, 3)
+    head.load_state_dict(saved["head"])
+    assert isinstance(head[0], torch.nn.BatchNorm1d) and not head[0].affine and head[0].eps == 1e-6
+    assert saved["classes"] == ["blue", "green", "red"]
+
+
+def test_features_are_cached_and_reused_until_the_checkpoint_changes(tmp_path, monkeypatch):
+    data = colored_classes(tmp_path / "data", per_class=2)
+    out = tmp_path / "probe"
+    calls = []
+    real = mae_fast.knn.extract_features
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(mae_fast.knn, "extract_features", counting)
+    ckpt = checkpoint(tmp_path)
+    assert main(args(data, ckpt, out)) == 0 and len(calls) == 2  # train and val
+    assert main(args(data, ckpt, out, "--epochs", "5")) == 0 and len(calls) == 2  # reused
+    assert main(args(data, ckpt, out, "--pool", "cls")) == 0 and len(calls) == 4  # other features
+    torch.save({"model": create_model("mae_vit_tiny_patch16", img_size=32).state_dict()}, ckpt)  # rewritten
+    assert main(args(data, ckpt, out)) == 0 and len(calls) == 6
+
+
+@pytest.mark.parametrize("case", ["flat", "missing_class", "no_val"])
+def test_bad_folders_are_one_line(tmp_path, capsys, case):
+    data = colored_classes(tmp_path / "data", per_class=2)
+    extra = []
+    if case == "flat":
+        from PIL import Image
+
+        flat = tmp_path / "flat"
+        flat.mkdir()
+        Image.new("RGB", (40, 40)).save(flat / "a.jpg")
+        extra = ["--val_path", flat]
+        expected = "needs classes"
+    elif case == "missing_class":
+        colored_classes(tmp_path / "other", per_class=2, classes=("gray",))
+        extra = ["--val_path", tmp_path / "other" / "val"]
+        expected = "the validation set has classes the training set lacks: ['gray']"
+    else:
+        import shutil
+
+        shutil.rmtree(data / "val")
+        expected = "has no val/ folder"
+    assert main(args(data, checkpoint(tmp_path), tmp_path / "probe", *extra)) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+
+
+def test_torchrun_extracts_on_every_rank_and_gives_the_same_probe(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    data = colored_classes(tmp_path / "data", per_class=3)  # 9 + 4 images: the ranks' last batches are padded
+    ckpt = checkpoint(tmp_path)
+    assert main(args(data, ckpt, tmp_path / "one", "--extract_batch_size", "2")) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                          "mae_fast.linprobe", *args(data, ckpt, tmp_path / "two", "--extract_batch_size", "2")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = torch.load(next((tmp_path / "one").glob("features-*.pt")), weights_only=True)
+    two = torch.load(next((tmp_path / "two").glob("features-*.pt")), weights_only=True)
+    for split in ("train", "val"):
+        torch.testing.assert_close(two[split], one[split], rtol=1e-5, atol=1e-6)
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["top1"] == \
+        json.loads((tmp_path / "one" / "results.json").read_text())["top1"]
