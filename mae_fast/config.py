@@ -239,9 +239,9 @@ class RunConfig:
     """--log_every: steps between log lines (the only steps that synchronize with the device)."""
     val_every: int = 1
     """--val_every: validate every N epochs when --val_path is given."""
-    knn_every: int = 0
+    knn_every: int | None = None
     """--knn_every: every N epochs (and before the first), the weighted kNN top-1 of the frozen encoder's features
-    on --val_path, which needs class sub-folders (0: off)."""
+    on --val_path, which needs class sub-folders (0: off; default 0, 5 for the built-in demo)."""
     knn_train_path: str | None = None
     """--knn_train_path: the labeled memory bank for the kNN monitor, ImageNet layout (default: --data_path)."""
     knn_train_size: int = 10000
@@ -294,6 +294,8 @@ class RunConfig:
             raise _error("dist_timeout", self.dist_timeout, "must be a positive number of seconds")
         _positive_int("log_every", self.log_every)
         _positive_int("val_every", self.val_every)
+        if self.knn_every is None:
+            self.knn_every = 5 if demo else 0
         _non_negative_int("knn_every", self.knn_every)
         _positive_int("knn_train_size", self.knn_train_size)
         _choice("knn_pool", self.knn_pool, ("mean", "cls"))

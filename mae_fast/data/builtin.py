@@ -1,12 +1,13 @@
 """The built-in image set: procedural scenes in classes, written as real JPEG files on first use.
 
 With no ``--data_path`` the trainer still runs a real pretraining through the same decode path as
-real data. Each image is a scene of one of :data:`CLASSES` (what shapes or texture it holds) over a
-random gradient, in random colors, drawn from a seeded generator, so the set is the same on every
-machine. It is laid out as ImageNet is: ``train/<class>/*.jpg`` and a held-out ``val/<class>/*.jpg``,
-so the kNN monitor can tell whether the encoder separates the classes (color says nothing about
-the class; shape does). It is written once into a cache folder (atomically: a temporary folder
-renamed into place), then reused.
+real data. Each image is a scene of one of :data:`CLASSES` (the direction in which its background
+brightens, in a random hue, under a few random shapes), drawn from a seeded generator, so the set
+is the same on every machine. It is laid out as ImageNet is: ``train/<class>/*.jpg`` and a held-out
+``val/<class>/*.jpg``, so the kNN monitor can tell whether the encoder separates the classes: the
+hue and the shapes say nothing about the class, the layout of the brightness does, and
+reconstructing masked patches needs it. It is written once into a cache folder (atomically: a
+temporary folder renamed into place), then reused.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ import numpy as np
 
 logger = logging.getLogger("mae_fast")
 
-VERSION = 2
+VERSION = 3
 DEFAULT_SIZE = 96
 DEFAULT_COUNT = 1024
-#: The classes: what each scene holds over its background.
-CLASSES = ("circles", "boxes", "triangles", "stripes", "checkers", "rings", "dots", "plain")
+#: The classes: the direction in which the scene's background brightens, in steps of 45 degrees.
+CLASSES = ("east", "southeast", "south", "southwest", "west", "northwest", "north", "northeast")
 #: Held-out images per class in ``val/``, for every ``count``: a quarter of the training images, at least one.
 VAL_FRACTION = 0.25
 
@@ -35,50 +36,28 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MAE_FAST_CACHE", Path.home() / ".cache" / "mae_fast")).expanduser()
 
 
-def render_scene(rng: np.random.Generator, size: int, kind: str = "circles"):
-    """One procedural RGB scene of class ``kind`` as a PIL image: a gradient background and the class's content."""
+def render_scene(rng: np.random.Generator, size: int, kind: str = "east"):
+    """One procedural RGB scene of class ``kind`` as a PIL image: a background that brightens towards the class's
+    direction (random hue, +-15 degrees), under a few random shapes and a little noise."""
     from PIL import Image, ImageDraw
 
     if kind not in CLASSES:
         raise ValueError(f"kind must be one of {', '.join(CLASSES)}, got {kind!r}")
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / (size - 1)
-    angle = rng.uniform(0, 2 * np.pi)
+    angle = np.deg2rad(45.0 * CLASSES.index(kind) + rng.uniform(-15, 15))
     t = np.clip(0.5 + (np.cos(angle) * (xx - 0.5) + np.sin(angle) * (yy - 0.5)), 0, 1)[..., None]
-    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-    canvas = c0 * (1 - t) + c1 * t
-    ink = rng.uniform(0, 255, 3)
-    freq = rng.uniform(3, 8)
-    if kind == "stripes":
-        wave = np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle)))[..., None] > 0
-        canvas = np.where(wave, canvas * 0.3 + ink * 0.7, canvas)
-    elif kind == "checkers":
-        cells = (np.floor(xx * freq) + np.floor(yy * freq)) % 2 == 1
-        canvas = np.where(cells[..., None], canvas * 0.3 + ink * 0.7, canvas)
-    elif kind == "rings":
-        cx, cy = rng.uniform(0.3, 0.7, 2)
-        radius = np.hypot(xx - cx, yy - cy)
-        canvas = np.where((np.sin(2 * np.pi * freq * radius) > 0)[..., None], canvas * 0.3 + ink * 0.7, canvas)
+    hue = rng.uniform(0.3, 1.0, 3)
+    canvas = (rng.uniform(0, 40) + rng.uniform(170, 230) * t) * hue
     img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
-    if kind in ("circles", "boxes", "triangles"):
-        for _ in range(int(rng.integers(2, 5))):
-            color = tuple(int(v) for v in rng.integers(0, 256, 3))
-            cx, cy = rng.uniform(0, size, 2)
-            r = rng.uniform(size * 0.1, size * 0.25)
-            if kind == "circles":
-                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
-            elif kind == "boxes":
-                draw.rectangle([cx - r, cy - r * rng.uniform(0.5, 1.0), cx + r, cy + r], fill=color)
-            else:
-                start = rng.uniform(0, 2 * np.pi)
-                draw.polygon([(cx + r * np.cos(start + a), cy + r * np.sin(start + a))
-                              for a in (0, 2 * np.pi / 3, 4 * np.pi / 3)], fill=color)
-    elif kind == "dots":
-        for _ in range(int(rng.integers(15, 30))):
-            color = tuple(int(v) for v in rng.integers(0, 256, 3))
-            cx, cy = rng.uniform(0, size, 2)
-            r = size * 0.03
+    for _ in range(int(rng.integers(1, 4))):
+        color = tuple(int(v) for v in rng.integers(0, 256, 3))
+        cx, cy = rng.uniform(0, size, 2)
+        r = rng.uniform(size * 0.05, size * 0.15)
+        if rng.random() < 0.5:
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+        else:
+            draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=color)
     noise = rng.normal(0, 4, (size, size, 3))
     return Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8), "RGB")
 

@@ -10,6 +10,8 @@ def test_no_flags_is_the_builtin_demo():
     cfg = config_from_args([])
     assert cfg.is_demo and cfg.model.name == "mae_vit_tiny_patch16" and cfg.data.input_size == 64
     assert cfg.data.data_path is None and cfg.output_dir == "./output_dir" and cfg.log_dir == "./output_dir"
+    assert cfg.knn_every == 5  # the demo shows the kNN monitor; real runs ask for it
+    assert config_from_args(["--data_path", "."]).knn_every == 0
 
 
 def test_official_defaults_with_a_data_path(tmp_path):
