@@ -17,6 +17,7 @@ import contextlib
 import os
 import pickle
 import re
+import shutil
 import signal
 import tempfile
 import threading
@@ -83,8 +84,10 @@ def save_checkpoint(state: dict, path: str | os.PathLike, keep_previous_as: str 
     Args:
         state: the checkpoint dict.
         path: where it goes.
-        keep_previous_as: if given, a file already at ``path`` is renamed to this name once the new one
-            is completely written (and only then), instead of being replaced.
+        keep_previous_as: if given, a file already at ``path`` is kept under this name once the new one is
+            completely written (and only then), instead of being replaced. It is linked (or copied) there
+            before the new file is renamed over ``path``, so at every instant ``path`` holds a complete
+            checkpoint, whenever the process is killed.
 
     Raises:
         OutputDirError: the file cannot be written (full disk, read-only folder, ...): the message names the
@@ -100,7 +103,7 @@ def save_checkpoint(state: dict, path: str | os.PathLike, keep_previous_as: str 
                 f.flush()
                 os.fsync(f.fileno())
             if keep_previous_as is not None and path.exists():
-                os.replace(path, keep_previous_as)
+                _keep_copy(path, Path(keep_previous_as))
             os.replace(tmp, path)
         except OSError as exc:
             raise OutputDirError(f"cannot write checkpoint {path.name} in {str(path.parent)!r}: "
@@ -109,6 +112,21 @@ def save_checkpoint(state: dict, path: str | os.PathLike, keep_previous_as: str 
             if tmp.exists():
                 tmp.unlink()
     return path
+
+
+def _keep_copy(path: Path, keep: Path) -> None:
+    """Put ``path``'s content at ``keep`` atomically, leaving ``path`` in place: a hard link, or a copy where the
+    file system has none."""
+    staging = keep.with_name(f".{keep.name}.tmp-{os.getpid()}")
+    try:
+        try:
+            os.link(path, staging)
+        except OSError:
+            shutil.copyfile(path, staging)
+        os.replace(staging, keep)
+    finally:
+        if staging.exists():
+            staging.unlink()
 
 
 @contextlib.contextmanager

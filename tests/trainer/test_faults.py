@@ -224,3 +224,26 @@ def test_ctrl_c_during_a_save_lands_after_the_checkpoint_is_complete(tmp_path, m
         checkpoint_module.save_checkpoint(state, tmp_path / LAST)
     assert load_checkpoint(tmp_path / LAST)["step"] == 5
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_checkpoint_last_exists_at_every_instant_of_a_rotating_save(tmp_path, monkeypatch):
+    # A kill just before the final rename: the previous checkpoint-last.pth must still be there (and kept as prev).
+    def state(step):
+        return {"model": {"w": torch.full((2,), float(step))}, "optimizer": {}, "epoch": 0, "step": step}
+
+    checkpoint_module.save_checkpoint(state(1), tmp_path / LAST)
+    real_replace = os.replace
+
+    def killed_before_the_last_rename(src, dst):
+        if str(dst).endswith(LAST):
+            raise KeyboardInterrupt  # the process dies here
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint_module.os, "replace", killed_before_the_last_rename)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint_module.save_checkpoint(state(2), tmp_path / LAST, keep_previous_as=tmp_path / PREV)
+    monkeypatch.setattr(checkpoint_module.os, "replace", real_replace)
+    assert load_checkpoint(tmp_path / LAST)["step"] == 1 and load_checkpoint(tmp_path / PREV)["step"] == 1
+    checkpoint_module.save_checkpoint(state(3), tmp_path / LAST, keep_previous_as=tmp_path / PREV)
+    assert load_checkpoint(tmp_path / LAST)["step"] == 3 and load_checkpoint(tmp_path / PREV)["step"] == 1
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
