@@ -217,6 +217,6 @@ def find_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 
 
 def find_latest(output_dir: str | os.PathLike) -> Path | None:
-    """The most recently written checkpoint in ``output_dir`` (``checkpoint-prev.pth`` is older than
-    ``checkpoint-last.pth`` whenever both exist, so it is the newest only if a save died between its renames)."""
+    """The most recently written checkpoint in ``output_dir`` (``checkpoint-prev.pth`` is never newer than
+    ``checkpoint-last.pth``; it counts only where the last is missing, e.g. deleted by hand)."""
     return max(find_checkpoints(output_dir), key=lambda p: p.stat().st_mtime_ns, default=None)
