@@ -33,8 +33,8 @@ PREV = "checkpoint-prev.pth"
 _TEMPORARY = re.compile(r"\.checkpoint-.*\.pth\.tmp-\d+")
 _NAMES = re.compile(r"checkpoint-(\d+|last|prev)\.pth")
 
-__all__ = ["CheckpointError", "FORMAT", "LAST", "PREV", "save_checkpoint", "load_checkpoint", "read_summary",
-           "find_latest", "find_checkpoints", "remove_stale_temporaries", "check_writable"]
+__all__ = ["CheckpointError", "FORMAT", "LAST", "PREV", "save_checkpoint", "load_checkpoint", "load_file",
+           "read_summary", "find_latest", "find_checkpoints", "remove_stale_temporaries", "check_writable"]
 
 
 def _os_error_line(exc: OSError) -> str:
@@ -150,7 +150,8 @@ def _ctrl_c_after_the_save():
 _FIELD_TYPES = {"model": dict, "optimizer": dict, "epoch": int, "step": int, "step_in_epoch": int}
 
 
-def _load(path: Path, mmap: bool = False):
+def load_file(path: Path, mmap: bool = False):
+    """``torch.load(weights_only=True)`` onto the CPU, its failures turned into :class:`CheckpointError`."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
@@ -178,7 +179,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    state = _load(path)
+    state = load_file(path)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         keys = sorted(map(str, state))[:6] if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{str(path)!r} is not a mae_fast training checkpoint (found {keys}); to start from "
@@ -200,7 +201,7 @@ def read_summary(path: str | os.PathLike) -> dict | None:
     """``step``, ``epoch`` and ``loss_stats`` of a checkpoint, read without loading its tensors (memory-mapped),
     or None when it cannot be read as a mae_fast checkpoint."""
     try:
-        state = _load(Path(path), mmap=True)
+        state = load_file(Path(path), mmap=True)
     except CheckpointError:
         return None
     if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("step"), int):

@@ -212,8 +212,8 @@ class RunConfig:
     fp8: bf16 with the blocks' linear layers in FP8 through torchao (GPUs with FP8 tensor cores; use it with
     --compile, which its speed needs)."""
     fp8_recipe: str = "tensorwise"
-    """--fp8_recipe: with --precision fp8, tensorwise (one scale per tensor: the fastest, float8 all-gather under
-    --fsdp) or rowwise (one scale per row: more robust to outliers, slower)."""
+    """--fp8_recipe: with --precision fp8, tensorwise (one scale per tensor: the cheapest scales, float8
+    all-gather under --fsdp) or rowwise (one scale per row: more robust to outliers, more scaling work)."""
     fp8_emulate: bool = False
     """--fp8_emulate: with --precision fp8, emulate the FP8 matmuls where there are no FP8 tensor cores (CPUs, older
     GPUs): same casts and scales, slow; for checking numerics."""

@@ -66,9 +66,9 @@ def read_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | 
         from safetensors.torch import load_file
 
         return load_file(str(path)), None
-    from mae_fast.checkpoint import _load
+    from mae_fast.checkpoint import load_file
 
-    loaded = _load(path)
+    loaded = load_file(path)
     state = loaded.get("model", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{str(path)!r} holds no state dict of tensors (nor one under 'model')")

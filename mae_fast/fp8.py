@@ -9,9 +9,11 @@ keys stay the official ones and checkpoints move freely between fp8 and bf16 run
 
 Recipes (``--fp8_recipe``), torchao's names:
 
-- ``tensorwise`` (default): one scale per tensor. The fastest (the scales are cheap, and with
-  FSDP2 the weights are all-gathered in float8), and what torchtitan trains with by default.
-- ``rowwise``: one scale per row, power-of-two scales. More robust to outliers, somewhat slower.
+- ``tensorwise`` (default): one scale per tensor: the cheapest scales, weights all-gathered in
+  float8 under FSDP2, and torchtitan's default recipe.
+- ``rowwise``: one scale per row, power-of-two scales: more robust to outliers, more scaling work.
+
+Which recipe is faster here is for the step benchmark to say on a GPU; it has not run yet.
 
 FP8 matmuls pay off only when the casts are fused, so use it with ``--compile`` (eager runs work
 but are slower than bf16). On CPUs and GPUs without FP8 tensor cores it is refused, except with

@@ -37,6 +37,7 @@ from torch import nn
 
 from mae_fast.config import DataConfig, default_num_workers
 from mae_fast.errors import ConfigError, DataError, MaeFastError
+from mae_fast.knn import top_k_accuracy
 
 logger = logging.getLogger("mae_fast")
 
@@ -86,8 +87,6 @@ def train_head(train_x, train_y, val_x, val_y, num_classes: int, epochs: int = 9
     head.eval()
     with torch.no_grad():
         logits = head(val_x)
-    from mae_fast.knn import top_k_accuracy
-
     return head, {"top1": top_k_accuracy(logits, val_y, 1), "top5": top_k_accuracy(logits, val_y, 5)}
 
 
