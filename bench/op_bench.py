@@ -1,10 +1,15 @@
-"""How every op benchmark runs: providers, modes, rotating inputs, GB/s against the byte floor."""
+"""How every op benchmark runs: providers, modes, rotating inputs, GB/s from computed bytes.
+
+Triton kernels launch with the training path's fixed rule; ``MAE_FAST_TRITON_AUTOTUNE=1`` opts
+into autotuning, to see what a tuned configuration would gain.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from mae_fast.kernels._launch import autotuning
 from mae_fast.ops import IMPLEMENTATIONS, dispatch
 from mae_fast.ops.shapes import MAE_SHAPES, TEST_SHAPES
 from bench_env import DEVICE, ON_GPU, copy_bandwidth, median_seconds, sync
@@ -27,13 +32,15 @@ def skip_reason(op: str, provider: str) -> str | None:
 
 
 def run(benchmark, record, op: str, shape, provider: str, mode: str, make_inputs, call, diff: list[str],
-        floor_bytes: dict[str, float]) -> None:
+        moved_bytes: dict[str, float], variant: str | None = None) -> None:
     """Benchmark ``call(backend, **inputs)`` for one provider and mode.
 
     Args:
         make_inputs: () -> dict of fresh inputs (float inputs named in ``diff`` get requires_grad).
         call: (backend, **inputs) -> output tensor.
-        floor_bytes: bytes the op must move per mode ("forward", "backward").
+        moved_bytes: the op module's ``bytes_moved(...)``: what its kernels move per pass ("forward",
+            "backward") and the least any implementation moves ("floor", forward and backward).
+        variant: what distinguishes this case from the op's others (reported as ``op[variant]``).
     """
     reason = skip_reason(op, provider)
     if reason:
@@ -77,9 +84,11 @@ def run(benchmark, record, op: str, shape, provider: str, mode: str, make_inputs
     for _ in range(2):  # warm-up (and compilation) outside the timed rounds
         step()
     benchmark.pedantic(step, rounds=20 if ON_GPU else 3, iterations=1, warmup_rounds=1)
-    moved = floor_bytes["forward"] * (mode != "backward") + floor_bytes["backward"] * (mode != "forward")
+    # Bandwidth from computed bytes (the op module's count of what its kernels move), for every provider alike.
+    moved = moved_bytes["forward"] * (mode != "backward") + moved_bytes["backward"] * (mode != "forward")
     seconds = median_seconds(benchmark)
-    figures = {"op": op, "shape": shape.name, "provider": provider, "mode": mode, "floor_bytes": moved}
+    figures = {"op": f"{op}[{variant}]" if variant else op, "shape": shape.name, "provider": provider, "mode": mode, "bytes_moved": moved,
+               "floor_bytes": moved_bytes["floor"], "kernel_launch": "autotuned" if autotuning() else "fixed rule"}
     if seconds:
         bandwidth = copy_bandwidth()
         figures.update(median_ms=seconds * 1e3, gb_per_s=moved / seconds / 1e9, copy_gb_per_s=bandwidth / 1e9,

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mae_fast.ops import restore_tokens, sample_mask
+from mae_fast.ops.restore_tokens import bytes_moved
 from bench_env import DEVICE
 from op_bench import MODES, PROVIDERS, SHAPE_IDS, SHAPES, float_dtype, run
 
@@ -14,17 +15,15 @@ from op_bench import MODES, PROVIDERS, SHAPE_IDS, SHAPES, float_dtype, run
 def test_restore_tokens(benchmark, record, shape, provider, mode):
     B, L, K, D = shape.batch, shape.num_patches, shape.num_kept, shape.decoder_dim
     dtype = float_dtype()
-    e = torch.finfo(dtype).bits // 8
 
     def make_inputs():
         _, ids_restore, _ = sample_mask(B, L, shape.mask_ratio, device=DEVICE)
         return {"x_visible": torch.randn(B, K, D, device=DEVICE, dtype=dtype), "ids_restore": ids_restore,
                 "mask_token": torch.randn(D, device=DEVICE), "pos_embed": torch.randn(L, D, device=DEVICE)}
 
-    floor = {"forward": B * K * D * e + B * L * D * 4 + L * D * 4 + B * L * 8,
-             "backward": B * L * D * 4 + B * K * D * e + B * L * 8}
+    moved = bytes_moved(B, L, K, D, dtype, torch.float32)
     run(benchmark, record, "restore_tokens", shape, provider, mode, make_inputs,
         lambda backend, x_visible, ids_restore, mask_token, pos_embed: restore_tokens(
             x_visible, ids_restore, mask_token, pos_embed, backend=backend, check_indices=False,
             out_dtype=torch.float32),
-        ["x_visible", "mask_token"], floor)
+        ["x_visible", "mask_token"], moved)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from mae_fast import create_model
+from mae_fast.data.transforms import normalize
 from mae_fast.fp8 import convert_to_fp8, fp8_unavailable_reason
 from mae_fast.trainer import peak_flops
 from bench_env import DEVICE, ON_GPU, median_seconds, sync
@@ -72,7 +73,10 @@ def test_train_step(benchmark, record, preset, provider):
         forward = (lambda imgs: step_model(pixel_values=imgs).loss)
     optimizer = torch.optim.AdamW([p for p in step_model.parameters() if p.requires_grad], lr=1e-4,
                                   betas=(0.9, 0.95), fused=ON_GPU)
-    batches = [torch.randn(BATCH, 3, SIZE, SIZE, device=DEVICE) for _ in range(2)]
+    # mae_fast trains on uint8 batches (its ops normalize them as they read them, as the trainer's loaders
+    # deliver them); the others take the normalized float32 images their own scripts feed.
+    pixels = [torch.randint(0, 256, (BATCH, 3, SIZE, SIZE), dtype=torch.uint8, device=DEVICE) for _ in range(2)]
+    batches = pixels if provider.startswith("mae_fast") else [normalize(b, torch.float32) for b in pixels]
     counter = {"i": 0}
 
     def step():

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace mae_fast {
 
@@ -31,6 +32,13 @@ namespace mae_fast {
                                      AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)               \
                                          AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
 
+// Images: the float dtypes and uint8 (pixels the ops normalize as they read them).
+#define MAE_DISPATCH_IMAGES(TYPE, NAME, ...)                                                         \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__)                 \
+                                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)              \
+                                         AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__)      \
+                                             AT_DISPATCH_CASE(at::ScalarType::Byte, __VA_ARGS__))
+
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
 
 // Indices as contiguous int64 (a no-op for the int64 indices the model makes).
@@ -48,6 +56,22 @@ constexpr int vec_width() {
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+inline bool aligned_to(const void* p, std::size_t bytes) { return reinterpret_cast<std::uintptr_t>(p) % bytes == 0; }
+
+// Whether t's rows (its last dimension) can be read in vectors of `vec` elements: unit stride along them, every
+// other stride and the row length a multiple of vec, and the first element aligned to the vector's size (at most
+// 16 bytes). A contiguous tensor can still start at any element of its storage (a view at an offset), so the
+// pointer is checked, not assumed. Registered as mae_fast::vectorizable so tests check it on any device.
+inline bool vectorizable(const at::Tensor& t, int64_t vec) {
+  if (vec <= 1) return true;
+  if (t.dim() == 0 || t.stride(-1) != 1 || t.size(-1) % vec != 0) return false;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+    if (t.size(d) > 1 && t.stride(d) % vec != 0) return false;
+  }
+  const std::size_t bytes = std::min<std::size_t>(16, static_cast<std::size_t>(vec) * t.element_size());
+  return aligned_to(t.data_ptr(), bytes);
+}
 
 // VEC consecutive elements at p, converted to float32, in accesses of at most 16 bytes. For VEC > 1, p must be
 // aligned to VEC * sizeof(T) bytes (or 16, whichever is smaller); VEC == 1 is a plain scalar load.

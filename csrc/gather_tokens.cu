@@ -120,7 +120,8 @@ at::Tensor gather_tokens_cuda_backward(const at::Tensor& grad_out_in, const at::
   const auto inv = invert_index(ids, length);
   MAE_DISPATCH_FLOATS(grad_out.scalar_type(), "gather_tokens_cuda_backward", [&] {
     constexpr int V = vec_width<scalar_t>();
-    const bool vectorized = D % V == 0;
+    // contiguous() returns an offset view as it is: check its alignment, not only D (vectorizable()).
+    const bool vectorized = vectorizable(grad_out, V);
     dim3 grid, block;
     row_launch_shape(B * length, D / (vectorized ? V : 1), grid, block);
     auto stream = current_stream();

@@ -25,4 +25,6 @@ at::Tensor invert_index(const at::Tensor& ids, int64_t length) {
   return inv;
 }
 
+bool vectorizable_rows(const at::Tensor& t, int64_t vec) { return vectorizable(t, vec); }
+
 }  // namespace mae_fast

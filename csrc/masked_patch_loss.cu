@@ -1,8 +1,18 @@
-// masked_patch_loss: one block per patch. A masked patch's block reads its prediction row and its pixels straight
-// from the image (patchified on the fly; runs of pixels along an image row move as vectors where the layout allows), computes mean and unbiased variance in float32, the weighted loss and
-// the gradients for an incoming gradient of 1; a visible patch's block reads only its mask value (and writes zero
-// gradient rows). Block sums are reduced in a fixed order and the per-patch losses are summed by at::sum:
-// deterministic, no atomics. Backward scales the saved float32 gradient by the incoming one.
+// masked_patch_loss: one warp per patch, values in registers, no shared memory and no block barriers.
+//
+// Forward: the warp of a masked patch reads its prediction row and its pixels straight from the image (patchified
+// on the fly; uint8 pixels normalized as they are read), computes mean and unbiased variance in float32 with warp
+// shuffles, and writes the patch's weighted loss: one float per patch. A visible patch's warp reads only its mask
+// value. The per-patch losses are summed by at::sum: deterministic, no atomics.
+//
+// Backward recomputes the masked patches the same way and writes the prediction gradient once, in the prediction's
+// dtype: diff * (2 * weight / N * grad_loss) in float32, rounded once. Rows of visible patches and the leading
+// pred_offset rows (the decoder's cls token) are written as zeros without reads. When asked, each patch's warp also
+// writes its pixels' gradient (zeros for visible patches), so the image gradient needs no zero fill.
+//
+// The patch geometry is a template parameter for the usual patch sizes (p = 16 and 14 with 3 channels: 24 and 19
+// values per lane, all index arithmetic by constants); any other size runs the generic instance, which loops over
+// the patch in global memory (L1-resident after the first pass) with 32-bit index arithmetic.
 #include <vector>
 
 #include "common.cuh"
@@ -10,245 +20,305 @@
 
 namespace mae_fast {
 
-constexpr int kLossThreads = 256;
-constexpr int64_t kMaxPatchValues = 5120;  // p*p*C the block stages in shared memory (2 x 20 KiB)
+constexpr int kLossWarps = 8;  // warps (patches) per block
+constexpr int64_t kMaxPatchValues = 1 << 16;
 
-// Which accesses may use vectors (decided by the host from shapes, strides and alignment; see masked_patch_loss_cuda).
-struct LossVectors {
-  bool pred;   // the prediction row: vec_width<TP> elements per access
-  bool imgs;   // a patch row of p pixels: vec_width<TI> per access
-  bool saved;  // the float32 gradient rows: 4 per access
-  bool gimgs;  // the float32 image gradient: 4 pixels per access
+struct LossParams {
+  const void* pred;
+  const void* imgs;
+  const float* norm;  // [2, C] mean and std of uint8 images
+  const float* mask;
+  const float* den;
+  const float* grad_loss;
+  float* loss;      // forward: [B * L] weighted per-patch losses
+  void* grad_pred;  // backward: [B, T, N] contiguous
+  void* grad_imgs;  // backward: [B, C, H, W] contiguous
+  int64_t rows;     // forward: B * L patches; backward: B * T prediction rows
+  int64_t T, off, L, GW, H, W;
+  int P, C;
+  float eps;
+  int64_t spb, spl, spn, sb, sc, sh, sw, smb, sml;
+  bool norm_pix, want_pred, want_imgs;
 };
 
-template <typename TP, typename TI>
-__global__ void masked_patch_loss_fwd_kernel(const TP* __restrict__ pred, const TI* __restrict__ imgs,
-                                             const float* __restrict__ mask, const float* __restrict__ den_ptr,
-                                             float* __restrict__ loss, float* __restrict__ grad_pred,
-                                             float* __restrict__ grad_imgs, int64_t L, int64_t GW, int64_t C,
-                                             int64_t P, int64_t H, int64_t W, float eps, int64_t spb, int64_t spl,
-                                             int64_t spn, int64_t sb, int64_t sc, int64_t sh, int64_t sw, int64_t smb,
-                                             int64_t sml, bool norm_pix, bool want_grad_pred, bool want_grad_imgs,
-                                             LossVectors vec) {
-  constexpr int PV = vec_width<TP>(), IV = vec_width<TI>();
-  extern __shared__ float staged[];  // t[N] then pred[N]
-  __shared__ float scratch[32];
-  const int64_t row = blockIdx.x, b = row / L, l = row % L, N = C * P * P;
-  const float den = *den_ptr;
-  const float weight = mask[b * smb + l * sml] / (den > 0.f ? den : 1.f);
-  const int64_t h = l / GW, w = l % GW;
-  if (weight == 0.f) {  // a visible patch: nothing to read; its saved gradient row is zeros
-    if (threadIdx.x == 0) loss[row] = 0.f;
-    if (want_grad_pred) {
-      if (vec.saved) {
-        const float zeros[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int64_t q = threadIdx.x; q < N / 4; q += blockDim.x) store_from_float<float, 4>(grad_pred + row * N + q * 4, zeros);
-      } else {
-        for (int64_t n = threadIdx.x; n < N; n += blockDim.x) grad_pred[row * N + n] = 0.f;
+__device__ __forceinline__ float warp_sum(float value) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffff, value, offset);
+  return value;  // the same butterfly in every lane: every lane holds the same, deterministic sum
+}
+
+template <typename T>
+__device__ __forceinline__ float pixel_as_float(const T* p, const float* norm, int c, int C) {
+  if constexpr (std::is_same_v<T, uint8_t>) {
+    return __fdiv_rn(static_cast<float>(*p) - norm[c], norm[C + c]);  // as normalizing first in float32
+  } else {
+    return static_cast<float>(*p);
+  }
+}
+
+// P_, C_ > 0: the geometry is known at compile time and the patch lives in registers; 0: the generic loop.
+template <typename TP, typename TI, int P_, int C_, bool BACKWARD>
+__global__ void __launch_bounds__(kLossWarps * 32) masked_patch_loss_kernel(const LossParams a) {
+  constexpr bool CACHED = P_ > 0 && C_ > 0;
+  constexpr int VALS = CACHED ? (P_ * P_ * C_ + 31) / 32 : 1;
+  const int lane = threadIdx.x & 31;
+  const int64_t row = blockIdx.x * (int64_t)kLossWarps + threadIdx.x / 32;  // warp-uniform
+  if (row >= a.rows) return;
+  const int P = CACHED ? P_ : a.P, C = CACHED ? C_ : a.C, N = P * P * C;
+  int64_t b, l;
+  bool is_patch = true;
+  if (BACKWARD) {
+    b = row / a.T;
+    l = row % a.T - a.off;
+    is_patch = l >= 0;
+  } else {
+    b = row / a.L;
+    l = row % a.L;
+  }
+  float weight = 0.f;
+  if (is_patch) {
+    const float den = *a.den;
+    weight = a.mask[b * a.smb + l * a.sml] / (den > 0.f ? den : 1.f);
+  }
+  const bool active = weight != 0.f;
+  TP* grad_pred = static_cast<TP*>(a.grad_pred) + row * N;
+  const int64_t h = is_patch ? l / a.GW : 0, w = is_patch ? l % a.GW : 0;
+  const auto pixel_offset = [&](int n, int64_t sc, int64_t sh, int64_t sw) {
+    const int i = n / (P * C), j = (n / C) % P, c = n % C;  // the official patchify order (channel fastest)
+    return c * sc + i * sh + j * sw;
+  };
+  if (!active) {  // nothing to read: zero gradients (backward), zero loss (forward)
+    if (BACKWARD) {
+      if (a.want_pred)
+        for (int n = lane; n < N; n += 32) grad_pred[n] = TP(0.f);
+      if constexpr (!std::is_same_v<TI, uint8_t>) {
+        if (a.want_imgs && is_patch) {
+          TI* out = static_cast<TI*>(a.grad_imgs) + b * C * a.H * a.W + h * P * a.W + w * P;
+          for (int n = lane; n < N; n += 32) out[pixel_offset(n, a.H * a.W, a.W, 1)] = TI(0.f);
+        }
       }
+    } else if (lane == 0) {
+      a.loss[row] = 0.f;
     }
     return;
   }
-  float* t = staged;
-  float* p = staged + N;
-  if (vec.pred) {
-    for (int64_t q = threadIdx.x; q < N / PV; q += blockDim.x) load_as_float<TP, PV>(pred + b * spb + l * spl + q * PV, p + q * PV);
-  } else {
-    for (int64_t n = threadIdx.x; n < N; n += blockDim.x) p[n] = static_cast<float>(pred[b * spb + l * spl + n * spn]);
-  }
-  // The official patchify order: row i, column j, channel c (channel fastest): t[(i * P + j) * C + c].
-  const TI* patch = imgs + b * sb + (h * P) * sh + (w * P) * sw;
+  const TI* patch = static_cast<const TI*>(a.imgs) + b * a.sb + h * P * a.sh + w * P * a.sw;
+  const TP* pred = static_cast<const TP*>(a.pred) + b * a.spb + (l + a.off) * a.spl;
+  const auto target = [&](int n) { return pixel_as_float(patch + pixel_offset(n, a.sc, a.sh, a.sw), a.norm, n % C, C); };
+  const auto prediction = [&](int n) { return static_cast<float>(pred[n * a.spn]); };
+
+  // Cached: t and pred in registers (lane holds n = lane + 32 k). Generic: re-read on every pass.
+  float t_reg[VALS], p_reg[VALS];
+  const int passes = CACHED ? VALS : (N + 31) / 32;
   float sum = 0.f;
-  if (vec.imgs) {  // IV pixels of one image row and channel per access
-    const int64_t per_row = P / IV;
-    for (int64_t q = threadIdx.x; q < C * P * per_row; q += blockDim.x) {
-      const int64_t c = q / (P * per_row), i = (q / per_row) % P, j0 = (q % per_row) * IV;
-      float value[IV];
-      load_as_float<TI, IV>(patch + c * sc + i * sh + j0, value);
 #pragma unroll
-      for (int e = 0; e < IV; ++e) {
-        t[(i * P + j0 + e) * C + c] = value[e];
-        sum += value[e];
+  for (int k = 0; k < (CACHED ? VALS : 1); ++k) t_reg[k] = p_reg[k] = 0.f;
+  if constexpr (CACHED) {
+#pragma unroll
+    for (int k = 0; k < VALS; ++k) {
+      const int n = lane + 32 * k;
+      if (n < N) {
+        t_reg[k] = target(n);
+        p_reg[k] = prediction(n);
+        sum += t_reg[k];
       }
     }
   } else {
-    for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
-      const int64_t i = n / (P * C), j = (n / C) % P, c = n % C;
-      const float value = static_cast<float>(patch[c * sc + i * sh + j * sw]);
-      t[n] = value;
-      sum += value;
-    }
+    for (int n = lane; n < N; n += 32) sum += target(n);
   }
-  __syncthreads();  // p and t are read below by other threads than those that staged them
-  float rstd = 1.f;
-  if (norm_pix) {
-    const float mean = block_sum(sum, scratch) / N;
+  const auto t_at = [&](int k, int n) {
+    if constexpr (CACHED) return t_reg[k];
+    else return target(n);
+  };
+  const auto p_at = [&](int k, int n) {
+    if constexpr (CACHED) return p_reg[k];
+    else return prediction(n);
+  };
+  float mean = 0.f, rstd = 1.f;
+  if (a.norm_pix) {
+    mean = warp_sum(sum) / N;
     float sq = 0.f;
-    for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
-      const float centered = t[n] - mean;
-      t[n] = centered;
-      sq += centered * centered;
-    }
-    rstd = rsqrtf(block_sum(sq, scratch) / (N - 1) + eps);
-    for (int64_t n = threadIdx.x; n < N; n += blockDim.x) t[n] *= rstd;
-  }
-  float err = 0.f;
-  for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
-    const float diff = p[n] - t[n];
-    err += diff * diff;
-    p[n] = diff * (2.f * weight / N);  // the prediction's gradient; the target's is its negative
-  }
-  const float patch_loss = block_sum(err, scratch) / N;  // its barrier also publishes p and t to every thread
-  if (threadIdx.x == 0) loss[row] = patch_loss * weight;
-  if (want_grad_pred) {
-    if (vec.saved) {
-      for (int64_t q = threadIdx.x; q < N / 4; q += blockDim.x) store_from_float<float, 4>(grad_pred + row * N + q * 4, p + q * 4);
-    } else {
-      for (int64_t n = threadIdx.x; n < N; n += blockDim.x) grad_pred[row * N + n] = p[n];
-    }
-  }
-  if (want_grad_imgs) {
-    float g_mean = 0.f, g_dot = 0.f;
-    if (norm_pix) {  // t = (x - mean) * rstd: dx = rstd * (g - mean(g) - t * sum(g * t) / (N - 1)), g = -p
-      float gs = 0.f, gd = 0.f;
-      for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
-        gs += -p[n];
-        gd += -p[n] * t[n];
-      }
-      g_mean = block_sum(gs, scratch) / N;
-      g_dot = block_sum(gd, scratch) / (N - 1);
-    }
-    float* out = grad_imgs + ((b * C) * H + h * P) * W + w * P;  // the patch's top-left pixel, channel 0
-    const auto dx = [&](int64_t n) {
-      const float g = -p[n];
-      return norm_pix ? rstd * (g - g_mean - t[n] * g_dot) : g;
-    };
-    if (vec.gimgs) {  // 4 pixels of one image row and channel per access
-      const int64_t per_row = P / 4;
-      for (int64_t q = threadIdx.x; q < C * P * per_row; q += blockDim.x) {
-        const int64_t c = q / (P * per_row), i = (q / per_row) % P, j0 = (q % per_row) * 4;
-        float value[4];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) value[e] = dx((i * P + j0 + e) * C + c);
-        store_from_float<float, 4>(out + (c * H + i) * W + j0, value);
+    for (int k = 0; k < passes; ++k) {
+      const int n = lane + 32 * k;
+      if (n < N) {
+        const float centered = t_at(k, n) - mean;
+        sq += centered * centered;
       }
-    } else {
-      for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
-        const int64_t i = n / (P * C), j = (n / C) % P, c = n % C;
-        out[(c * H + i) * W + j] = dx(n);
+    }
+    rstd = 1.f / sqrtf(warp_sum(sq) / (N - 1) + a.eps);
+  }
+  // The normalized target of element (k, n).
+  const auto norm_t = [&](int k, int n) { return a.norm_pix ? (t_at(k, n) - mean) * rstd : t_at(k, n); };
+
+  if (!BACKWARD) {
+    float err = 0.f;
+#pragma unroll
+    for (int k = 0; k < passes; ++k) {
+      const int n = lane + 32 * k;
+      if (n < N) {
+        const float diff = p_at(k, n) - norm_t(k, n);
+        err += diff * diff;
+      }
+    }
+    const float patch_loss = warp_sum(err) / N;
+    if (lane == 0) a.loss[row] = patch_loss * weight;
+    return;
+  }
+
+  const float scale = 2.f * weight / N * *a.grad_loss;  // d loss / d pred = diff * scale; d / d target = -that
+  float g_sum = 0.f, g_dot = 0.f;
+#pragma unroll
+  for (int k = 0; k < passes; ++k) {
+    const int n = lane + 32 * k;
+    if (n < N) {
+      const float t = norm_t(k, n), g = (p_at(k, n) - t) * scale;
+      if (a.want_pred) grad_pred[n] = static_cast<TP>(g);
+      g_sum -= g;
+      g_dot -= g * t;
+    }
+  }
+  if constexpr (!std::is_same_v<TI, uint8_t>) {
+    if (a.want_imgs) {
+      float g_mean = 0.f, g_proj = 0.f;
+      if (a.norm_pix) {  // t = (x - mean) * rstd: dx = rstd * (g_t - mean(g_t) - t * sum(g_t * t) / (N - 1))
+        g_mean = warp_sum(g_sum) / N;
+        g_proj = warp_sum(g_dot) / (N - 1);
+      }
+      TI* out = static_cast<TI*>(a.grad_imgs) + b * C * a.H * a.W + h * P * a.W + w * P;
+#pragma unroll
+      for (int k = 0; k < passes; ++k) {
+        const int n = lane + 32 * k;
+        if (n < N) {
+          const float t = norm_t(k, n), g_t = -(p_at(k, n) - t) * scale;
+          const float dx = a.norm_pix ? rstd * (g_t - g_mean - t * g_proj) : g_t;
+          out[pixel_offset(n, a.H * a.W, a.W, 1)] = static_cast<TI>(dx);
+        }
       }
     }
   }
 }
 
-// VEC > 1: N % VEC == 0 and a 16-byte aligned saved gradient (grad_pred is a fresh allocation).
-template <typename TP, int VEC>
-__global__ void masked_patch_loss_bwd_kernel(const float* __restrict__ saved, const float* __restrict__ mask,
-                                             const float* __restrict__ grad_loss, TP* __restrict__ grad_pred,
-                                             int64_t rows, int64_t L, int64_t N, int64_t smb, int64_t sml) {
-  const float scale = *grad_loss;
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const bool active = mask[(row / L) * smb + (row % L) * sml] != 0.f;
-    for (int64_t q = threadIdx.x; q < N / VEC; q += blockDim.x) {
-      float value[VEC];
-      if (active) {  // a visible patch's row is not read: its gradient is zero
-        load_as_float<float, VEC>(saved + row * N + q * VEC, value);
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) value[e] *= scale;
-      } else {
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) value[e] = 0.f;
-      }
-      store_from_float<TP, VEC>(grad_pred + row * N + q * VEC, value);
-    }
+template <typename TP, typename TI, bool BACKWARD>
+static void launch_loss(const LossParams& params) {
+  const dim3 grid(static_cast<unsigned>((params.rows + kLossWarps - 1) / kLossWarps)), block(kLossWarps * 32);
+  auto stream = current_stream();
+  if (params.C == 3 && params.P == 16) {
+    masked_patch_loss_kernel<TP, TI, 16, 3, BACKWARD><<<grid, block, 0, stream>>>(params);
+  } else if (params.C == 3 && params.P == 14) {
+    masked_patch_loss_kernel<TP, TI, 14, 3, BACKWARD><<<grid, block, 0, stream>>>(params);
+  } else {
+    masked_patch_loss_kernel<TP, TI, 0, 0, BACKWARD><<<grid, block, 0, stream>>>(params);
   }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_patch_loss_cuda(const at::Tensor& pred, const at::Tensor& imgs,
-                                                                      const at::Tensor& mask_in, int64_t patch_size,
-                                                                      bool norm_pix, double eps, bool grad_pred,
-                                                                      bool grad_imgs) {
+// Checks shared by forward and backward; returns the parameters with shapes and strides filled in.
+static LossParams loss_params(const at::Tensor& pred, const at::Tensor& imgs, const std::optional<at::Tensor>& norm,
+                              const at::Tensor& mask, int64_t patch_size, int64_t pred_offset, bool norm_pix,
+                              double eps) {
   MAE_CHECK_CUDA(pred, "pred");
   MAE_CHECK_DIM(pred, 3, "pred");
   MAE_CHECK_FLOAT(pred, "pred");
   MAE_CHECK_DIM(imgs, 4, "imgs");
-  MAE_CHECK_FLOAT(imgs, "imgs");
-  MAE_CHECK_DIM(mask_in, 2, "mask");
+  TORCH_CHECK(imgs.scalar_type() != at::kByte || norm.has_value(), "uint8 imgs need norm (their mean and std)");
+  TORCH_CHECK(imgs.scalar_type() == at::kByte || imgs.scalar_type() == at::kFloat || imgs.scalar_type() == at::kHalf ||
+                  imgs.scalar_type() == at::kBFloat16,
+              "imgs must be float32, float16, bfloat16 or uint8, got ", imgs.scalar_type());
+  MAE_CHECK_DIM(mask, 2, "mask");
+  TORCH_CHECK(mask.scalar_type() == at::kFloat, "mask must be float32, got ", mask.scalar_type());
   MAE_CHECK_SAME_DEVICE(pred, imgs, "pred", "imgs");
-  MAE_CHECK_SAME_DEVICE(pred, mask_in, "pred", "mask");
+  MAE_CHECK_SAME_DEVICE(pred, mask, "pred", "mask");
   const int64_t B = imgs.size(0), C = imgs.size(1), H = imgs.size(2), W = imgs.size(3), P = patch_size;
   TORCH_CHECK(P > 0 && H % P == 0 && W % P == 0, "patch_size=", P, " does not divide the imgs size ", H, "x", W);
+  TORCH_CHECK(pred_offset >= 0, "pred_offset must be >= 0, got ", pred_offset);
   const int64_t GW = W / P, L = (H / P) * GW, N = C * P * P;
-  TORCH_CHECK(pred.size(0) == B && pred.size(1) == L && pred.size(2) == N, "pred must have shape [", B, ", ", L, ", ",
-              N, "], got ", pred.sizes());
-  TORCH_CHECK(mask_in.size(0) == B && mask_in.size(1) == L, "mask must have shape [", B, ", ", L, "], got ",
-              mask_in.sizes());
+  TORCH_CHECK(pred.size(0) == B && pred.size(1) == L + pred_offset && pred.size(2) == N, "pred must have shape [", B,
+              ", ", L + pred_offset, ", ", N, "], got ", pred.sizes());
+  TORCH_CHECK(mask.size(0) == B && mask.size(1) == L, "mask must have shape [", B, ", ", L, "], got ", mask.sizes());
   TORCH_CHECK(N <= kMaxPatchValues, "the CUDA masked_patch_loss handles patches of at most ", kMaxPatchValues,
               " values (p*p*C), got ", N, "; use backend='triton' or 'torch'");
   TORCH_CHECK(!norm_pix || N >= 2, "norm_pix needs at least 2 values per patch, got ", N);
+  if (norm) {
+    MAE_CHECK_SAME_DEVICE(pred, *norm, "pred", "norm");
+    TORCH_CHECK(norm->scalar_type() == at::kFloat && norm->is_contiguous() && norm->numel() == 2 * C,
+                "norm must be a contiguous float32 [2, ", C, "] tensor, got ", norm->sizes());
+  }
+  LossParams p{};
+  p.T = L + pred_offset;
+  p.off = pred_offset;
+  p.L = L;
+  p.GW = GW;
+  p.H = H;
+  p.W = W;
+  p.P = static_cast<int>(P);
+  p.C = static_cast<int>(C);
+  p.eps = static_cast<float>(eps);
+  p.spb = pred.stride(0);
+  p.spl = pred.stride(1);
+  p.spn = pred.stride(2);
+  p.sb = imgs.stride(0);
+  p.sc = imgs.stride(1);
+  p.sh = imgs.stride(2);
+  p.sw = imgs.stride(3);
+  p.smb = mask.stride(0);
+  p.sml = mask.stride(1);
+  p.norm_pix = norm_pix;
+  p.pred = pred.data_ptr();
+  p.imgs = imgs.data_ptr();
+  p.norm = norm ? norm->data_ptr<float>() : nullptr;
+  p.mask = mask.data_ptr<float>();
+  return p;
+}
+
+at::Tensor masked_patch_loss_cuda(const at::Tensor& pred, const at::Tensor& imgs, const std::optional<at::Tensor>& norm,
+                                  const at::Tensor& mask, int64_t patch_size, int64_t pred_offset, bool norm_pix,
+                                  double eps) {
   const c10::cuda::CUDAGuard guard(pred.device());
-  const auto mask = mask_in.to(at::kFloat);
-  const auto den = mask.sum();
-  auto per_patch = at::empty({B * L}, pred.options().dtype(at::kFloat));
-  const std::vector<int64_t> saved_shape = grad_pred ? std::vector<int64_t>{B, L, N} : std::vector<int64_t>{0};
-  auto saved = at::empty(saved_shape, per_patch.options());
-  auto gimgs = grad_imgs ? at::zeros({B, C, H, W}, per_patch.options()) : at::empty({0}, per_patch.options());
-  if (B * L > 0) {
-    const size_t shared = 2 * N * sizeof(float);
-    auto stream = current_stream();
+  LossParams params = loss_params(pred, imgs, norm, mask, patch_size, pred_offset, norm_pix, eps);
+  const auto den = mask.sum(at::kFloat);
+  auto per_patch = at::empty({imgs.size(0) * params.L}, pred.options().dtype(at::kFloat));
+  params.rows = per_patch.numel();
+  params.den = den.data_ptr<float>();
+  params.loss = per_patch.data_ptr<float>();
+  if (params.rows > 0) {
     MAE_DISPATCH_FLOATS(pred.scalar_type(), "masked_patch_loss_cuda", [&] {
       using TP = scalar_t;
-      MAE_DISPATCH_FLOATS(imgs.scalar_type(), "masked_patch_loss_cuda_imgs", [&] {
-        using TI = scalar_t;
-        constexpr int PV = vec_width<TP>(), IV = vec_width<TI>();
-        LossVectors vec;
-        vec.pred = pred.stride(2) == 1 && N % PV == 0 && pred.stride(1) % PV == 0 && pred.stride(0) % PV == 0 &&
-                   aligned16(pred.data_ptr());
-        vec.imgs = imgs.stride(3) == 1 && P % IV == 0 && imgs.stride(2) % IV == 0 && imgs.stride(1) % IV == 0 &&
-                   imgs.stride(0) % IV == 0 && aligned16(imgs.data_ptr());
-        vec.saved = N % 4 == 0;             // a fresh [B, L, N] float32 buffer
-        vec.gimgs = P % 4 == 0 && W % 4 == 0;  // a fresh [B, C, H, W] float32 buffer
-        masked_patch_loss_fwd_kernel<TP, TI><<<B * L, kLossThreads, shared, stream>>>(
-            pred.data_ptr<TP>(), imgs.data_ptr<TI>(), mask.data_ptr<float>(), den.data_ptr<float>(),
-            per_patch.data_ptr<float>(), grad_pred ? saved.data_ptr<float>() : nullptr,
-            grad_imgs ? gimgs.data_ptr<float>() : nullptr, L, GW, C, P, H, W, static_cast<float>(eps), pred.stride(0),
-            pred.stride(1), pred.stride(2), imgs.stride(0), imgs.stride(1), imgs.stride(2), imgs.stride(3),
-            mask.stride(0), mask.stride(1), norm_pix, grad_pred, grad_imgs, vec);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      MAE_DISPATCH_IMAGES(imgs.scalar_type(), "masked_patch_loss_cuda_imgs", [&] {
+        launch_loss<TP, scalar_t, false>(params);
       });
     });
   }
-  return {per_patch.sum(), saved, gimgs};
+  return per_patch.sum();
 }
 
-at::Tensor masked_patch_loss_cuda_backward(const at::Tensor& saved, const at::Tensor& mask_in,
-                                           const at::Tensor& grad_loss, at::ScalarType pred_dtype) {
-  MAE_CHECK_CUDA(saved, "saved_grad_pred");
-  MAE_CHECK_DIM(saved, 3, "saved_grad_pred");
-  TORCH_CHECK(saved.scalar_type() == at::kFloat, "saved_grad_pred must be float32, got ", saved.scalar_type());
-  MAE_CHECK_DIM(mask_in, 2, "mask");
-  const c10::cuda::CUDAGuard guard(saved.device());
-  const auto mask = mask_in.to(at::kFloat);
+std::tuple<at::Tensor, at::Tensor> masked_patch_loss_cuda_backward(
+    const at::Tensor& pred, const at::Tensor& imgs, const std::optional<at::Tensor>& norm, const at::Tensor& mask,
+    const at::Tensor& grad_loss, int64_t patch_size, int64_t pred_offset, bool norm_pix, double eps, bool grad_pred,
+    bool grad_imgs) {
+  const c10::cuda::CUDAGuard guard(pred.device());
+  LossParams params = loss_params(pred, imgs, norm, mask, patch_size, pred_offset, norm_pix, eps);
+  TORCH_CHECK(!grad_imgs || imgs.scalar_type() != at::kByte, "uint8 imgs have no gradient");
+  const auto den = mask.sum(at::kFloat);
   const auto scale = grad_loss.to(at::kFloat).reshape({1}).contiguous();
-  const auto saved_c = saved.contiguous();
-  const int64_t B = saved.size(0), L = saved.size(1), N = saved.size(2);
-  auto grad_pred = at::empty({B, L, N}, saved.options().dtype(pred_dtype));
-  if (B * L * N == 0) return grad_pred;
-  MAE_DISPATCH_FLOATS(pred_dtype, "masked_patch_loss_cuda_backward", [&] {
-    using TP = scalar_t;
-    constexpr int V = vec_width<TP>() > 4 ? vec_width<TP>() : 4;  // 16-byte stores of grad_pred
-    const bool vectorized = N % V == 0 && aligned16(saved_c.data_ptr());
-    const dim3 grid(num_blocks(B * L, 1, 65535)), block(256);
-    const auto launch = [&](auto kernel) {
-      kernel<<<grid, block, 0, current_stream()>>>(saved_c.data_ptr<float>(), mask.data_ptr<float>(),
-                                                   scale.data_ptr<float>(), grad_pred.data_ptr<TP>(), B * L, L, N,
-                                                   mask.stride(0), mask.stride(1));
-    };
-    if (vectorized) launch(masked_patch_loss_bwd_kernel<TP, V>);
-    else launch(masked_patch_loss_bwd_kernel<TP, 1>);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return grad_pred;
+  auto gpred = at::empty(grad_pred ? pred.sizes() : at::IntArrayRef({0}), pred.options());
+  auto gimgs = at::empty(grad_imgs ? imgs.sizes() : at::IntArrayRef({0}), imgs.options());
+  params.rows = pred.size(0) * params.T;
+  params.den = den.data_ptr<float>();
+  params.grad_loss = scale.data_ptr<float>();
+  params.grad_pred = grad_pred ? gpred.data_ptr() : nullptr;
+  params.grad_imgs = grad_imgs ? gimgs.data_ptr() : nullptr;
+  params.want_pred = grad_pred;
+  params.want_imgs = grad_imgs;
+  if (params.rows > 0 && (grad_pred || grad_imgs)) {
+    MAE_DISPATCH_FLOATS(pred.scalar_type(), "masked_patch_loss_cuda_backward", [&] {
+      using TP = scalar_t;
+      MAE_DISPATCH_IMAGES(imgs.scalar_type(), "masked_patch_loss_cuda_backward_imgs", [&] {
+        launch_loss<TP, scalar_t, true>(params);
+      });
+    });
+  }
+  return {gpred, gimgs};
 }
 
 }  // namespace mae_fast

@@ -1,13 +1,11 @@
 // restore_tokens: out[b, l] = (x_visible[b, r] if r < K else mask_token) + pos[l], r = ids_restore[b, l].
-// Forward writes each output row once. Backward reads each gradient row once: visible rows go to their slot of
-// grad_x_visible (ids_restore is a permutation, so slots never collide), mask-token rows are summed per
-// (sample, chunk of L) and the partial sums are reduced in a fixed order: deterministic, no atomics.
+// Forward writes each output row once. Backward is one kernel that reads each gradient row once: visible rows go to
+// their slot of grad_x_visible (ids_restore is a permutation, so slots never collide), mask-token rows are summed
+// per block and the last block adds the blocks' sums in a fixed order: deterministic, no atomics on data.
 #include "common.cuh"
 #include "ops.h"
 
 namespace mae_fast {
-
-constexpr int kChunkL = 16;
 
 // VEC > 1: x_visible's rows are contiguous along D, D % VEC == 0 and every base pointer is 16-byte aligned (the
 // host checks), so each thread moves VEC elements per access; VEC == 1 follows any strides of x_visible.
@@ -43,31 +41,58 @@ __global__ void restore_tokens_fwd_kernel(const T* __restrict__ x, const int64_t
   }
 }
 
-// One thread per VEC-wide column chunk of one (sample, run of kChunkL positions). VEC > 1 needs D % VEC == 0 and
-// a 16-byte aligned grad_out (the other buffers are fresh allocations).
+// One pass over the gradient: block g takes the contiguous run of rows [g * per_block, (g + 1) * per_block) of the
+// B * L rows; a thread owns VEC-wide column chunks and walks the block's rows (threadIdx.y interleaved). Visible
+// rows are stored into their slot of grad_x; mask-token rows are summed in registers, then over threadIdx.y in
+// shared memory, into the block's partial sum. The last block to finish (a counter, after a memory fence) adds
+// the partial sums in block order: the mask token's gradient, with no second kernel and no atomics on data.
+// Deterministic for a given grid, which depends only on the shapes and the GPU's SM count.
+// VEC > 1 needs D % VEC == 0 and an aligned grad_out (the other buffers are fresh allocations).
 template <typename TG, typename TX, int VEC>
 __global__ void restore_tokens_bwd_kernel(const TG* __restrict__ grad_out, const int64_t* __restrict__ ids,
-                                          TX* __restrict__ grad_x, float* __restrict__ partial, int64_t K, int64_t L,
-                                          int64_t D, int64_t n_chunks) {
-  const int64_t b = blockIdx.y, chunk = blockIdx.z;
-  const int64_t d = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) * VEC;
-  if (d >= D) return;
-  float masked_sum[VEC];
+                                          TX* __restrict__ grad_x, float* __restrict__ partial,
+                                          unsigned int* __restrict__ done, float* __restrict__ grad_token,
+                                          int64_t rows, int64_t per_block, int64_t K, int64_t L, int64_t D) {
+  extern __shared__ float sums[];  // [blockDim.y, D]
+  const int64_t first = blockIdx.x * per_block, last = std::min<int64_t>(rows, first + per_block);
+  for (int64_t q = threadIdx.x; q < D / VEC; q += blockDim.x) {
+    const int64_t d = q * VEC;
+    float masked_sum[VEC];
 #pragma unroll
-  for (int e = 0; e < VEC; ++e) masked_sum[e] = 0.f;
-  const int64_t l_end = std::min<int64_t>(L, (chunk + 1) * kChunkL);
-  for (int64_t l = chunk * kChunkL; l < l_end; ++l) {
-    const int64_t r = ids[b * L + l];
-    float g[VEC];
-    load_as_float<TG, VEC>(grad_out + (b * L + l) * D + d, g);
-    if (r >= 0 && r < K) {
-      store_from_float<TX, VEC>(grad_x + (b * K + r) * D + d, g);
-    } else {
+    for (int e = 0; e < VEC; ++e) masked_sum[e] = 0.f;
+    for (int64_t row = first + threadIdx.y; row < last; row += blockDim.y) {
+      const int64_t b = row / L, r = ids[row];
+      float g[VEC];
+      load_as_float<TG, VEC>(grad_out + row * D + d, g);
+      if (r >= 0 && r < K) {
+        store_from_float<TX, VEC>(grad_x + (b * K + r) * D + d, g);
+      } else {
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) masked_sum[e] += g[e];
+        for (int e = 0; e < VEC; ++e) masked_sum[e] += g[e];
+      }
     }
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) sums[threadIdx.y * D + d + e] = masked_sum[e];
   }
-  store_from_float<float, VEC>(partial + (b * n_chunks + chunk) * D + d, masked_sum);
+  __syncthreads();
+  const int threads = blockDim.x * blockDim.y, tid = threadIdx.y * blockDim.x + threadIdx.x;
+  for (int64_t d = tid; d < D; d += threads) {
+    float total = 0.f;
+    for (unsigned y = 0; y < blockDim.y; ++y) total += sums[y * D + d];  // fixed order
+    partial[blockIdx.x * D + d] = total;
+  }
+  __threadfence();  // this block's partial sums are visible to every block before it is counted as done
+  __shared__ bool is_last;
+  __syncthreads();
+  if (tid == 0) is_last = atomicAdd(done, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  for (int64_t d = tid; d < D; d += threads) {
+    float total = 0.f;
+    for (unsigned g = 0; g < gridDim.x; ++g) total += __ldcg(partial + g * D + d);  // block order, from L2
+    grad_token[d] = total;
+  }
 }
 
 // The widest vector both element types allow.
@@ -146,29 +171,44 @@ std::tuple<at::Tensor, at::Tensor> restore_tokens_cuda_backward(const at::Tensor
   const int64_t B = grad_out.size(0), L = grad_out.size(1), D = grad_out.size(2), K = num_visible;
   TORCH_CHECK(K >= 0 && K <= L, "num_visible must be in [0, ", L, "], got ", K);
   auto grad_x = at::empty({B, K, D}, grad_out.options().dtype(x_dtype));
-  const int64_t n_chunks = (L + kChunkL - 1) / kChunkL;
-  auto partial = at::empty({B, n_chunks, D}, grad_out.options().dtype(at::kFloat));
-  if (B * L * D == 0) return {grad_x, at::zeros({D}, grad_out.options().dtype(at::kFloat))};
+  auto grad_token = at::empty({D}, grad_out.options().dtype(at::kFloat));
+  if (B * L == 0 || D == 0) return {grad_x, grad_token.zero_()};
+  const int64_t rows = B * L;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, grad_out.device().index()));
   auto stream = current_stream();
   MAE_DISPATCH_FLOATS(grad_out.scalar_type(), "restore_tokens_cuda_backward", [&] {
     using TG = scalar_t;
     MAE_DISPATCH_FLOATS(x_dtype, "restore_tokens_cuda_backward_x", [&] {
       using TX = scalar_t;
       constexpr int V = pair_vec_width<TG, TX>();
-      const bool vectorized = D % V == 0 && aligned16(grad_out.data_ptr());
+      const bool vectorized = vectorizable(grad_out, V);
       const int64_t columns = D / (vectorized ? V : 1);
       const int tx = static_cast<int>(std::min<int64_t>(columns, 256));
-      const dim3 block(tx), grid(num_blocks(columns, tx, 65535), B, n_chunks);
+      // Rows per thread block along y, as many as the shared sums [ty, D] allow (48 KiB).
+      int ty = std::max(1, 256 / tx);
+      while (ty > 1 && static_cast<int64_t>(ty) * D * 4 > 48 * 1024) ty /= 2;
+      TORCH_CHECK(D * 4 <= 48 * 1024, "restore_tokens_cuda_backward handles D up to 12288, got ", D);
+      // Four blocks per SM: full waves, and few enough partial sums for the last block to add.
+      const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(4 * sms, (rows + ty - 1) / ty));
+      const int64_t per_block = (rows + blocks - 1) / blocks;
+      const int64_t grid_blocks = (rows + per_block - 1) / per_block;
+      auto partial = at::empty({grid_blocks, D}, grad_out.options().dtype(at::kFloat));
+      auto done = at::zeros({1}, grad_out.options().dtype(at::kInt));
+      const dim3 block(tx, ty), grid(static_cast<unsigned>(grid_blocks));
+      const size_t shared = static_cast<size_t>(ty) * D * sizeof(float);
       const auto launch = [&](auto kernel) {
-        kernel<<<grid, block, 0, stream>>>(grad_out.data_ptr<TG>(), ids.data_ptr<int64_t>(), grad_x.data_ptr<TX>(),
-                                           partial.data_ptr<float>(), K, L, D, n_chunks);
+        kernel<<<grid, block, shared, stream>>>(grad_out.data_ptr<TG>(), ids.data_ptr<int64_t>(),
+                                                grad_x.data_ptr<TX>(), partial.data_ptr<float>(),
+                                                reinterpret_cast<unsigned int*>(done.data_ptr<int>()),
+                                                grad_token.data_ptr<float>(), rows, per_block, K, L, D);
       };
       if (vectorized) launch(restore_tokens_bwd_kernel<TG, TX, V>);
       else launch(restore_tokens_bwd_kernel<TG, TX, 1>);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return {grad_x, partial.sum(at::IntArrayRef({0, 1}))};
+  return {grad_x, grad_token};
 }
 
 }  // namespace mae_fast

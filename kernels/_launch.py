@@ -1,10 +1,26 @@
-"""Launch helpers shared by the kernel modules: autotuning on GPUs, fixed tiles in the interpreter."""
+"""Launch helpers shared by the kernel modules: tiles from a fixed rule, on the tensors' own device.
+
+Launch parameters come from the shapes by :func:`row_tile` (the way Liger-Kernel's
+``calculate_settings`` does it), in the interpreter and on GPUs alike, so a run is repeatable bit
+for bit and the first step does not stall while configurations are timed. Autotuning over
+:func:`row_tile_configs` is an opt-in for the benchmarks: ``MAE_FAST_TRITON_AUTOTUNE=1``.
+
+Every launch runs under the device of its first tensor argument (Triton launches on the current
+device otherwise, so tensors on ``cuda:1`` with device 0 current would be read from the wrong GPU).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
+import torch
 import triton
+
+#: Elements per program the fixed rule aims at: enough work per program to hide latency, small
+#: enough that a ViT-B batch gives many waves of programs.
+TILE_ELEMENTS = 4096
+MAX_ROWS = 16
 
 
 def interpreted() -> bool:
@@ -12,20 +28,60 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def autotuning() -> bool:
+    """True when launches should autotune (``MAE_FAST_TRITON_AUTOTUNE=1``, GPUs only; for benchmarks)."""
+    return os.environ.get("MAE_FAST_TRITON_AUTOTUNE", "0") not in ("", "0") and not interpreted()
+
+
+def row_tile(width: int) -> tuple[int, int]:
+    """``(ROWS, num_warps)`` for a program that handles ``ROWS`` rows of ``width`` (a power of two) columns.
+
+    The fixed rule: about :data:`TILE_ELEMENTS` elements per program (1 to :data:`MAX_ROWS` rows),
+    4 warps up to 2048 elements and 8 above. ViT-B/16: patch rows of 768 values (tile 1024) run
+    4 rows with 8 warps, token rows of 768 channels the same, decoder rows of 512 run 8 rows.
+    """
+    rows = max(1, min(MAX_ROWS, TILE_ELEMENTS // max(int(width), 1)))
+    rows = 1 << (rows.bit_length() - 1)  # a power of two
+    return rows, (4 if rows * width <= 2048 else 8)
+
+
 def row_tile_configs(warps=(4, 8)) -> list[triton.Config]:
-    """Autotune space for row-tiled kernels: rows per program x warps (small, so tuning is quick)."""
+    """Autotune space for row-tiled kernels (benchmarks only): rows per program x warps."""
     return [triton.Config({"ROWS": rows}, num_warps=w) for rows in (1, 2, 4, 8) for w in warps]
 
 
-def launch(kernel, tuned, grid, *args, interpreter_rows: int = 8, **kwargs) -> None:
-    """Run ``tuned`` (the autotuned kernel) on GPUs, or ``kernel`` with a fixed large tile in the interpreter.
+def _first_device(args) -> torch.device | None:
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            return arg.device
+    return None
 
-    Large tiles keep the interpreter fast: it runs programs one after another in Python.
+
+def on_device(device: torch.device | None):
+    """A context that makes ``device`` current for a launch when it is a CUDA device; a no-op otherwise."""
+    if device is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def launch(kernel, tuned, grid, *args, tile_width: int, **kwargs) -> None:
+    """Launch the row-tiled ``kernel`` with ``ROWS``/``num_warps`` from :func:`row_tile` (``tile_width`` columns).
+
+    ``grid`` is a function of the launch meta-parameters (``meta["ROWS"]``). With
+    :func:`autotuning` on, ``tuned`` (the autotuned version of ``kernel``) picks them instead.
     """
-    if interpreted():
-        kernel[grid](*args, ROWS=interpreter_rows, **kwargs)
-    else:
-        tuned[grid](*args, **kwargs)
+    with on_device(_first_device(args)):
+        if tuned is not None and autotuning():
+            tuned[grid](*args, **kwargs)
+            return
+        rows, warps = row_tile(tile_width)
+        kernel[grid](*args, ROWS=rows, num_warps=warps, **kwargs)
+
+
+def launch_fixed(kernel, grid, *args, **kwargs) -> None:
+    """Launch ``kernel`` on ``grid`` (a tuple) with the given meta-parameters, under its tensors' device."""
+    with on_device(_first_device(args)):
+        kernel[grid](*args, **kwargs)
 
 
 def block(n: int) -> int:

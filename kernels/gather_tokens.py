@@ -1,4 +1,4 @@
-"""Triton kernels for ``gather_tokens``: gather kept tokens and add their positions in one pass.
+"""Triton kernels for ``gather_tokens`` and ``add_pos_embed``: gather kept tokens, add their positions, one pass.
 
 Backward writes every element of the [B, L, D] gradient exactly once through the inverse of
 ``ids_keep`` (the kept token's gradient or zero): deterministic, no atomics.
@@ -17,7 +17,8 @@ from mae_fast.kernels.index import invert_index
 @triton.jit
 def gather_tokens_fwd_kernel(x_ptr, ids_ptr, pos_ptr, out_ptr, n_rows, K, L, D,
                              s_xb, s_xl, s_xd, s_ib, s_ik, s_pl, s_pd,
-                             HAS_POS: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+                             HAS_POS: tl.constexpr, GATHERED: tl.constexpr, BLOCK_D: tl.constexpr,
+                             ROWS: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < n_rows
@@ -28,7 +29,8 @@ def gather_tokens_fwd_kernel(x_ptr, ids_ptr, pos_ptr, out_ptr, n_rows, K, L, D,
     ok = row_ok & (l >= 0) & (l < L)
     l = tl.where(ok, l, 0)
     m = ok[:, None] & col_ok[None, :]
-    vals = tl.load(x_ptr + (b * s_xb + l * s_xl)[:, None] + (d * s_xd)[None, :], mask=m, other=0.0).to(tl.float32)
+    x_row = k if GATHERED else l  # GATHERED: x holds the kept tokens already, only positions are gathered
+    vals = tl.load(x_ptr + (b * s_xb + x_row * s_xl)[:, None] + (d * s_xd)[None, :], mask=m, other=0.0).to(tl.float32)
     if HAS_POS:
         vals += tl.load(pos_ptr + (l * s_pl)[:, None] + (d * s_pd)[None, :], mask=m, other=0.0).to(tl.float32)
     tl.store(out_ptr + (rows * D)[:, None] + d[None, :], vals.to(out_ptr.dtype.element_ty),
@@ -51,18 +53,23 @@ def gather_tokens_bwd_kernel(grad_out_ptr, inv_ptr, grad_x_ptr, n_rows, K, L, D,
 
 
 gather_tokens_fwd_tuned = triton.autotune(
-    row_tile_configs(warps=(2, 4, 8)), key=["D"],
+    row_tile_configs(warps=(2, 4, 8)), key=["D", "HAS_POS", "GATHERED"],
 )(gather_tokens_fwd_kernel)
 gather_tokens_bwd_tuned = triton.autotune(
     row_tile_configs(warps=(2, 4, 8)), key=["D"],
 )(gather_tokens_bwd_kernel)
 
 
-def gather_tokens_forward(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
-    """[B, L, D] (any strides), [B, K], [L, D] or None -> [B, K, D] contiguous in the dtype of ``x``."""
-    B, L, D = x.shape
+def gather_tokens_forward(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor | None, gathered: bool = False,
+                          out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[B, L, D] (any strides), [B, K], [L, D] or None -> [B, K, D] contiguous in ``out_dtype`` (default: x's).
+
+    ``gathered``: ``x`` is [B, K, D], the kept tokens in order, and only ``pos`` (required) is gathered.
+    """
+    B, D = x.shape[0], x.shape[2]
+    L = pos.shape[0] if gathered else x.shape[1]
     K = ids_keep.shape[1]
-    out = torch.empty(B, K, D, dtype=x.dtype, device=x.device)
+    out = torch.empty(B, K, D, dtype=out_dtype or x.dtype, device=x.device)
     n_rows = B * K
     if n_rows and D:
         BLOCK_D = d_block(D)
@@ -71,7 +78,7 @@ def gather_tokens_forward(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Te
         launch(gather_tokens_fwd_kernel, gather_tokens_fwd_tuned,
                lambda meta: (triton.cdiv(n_rows, meta["ROWS"]), triton.cdiv(D, BLOCK_D)),
                x, ids_keep, pos_arg, out, n_rows, K, L, D, *x.stride(), *ids_keep.stride(), *pos_strides,
-               HAS_POS=pos is not None, BLOCK_D=BLOCK_D)
+               HAS_POS=pos is not None, GATHERED=gathered, BLOCK_D=BLOCK_D, tile_width=BLOCK_D)
     return out
 
 
@@ -86,5 +93,5 @@ def gather_tokens_backward(grad_out: torch.Tensor, ids_keep: torch.Tensor, lengt
         BLOCK_D = d_block(D)
         launch(gather_tokens_bwd_kernel, gather_tokens_bwd_tuned,
                lambda meta: (triton.cdiv(n_rows, meta["ROWS"]), triton.cdiv(D, BLOCK_D)),
-               grad_out, inv, grad_x, n_rows, K, length, D, BLOCK_D=BLOCK_D)
+               grad_out, inv, grad_x, n_rows, K, length, D, BLOCK_D=BLOCK_D, tile_width=BLOCK_D)
     return grad_x

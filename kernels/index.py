@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mae_fast.kernels._launch import block
+from mae_fast.kernels._launch import block, launch_fixed
 
 
 @triton.jit
@@ -29,6 +29,6 @@ def invert_index(ids: torch.Tensor, length: int) -> torch.Tensor:
     inv = torch.full((B, length), -1, dtype=torch.int32, device=ids.device)
     if K and B:
         BLOCK_K = min(block(K), 1024)
-        invert_index_kernel[(B, triton.cdiv(K, BLOCK_K))](ids, inv, K, length, ids.stride(0), ids.stride(1),
-                                                          BLOCK_K=BLOCK_K)
+        launch_fixed(invert_index_kernel, (B, triton.cdiv(K, BLOCK_K)), ids, inv, K, length, ids.stride(0),
+                     ids.stride(1), BLOCK_K=BLOCK_K)
     return inv

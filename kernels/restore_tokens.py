@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mae_fast.kernels._launch import d_block, interpreted, launch, row_tile_configs
+from mae_fast.kernels._launch import d_block, interpreted, launch, launch_fixed, row_tile_configs
 
 
 @triton.jit
@@ -77,7 +77,8 @@ def restore_tokens_forward(x_visible: torch.Tensor, ids_restore: torch.Tensor, m
         launch(restore_tokens_fwd_kernel, restore_tokens_fwd_tuned,
                lambda meta: (triton.cdiv(n_rows, meta["ROWS"]), triton.cdiv(D, BLOCK_D)),
                x_visible, ids_restore, mask_token.contiguous(), pos_arg, out, n_rows, K, L, D,
-               *x_visible.stride(), *ids_restore.stride(), *pos_strides, HAS_POS=pos is not None, BLOCK_D=BLOCK_D)
+               *x_visible.stride(), *ids_restore.stride(), *pos_strides, HAS_POS=pos is not None, BLOCK_D=BLOCK_D,
+               tile_width=BLOCK_D)
     return out
 
 
@@ -96,7 +97,6 @@ def restore_tokens_backward(grad_out: torch.Tensor, ids_restore: torch.Tensor, n
     n_chunks = triton.cdiv(L, CHUNK_L)
     partial = torch.empty(B, n_chunks, D, dtype=torch.float32, device=grad_out.device)
     if B and L and D:
-        restore_tokens_bwd_kernel[(B, n_chunks, triton.cdiv(D, BLOCK_D))](
-            grad_out, ids_restore, grad_x, partial, K, L, D, n_chunks, *ids_restore.stride(),
-            CHUNK_L=CHUNK_L, BLOCK_D=BLOCK_D, num_warps=4)
+        launch_fixed(restore_tokens_bwd_kernel, (B, n_chunks, triton.cdiv(D, BLOCK_D)), grad_out, ids_restore, grad_x,
+                     partial, K, L, D, n_chunks, *ids_restore.stride(), CHUNK_L=CHUNK_L, BLOCK_D=BLOCK_D, num_warps=4)
     return grad_x, partial.sum(dim=(0, 1))

@@ -21,11 +21,19 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mae_fast.attention import Attention, resolve_attn_backend
-from mae_fast.ops import gather_patches, gather_tokens, masked_patch_loss, patchify, restore_tokens, sample_mask, unpatchify
+from mae_fast.ops import (IMAGENET_MEAN_255, IMAGENET_STD_255, add_pos_embed, gather_patches, masked_patch_loss,
+                          normalize_images, patchify, restore_tokens, sample_mask, unpatchify)
 from mae_fast.ops.dispatch import check_backend
 from mae_fast.pos_embed import get_2d_sincos_pos_embed, interpolate_pos_embed
 
 logger = logging.getLogger("mae_fast")
+
+
+def _matmul_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a matrix multiply on ``device`` runs in: autocast's when it is on there, else ``dtype``."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return dtype
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -130,6 +138,11 @@ class MAEViT(nn.Module):
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
 
         self.norm_pix_loss = norm_pix_loss
+        # How uint8 images are normalized (0-255 scale): ImageNet's statistics, as the loaders use. Not
+        # saved in checkpoints (official key names only); copy other statistics into them to change them.
+        mean, std = (IMAGENET_MEAN_255, IMAGENET_STD_255) if in_chans == 3 else ((127.5,) * in_chans,) * 2
+        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32), persistent=False)
         self.config = dict(img_size=self.patch_embed.img_size, patch_size=patch_size, in_chans=in_chans,
                            embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                            decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth,
@@ -228,13 +241,14 @@ class MAEViT(nn.Module):
         self._check_imgs(imgs)
         B = imgs.shape[0]
         ids_keep, ids_restore, mask = sample_mask(B, self.num_patches, mask_ratio, noise=noise, device=imgs.device)
-        # Embedding the gathered patches with the conv weight as a matrix equals the conv on them.
-        patches = gather_patches(imgs, ids_keep, self.patch_size, backend=self.kernel_backend, check_indices=False)
+        # Embedding the gathered patches with the conv weight as a matrix equals the conv on them. The rows
+        # come out in the dtype the matrix multiply runs in (bf16 under autocast), uint8 images normalized.
         proj = self.patch_embed.proj
+        patches = gather_patches(imgs, ids_keep, self.patch_size, backend=self.kernel_backend, check_indices=False,
+                                 out_dtype=_matmul_dtype(imgs.device, proj.weight.dtype), **self._pixel_stats(imgs))
         x = F.linear(patches, proj.weight.view(proj.out_channels, -1), proj.bias)
-        pos = gather_tokens(self.pos_embed[:, 1:].expand(B, -1, -1), ids_keep, None,
-                            backend=self.kernel_backend, check_indices=False)
-        x = x + pos
+        # The official x + pos_embed (float32 under autocast), positions gathered and added in one pass.
+        x = add_pos_embed(x, ids_keep, self.pos_embed[0, 1:], backend=self.kernel_backend, check_indices=False)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)
         x = torch.cat([cls.to(x.dtype), x], dim=1)
         x = self._run_blocks(self.blocks, x)
@@ -242,6 +256,10 @@ class MAEViT(nn.Module):
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Decode ``latent`` [B, 1 + K, D] to per-patch pixel predictions [B, L, p*p*C]."""
+        return self._decode(latent, ids_restore)[:, 1:]
+
+    def _decode(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """The whole decoder output [B, 1 + L, p*p*C], its cls token's prediction first."""
         x = self.decoder_embed(latent)
         # The official concatenation with the float32 mask token promotes to float32 under autocast.
         out_dtype = torch.promote_types(x.dtype, self.mask_token.dtype)
@@ -250,26 +268,45 @@ class MAEViT(nn.Module):
         cls = x[:, :1] + self.decoder_pos_embed[:, :1]
         x = torch.cat([cls.to(tokens.dtype), tokens], dim=1)
         x = self._run_blocks(self.decoder_blocks, x)
-        x = self.decoder_pred(self.decoder_norm(x))
-        return x[:, 1:]
+        return self.decoder_pred(self.decoder_norm(x))
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared error on the removed patches (float32 scalar), official semantics."""
+        """Mean squared error on the removed patches (float32 scalar), official semantics.
+
+        ``pred`` is [B, L, p*p*C], or the whole decoder output [B, 1 + L, p*p*C] (its first token
+        is then skipped without a copy); ``imgs`` float, or uint8 (normalized by the model's
+        ``pixel_mean``/``pixel_std``).
+        """
+        offset = pred.shape[1] - self.num_patches
         return masked_patch_loss(pred, imgs, mask, self.patch_size, norm_pix=self.norm_pix_loss,
-                                 backend=self.kernel_backend)
+                                 backend=self.kernel_backend, pred_offset=max(offset, 0), **self._pixel_stats(imgs))
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None):
-        """Returns ``(loss, pred, mask)``: float32 scalar, [B, L, p*p*C], [B, L] float32."""
+        """Returns ``(loss, pred, mask)``: float32 scalar, [B, L, p*p*C], [B, L] float32.
+
+        ``imgs`` is [B, C, H, W]: normalized float images, or uint8 pixels (any strides, so an NHWC
+        batch as ``permute(0, 3, 1, 2)``) that the fused ops normalize by ``pixel_mean`` and
+        ``pixel_std`` (ImageNet's, in the 0-255 scale) as they read them.
+        """
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
-        pred = self.forward_decoder(latent, ids_restore)
-        loss = self.forward_loss(imgs, pred, mask)
-        return loss, pred, mask
+        out = self._decode(latent, ids_restore)
+        # The loss takes the whole output with an offset: slicing off the cls token would make backward
+        # zero-fill and copy the whole gradient.
+        loss = self.forward_loss(imgs, out, mask)
+        return loss, out[:, 1:], mask
+
+    def _pixel_stats(self, imgs: torch.Tensor) -> dict:
+        if imgs.dtype != torch.uint8:
+            return {}
+        return {"mean": self.pixel_mean, "std": self.pixel_std}
 
     # ------------------------------------------------------------------ inference
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
         """Encode all patches without masking: [B, C, H, W] -> [B, 1 + L, D] (after the final norm)."""
         self._check_imgs(imgs)
+        if imgs.dtype == torch.uint8:
+            imgs = normalize_images(imgs, self.pixel_mean, self.pixel_std)
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls.to(x.dtype), x], dim=1)

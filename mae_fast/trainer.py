@@ -166,9 +166,12 @@ class MAETrainer:
         self.model: MAEViT = create_model(mcfg.name, img_size=dcfg.input_size, norm_pix_loss=mcfg.norm_pix_loss,
                                           attn_backend=mcfg.attn_backend, kernel_backend=mcfg.kernel_backend,
                                           grad_checkpointing=mcfg.grad_checkpointing).to(self.device)
-        self.loader = build_loader(dcfg, self.dist.rank, self.dist.world_size, self.device, config.seed, train=True)
+        # Batches cross to the device and live there as uint8 pixels (a quarter of float32's bytes); the model's
+        # fused ops normalize them as they read them, bit for bit as the loaders would.
+        self.loader = build_loader(dcfg, self.dist.rank, self.dist.world_size, self.device, config.seed, train=True,
+                                   dtype=torch.uint8)
         self.val_loader = (build_loader(dcfg, self.dist.rank, self.dist.world_size, self.device, config.seed,
-                                        train=False) if dcfg.val_path else None)
+                                        train=False, dtype=torch.uint8) if dcfg.val_path else None)
         self.knn = None
         if config.knn_every:
             bank = config.knn_train_path or dcfg.data_path or str(Path(dcfg.val_path).parent)

@@ -456,3 +456,57 @@ def test_gpu_bf16_attention_backends_match_math(attn):
     torch.testing.assert_close(b[1].float(), a[1].float(), atol=3e-2, rtol=3e-2)
     b[0].backward()
     assert all(torch.isfinite(p.grad).all() for p in fast.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_uint8_pixels_equal_normalizing_first(backend):
+    # A uint8 batch normalized inside the fused ops gives the same loss, predictions and gradients, bit for bit,
+    # as the batch normalized by the loaders' arithmetic first.
+    from mae_fast.data.transforms import normalize
+    dev = _triton_or_skip() if backend == "triton" else "cpu"
+    torch.manual_seed(0)
+    a = MAEViT(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+               decoder_num_heads=2, norm_pix_loss=True, kernel_backend=backend).to(dev)
+    b = copy.deepcopy(a)
+    pixels = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8, device=dev).permute(0, 3, 1, 2)  # NHWC view
+    noise = torch.rand(3, 16, device=dev)
+    out_u8 = a(pixels, noise=noise)
+    out_f = b(normalize(pixels, torch.float32), noise=noise)
+    for x, y in zip(out_u8, out_f):
+        assert torch.equal(x, y)
+    out_u8[0].backward()
+    out_f[0].backward()
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        if p.requires_grad:
+            assert torch.equal(p.grad, q.grad), name
+    assert "pixel_mean" not in a.state_dict()  # official keys only
+    features = a.extract_features(pixels)
+    assert torch.equal(features, b.extract_features(normalize(pixels, torch.float32)))
+
+
+def _slices_of_width(loss, width):
+    """Slice nodes in loss's backward graph over tensors whose last dimension is ``width``."""
+    found, seen, todo = [], set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__.startswith("SliceBackward") and list(node._saved_self_sym_sizes)[-1] == width:
+            found.append(tuple(node._saved_self_sym_sizes))
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
+def test_loss_takes_the_decoder_output_without_a_slice():
+    # A slice's backward zero-fills and copies the whole [B, 1 + L, N] gradient: the fused loss takes the
+    # decoder output whole, with an offset. (The torch reference slices inside, which this check sees.)
+    dev = _triton_or_skip()
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16,
+                  decoder_depth=1, decoder_num_heads=2)
+    imgs = torch.randn(2, 3, 32, 32, device=dev)
+    fused_loss, pred, _ = MAEViT(kernel_backend="triton", **kwargs).to(dev)(imgs)
+    assert pred.shape == (2, 16, 192)
+    assert _slices_of_width(fused_loss, 192) == []
+    reference_loss, _, _ = MAEViT(kernel_backend="torch", **kwargs).to(dev)(imgs)
+    assert _slices_of_width(reference_loss, 192) == [(2, 17, 192)]  # the check sees a slice where there is one

@@ -5,8 +5,10 @@
 - ``synthetic``: random images made on the device, for pure compute throughput.
 
 Every backend shards and shuffles by :mod:`mae_fast.data.sampler` and yields
-``(images, indices)``: normalized float images [B, 3, S, S] on the training device and the
-dataset index of each (-1 for the padding slots of the last batch).
+``(images, indices)``: normalized float images [B, 3, S, S] on the training device (or, with
+``dtype=torch.uint8``, the pixels as uint8, which the trainer asks for: the model's fused ops
+normalize them as they read them) and the dataset index of each (-1 for the padding slots of
+the last batch).
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def build_loader(config: DataConfig, rank: int, world_size: int, device: torch.d
         seed: run seed; shuffling and augmentation follow (seed, epoch, rank).
         train: training (random augmentation, reshuffled) or validation (resize + center crop,
             fixed order) from ``config.val_path``.
-        dtype: dtype of the delivered images.
+        dtype: dtype of the delivered images: a float dtype for normalized images, ``torch.uint8``
+            for the pixels (0-255, not normalized; the synthetic backend draws them uniformly).
 
     Returns:
         An object with ``len()`` (batches per epoch), ``num_samples``, ``backend`` and

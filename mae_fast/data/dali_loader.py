@@ -3,8 +3,9 @@
 One pipeline per epoch reads this rank's file list in the order :mod:`mae_fast.data.sampler`
 deals it (DALI's own reader threads, no Python per file), decodes with ``device="mixed"`` on a
 GPU (CPU-only with ``device_id=None`` elsewhere), then ``random_resized_crop`` (area 0.2-1.0,
-aspect 3/4-4/3, bicubic), a random flip and ImageNet normalization to CHW. Seeded by (seed, rank,
-epoch), so a resumed run sees the same augmentation.
+aspect 3/4-4/3, bicubic), a random flip and ImageNet normalization to CHW (or, for ``dtype=torch.uint8``,
+the raw pixels in CHW, which the model's fused ops normalize). Seeded by (seed, rank, epoch), so a
+resumed run sees the same augmentation.
 """
 
 from __future__ import annotations
@@ -26,8 +27,12 @@ def dali_unavailable_reason() -> str | None:
 
 
 def build_pipeline(files: list[str], batch_size: int, size: int, seed: int, device_id: int | None, num_threads: int,
-                   train: bool):
-    """A built DALI pipeline that yields float32 [B, 3, size, size] normalized images from ``files`` in order."""
+                   train: bool, raw: bool = False):
+    """A built DALI pipeline that yields [B, 3, size, size] images from ``files`` in order.
+
+    float32 ImageNet-normalized images, or with ``raw`` the uint8 pixels (the fused ops normalize
+    them on the device as they read them: a quarter of the bytes to write and read back).
+    """
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch_size, num_threads=max(1, num_threads), device_id=device_id, seed=seed,
@@ -44,6 +49,8 @@ def build_pipeline(files: list[str], batch_size: int, size: int, seed: int, devi
         else:
             images = fn.resize(decoded, resize_shorter=size, interp_type=types.INTERP_CUBIC)
             mirror, crop = 0, (size, size)
+        if raw:
+            return fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW", crop=crop, mirror=mirror)
         return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", crop=crop, mirror=mirror,
                                         mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD])
 
@@ -84,7 +91,7 @@ class DaliLoader:
         seed = (self.seed * 1_000_003 + self.rank * 7919 + epoch * 31) % (2**31 - 1)
         B = self.batch_size
         pipeline = build_pipeline([self.files[i] for i in indices], self.batch_size, self.size, seed, device_id,
-                                  self.num_threads, self.train)
+                                  self.num_threads, self.train, raw=self.dtype == torch.uint8)
         try:
             for step in range(len(self)):
                 try:
@@ -111,6 +118,7 @@ class DaliLoader:
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         dense = out.as_tensor()
-        images = torch.empty(dense.shape(), dtype=torch.float32, device=self.device)
+        images = torch.empty(dense.shape(), dtype=torch.uint8 if self.dtype == torch.uint8 else torch.float32,
+                             device=self.device)
         feed_ndarray(dense, images, cuda_stream=torch.cuda.current_stream(self.device))
         return images

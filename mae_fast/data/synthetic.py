@@ -25,6 +25,10 @@ class SyntheticLoader:
         for step in range(start, len(self)):
             # Seeded per batch, so batch k of an epoch is the same whether the epoch starts at 0 or resumes at k.
             generator.manual_seed((((self.seed * 1_000_003 + self.rank) * 7919 + epoch) * 100_003 + step) % 2**62)
-            images = torch.randn(self.batch_size, 3, self.size, self.size, device=self.device, generator=generator)
+            shape = (self.batch_size, 3, self.size, self.size)
+            if self.dtype == torch.uint8:  # pixels, for the model's fused ops to normalize
+                images = torch.randint(0, 256, shape, dtype=torch.uint8, device=self.device, generator=generator)
+            else:
+                images = torch.randn(shape, device=self.device, generator=generator)
             first = (step * self.world_size + self.rank) * self.batch_size
             yield images.to(self.dtype), torch.arange(first, first + self.batch_size)

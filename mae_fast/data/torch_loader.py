@@ -84,7 +84,9 @@ class TorchLoader:
         indices, valid, _ = self.batches.indices()
         B = self.batches.batch_size
         for step, images in enumerate(_one_line_errors(self.loader), start=start):
-            images = normalize(images.to(self.device, non_blocking=True), self.dtype)
+            images = images.to(self.device, non_blocking=True)
+            if self.dtype != torch.uint8:  # uint8: the pixels as they are, for the model's fused ops to normalize
+                images = normalize(images, self.dtype)
             idx = torch.from_numpy(indices[step * B:(step + 1) * B].copy())
             idx[~torch.from_numpy(valid[step * B:(step + 1) * B].copy())] = -1
             yield images, idx

@@ -72,7 +72,13 @@ def eval_transform(img, size: int) -> torch.Tensor:
 
 
 def normalize(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 or [0, 255] float images [B, 3, H, W] -> ImageNet-normalized ``dtype`` (computed in float32)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
-    return ((images.float() - mean) / std).to(dtype)
+    """uint8 or [0, 255] float images [B, 3, H, W] -> ImageNet-normalized ``dtype`` (computed in float32).
+
+    The same arithmetic as :func:`mae_fast.ops.normalize_images` with the model's default
+    statistics, so a uint8 batch normalized inside the fused ops equals one normalized here.
+    """
+    from mae_fast.ops.normalize import IMAGENET_MEAN_255, IMAGENET_STD_255
+
+    mean = torch.tensor(IMAGENET_MEAN_255, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD_255, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    return ((images.to(torch.float32) - mean) / std).to(dtype)

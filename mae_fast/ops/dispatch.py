@@ -65,25 +65,23 @@ def _triton_import_error() -> str | None:
     return f"Triton could not be imported ({err})" if err else None
 
 
-_CUDA_REGISTRATIONS: list[Callable[[], None]] = []
-_CUDA_REGISTERED: list[bool] = [False]
+#: The CUDA ops' schemas, defined here in Python at import (mae_fast._C registers only their CUDA kernels),
+#: so their fake and autograd implementations exist from the start, built or not.
+_CUDA_LIBRARY = torch.library.Library("mae_fast", "FRAGMENT")
+# The CUDA kernels' vector-access decision (csrc/common.cuh), registered for every device so tests check it on CPUs.
+_CUDA_LIBRARY.define("vectorizable_rows(Tensor t, int vec) -> bool")
 
 
-def on_cuda_extension_load(register: Callable[[], None]) -> None:
-    """Run ``register`` (an op's fake and autograd registration for its CUDA op) once mae_fast._C has loaded."""
-    _CUDA_REGISTRATIONS.append(register)
-    if _CUDA_REGISTERED[0]:
-        register()
+def define_cuda_op(schema: str, fake: Callable) -> None:
+    """Define ``mae_fast::<schema>`` (a CUDA op whose kernel mae_fast._C registers) with its fake implementation."""
+    _CUDA_LIBRARY.define(schema)
+    torch.library.register_fake(f"mae_fast::{schema.split('(', 1)[0]}", fake, lib=_CUDA_LIBRARY)
 
 
 @torch.compiler.assume_constant_result
 def _cuda_extension_error() -> str | None:
     err = _import_error("mae_fast._C")
     if err is None:
-        if not _CUDA_REGISTERED[0]:
-            _CUDA_REGISTERED[0] = True
-            for register in _CUDA_REGISTRATIONS:
-                register()
         return None
     return (f"the CUDA extension mae_fast._C is not built or failed to load ({err}); build it with "
             "`pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`) using a CUDA build "
@@ -91,7 +89,7 @@ def _cuda_extension_error() -> str | None:
 
 
 def cuda_extension_loaded() -> bool:
-    """Load mae_fast._C if it is built (registering its ops' fake and autograd kernels); True if it is there."""
+    """Load mae_fast._C if it is built (registering its ops' CUDA kernels); True if it is there."""
     return _cuda_extension_error() is None
 
 

@@ -30,6 +30,26 @@ def restore_tokens_reference(x_visible: torch.Tensor, ids_restore: torch.Tensor,
     return out.to(out_dtype or x_visible.dtype)
 
 
+def bytes_moved(batch: int, length: int, num_kept: int, dim: int, x_dtype: torch.dtype,
+                out_dtype: torch.dtype | None = None, pos: bool = True) -> dict[str, int]:
+    """Bytes the kernel backends move per call, by pass (``forward``, ``backward``), and the ``floor``.
+
+    Forward reads the visible tokens, the indices, the mask token and the position table once
+    (shared by the batch), and writes the [B, L, D] sequence. Backward reads the sequence's
+    gradient once and writes the visible tokens' gradient; the mask token's gradient costs one
+    [D] float32 partial sum per thread block, read back by the last block (a few hundred
+    blocks: under 1 MB, counted as ``4 * 132 * D * 4 * 2`` for an H100/H200's 132 SMs).
+    """
+    e_x = torch.empty((), dtype=x_dtype).element_size()
+    e_out = torch.empty((), dtype=out_dtype or x_dtype).element_size()
+    visible, full = batch * num_kept * dim, batch * length * dim
+    forward = visible * e_x + full * e_out + batch * length * 8 + (length * dim * 4 if pos else 0) + dim * 4
+    partials = 4 * 132 * dim * 4 * 2
+    backward = full * e_out + visible * e_x + batch * length * 8 + partials + dim * 4
+    floor = forward + full * e_out + visible * e_x + batch * length * 8 + dim * 4
+    return {"forward": forward, "backward": backward, "floor": floor}
+
+
 def _fake(x_visible, ids_restore, mask_token, pos_embed, out_dtype=None):
     B, _, D = x_visible.shape
     return x_visible.new_empty(B, ids_restore.shape[1], D, dtype=out_dtype or x_visible.dtype)
@@ -84,18 +104,18 @@ _restore_tokens_triton_backward.register_fake(_fake_backward)
 _register_autograd(_restore_tokens_triton, _restore_tokens_triton_backward)
 
 
-# CUDA: schemas and kernels in csrc/ (mae_fast._C); fake and autograd registered once it loads.
-def _register_cuda():
-    torch.library.register_fake("mae_fast::restore_tokens_cuda", _fake)
-    torch.library.register_fake("mae_fast::restore_tokens_cuda_backward", _fake_backward)
-    _register_autograd("mae_fast::restore_tokens_cuda", torch.ops.mae_fast.restore_tokens_cuda_backward)
+# CUDA: kernels in csrc/restore_tokens.cu (mae_fast._C); schema, fake and autograd defined here at import.
+dispatch.define_cuda_op("restore_tokens_cuda(Tensor x_visible, Tensor ids_restore, Tensor mask_token, Tensor? pos_embed, "
+                        "ScalarType? out_dtype=None) -> Tensor", _fake)
+dispatch.define_cuda_op("restore_tokens_cuda_backward(Tensor grad_out, Tensor ids_restore, int num_visible, "
+                        "ScalarType x_dtype) -> (Tensor, Tensor)", _fake_backward)
+_register_autograd("mae_fast::restore_tokens_cuda", torch.ops.mae_fast.restore_tokens_cuda_backward)
 
 
 def _restore_tokens_cuda(x_visible, ids_restore, mask_token, pos_embed, out_dtype=None):
     return torch.ops.mae_fast.restore_tokens_cuda(x_visible, ids_restore, mask_token, pos_embed, out_dtype)
 
 
-dispatch.on_cuda_extension_load(_register_cuda)
 IMPLEMENTATIONS = dispatch.register("restore_tokens", torch=restore_tokens_reference, triton=_restore_tokens_triton,
                                     cuda=_restore_tokens_cuda)
 

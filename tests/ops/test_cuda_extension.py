@@ -40,28 +40,79 @@ def test_every_op_is_registered_once_with_a_cuda_kernel():
     for name in CUDA_OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mae_fast::{name}", "CUDA"), name
         assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"mae_fast::{name}", "CPU"), name
-    assert all("cuda" in impls for impls in IMPLEMENTATIONS.values())
+    # add_pos_embed alone is Triton-only (auto runs Triton for it on GPUs).
+    assert all("cuda" in impls for op, impls in IMPLEMENTATIONS.items() if op != "add_pos_embed")
+
+
+FAKE_SHAPES = """
+import sys
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+import mae_fast.ops  # defines the CUDA ops' schemas, fakes and autograd; must not load mae_fast._C
+assert "mae_fast._C" not in sys.modules, "importing mae_fast.ops loaded the extension"
+ops = torch.ops.mae_fast
+with FakeTensorMode():
+    imgs = torch.empty(2, 3, 24, 40, device="cuda")
+    ids_keep = torch.empty(2, 6, dtype=torch.long, device="cuda")
+    ids_restore = torch.empty(2, 15, dtype=torch.long, device="cuda")
+    assert ops.gather_patches_cuda(imgs, ids_keep, 8, None, torch.bfloat16).shape == (2, 6, 192)
+    assert ops.gather_patches_cuda(imgs, ids_keep, 8, None, torch.bfloat16).dtype == torch.bfloat16
+    back = ops.gather_patches_cuda_backward(torch.empty(2, 6, 192, device="cuda"), ids_keep, 8, 24, 40, torch.half)
+    assert back.shape == (2, 3, 24, 40) and back.dtype == torch.half
+    x = torch.empty(2, 15, 20, device="cuda", dtype=torch.bfloat16)
+    assert ops.gather_tokens_cuda(x, ids_keep, None).shape == (2, 6, 20)
+    restored = ops.restore_tokens_cuda(x[:, :6], ids_restore, torch.empty(20, device="cuda"), None, torch.float32)
+    assert restored.shape == (2, 15, 20) and restored.dtype == torch.float32
+    grad_x, grad_token = ops.restore_tokens_cuda_backward(restored, ids_restore, 6, torch.bfloat16)
+    assert grad_x.shape == (2, 6, 20) and grad_x.dtype == torch.bfloat16 and grad_token.shape == (20,)
+    pred = torch.empty(2, 16, 192, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    mask = torch.empty(2, 15, device="cuda")
+    loss = ops.masked_patch_loss_cuda(pred, imgs, None, mask, 8, 1, True, 1e-6)
+    assert loss.shape == () and loss.dtype == torch.float32
+    grad_pred, grad_imgs = ops.masked_patch_loss_cuda_backward(pred, imgs, None, mask, loss, 8, 1, True, 1e-6,
+                                                               True, True)
+    assert grad_pred.shape == (2, 16, 192) and grad_pred.dtype == torch.bfloat16 and grad_imgs.shape == imgs.shape
+# Autograd is registered too (run on meta tensors: the autograd engine needs a real device for fake CUDA ones).
+pred = torch.empty(2, 16, 192, device="meta", dtype=torch.bfloat16, requires_grad=True)
+imgs = torch.empty(2, 3, 24, 40, device="meta", requires_grad=True)
+loss = ops.masked_patch_loss_cuda(pred, imgs, None, torch.empty(2, 15, device="meta"), 8, 1, True, 1e-6)
+grad_pred, grad_imgs = torch.autograd.grad(loss, [pred, imgs])
+assert grad_pred.shape == pred.shape and grad_pred.dtype == torch.bfloat16 and grad_imgs.shape == imgs.shape
+rows = ops.gather_patches_cuda(imgs, torch.empty(2, 6, dtype=torch.long, device="meta"), 8, None, torch.bfloat16)
+assert torch.autograd.grad(rows.sum(), imgs)[0].shape == imgs.shape
+assert "mae_fast._C" not in sys.modules
+print("ok")
+"""
+
+
+def test_fake_and_autograd_registered_at_import_without_the_extension():
+    # In a fresh process: importing mae_fast.ops alone makes the CUDA ops traceable (fake tensors,
+    # autograd), with nothing registered lazily while torch.compile traces.
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", FAKE_SHAPES], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-2000:] + done.stderr[-3000:]
 
 
 @needs_extension
-def test_fake_implementations_give_the_kernel_shapes():
-    with FakeTensorMode():
-        imgs = torch.empty(2, 3, 24, 40, device="cuda")
-        ids_keep = torch.empty(2, 6, dtype=torch.long, device="cuda")
-        ids_restore = torch.empty(2, 15, dtype=torch.long, device="cuda")
-        assert torch.ops.mae_fast.gather_patches_cuda(imgs, ids_keep, 8).shape == (2, 6, 192)
-        assert torch.ops.mae_fast.gather_patches_cuda_backward(torch.empty(2, 6, 192, device="cuda"), ids_keep, 8, 24,
-                                                               40).shape == (2, 3, 24, 40)
-        x = torch.empty(2, 15, 20, device="cuda", dtype=torch.bfloat16)
-        assert torch.ops.mae_fast.gather_tokens_cuda(x, ids_keep, None).shape == (2, 6, 20)
-        restored = torch.ops.mae_fast.restore_tokens_cuda(x[:, :6], ids_restore, torch.empty(20, device="cuda"), None,
-                                                         torch.float32)
-        assert restored.shape == (2, 15, 20) and restored.dtype == torch.float32
-        grad_x, grad_token = torch.ops.mae_fast.restore_tokens_cuda_backward(restored, ids_restore, 6, torch.bfloat16)
-        assert grad_x.shape == (2, 6, 20) and grad_x.dtype == torch.bfloat16 and grad_token.shape == (20,)
-        loss, saved, gimgs = torch.ops.mae_fast.masked_patch_loss_cuda(
-            torch.empty(2, 15, 192, device="cuda"), imgs, torch.empty(2, 15, device="cuda"), 8, True, 1e-6, True, True)
-        assert loss.shape == () and saved.shape == (2, 15, 192) and gimgs.shape == (2, 3, 24, 40)
+def test_vector_access_decision_refuses_offset_and_strided_views():
+    # The CUDA backward kernels of gather_patches, gather_tokens and restore_tokens read grad_out in 16-byte
+    # vectors only where this (their own host check) allows it. contiguous() returns an offset view unchanged.
+    check = torch.ops.mae_fast.vectorizable_rows
+    buffer = torch.zeros(4 * 96 + 8, dtype=torch.bfloat16)
+    aligned = buffer[:4 * 96].view(4, 96)
+    assert aligned.data_ptr() % 16 == 0 and check(aligned, 8)
+    for offset in (1, 2, 4):  # contiguous views that start 2, 4 or 8 bytes into an aligned buffer
+        view = buffer[offset:offset + 4 * 96].view(4, 96)
+        assert view.is_contiguous() and view.contiguous().data_ptr() == view.data_ptr()
+        assert not check(view, 8), offset
+    assert check(buffer[8:8 + 4 * 96].view(4, 96), 8)  # 16 bytes in: aligned again
+    assert not check(aligned[:, :90], 8)  # rows not a multiple of the vector
+    assert not check(torch.zeros(4, 100, dtype=torch.bfloat16)[:, :96], 8)  # row stride 100
+    assert not check(torch.zeros(96, 4, dtype=torch.bfloat16).t(), 8)  # not unit stride along rows
+    assert check(aligned, 1)
+    floats = torch.zeros(4 * 64 + 1)
+    assert check(floats[:256].view(4, 64), 4) and not check(floats[1:257].view(4, 64), 4)
 
 
 def test_explicit_cuda_backend_says_why_it_cannot_run_here():
@@ -96,11 +147,19 @@ def test_cuda_and_triton_agree_on_every_op():
 
 @pytest.mark.gpu
 @needs_extension
-def test_cuda_masked_patch_loss_size_limit_falls_back_under_auto():
-    imgs = torch.randn(1, 3, 64, 64, device="cuda")  # p=64: 12288 values per patch
-    pred = torch.randn(1, 1, 3 * 64 * 64, device="cuda")
-    mask = torch.ones(1, 1, device="cuda")
+def test_cuda_masked_patch_loss_generic_patches_and_size_limit():
+    # p=64: 12288 values per patch, the generic (looping) kernel instance; p=160: over the limit.
+    imgs = torch.randn(2, 3, 128, 64, device="cuda")
+    pred = torch.randn(2, 2, 3 * 64 * 64, device="cuda", requires_grad=True)
+    mask = torch.tensor([[1.0, 0.0], [1.0, 1.0]], device="cuda")
     ref = masked_patch_loss(pred, imgs, mask, 64, backend="torch")
-    torch.testing.assert_close(masked_patch_loss(pred, imgs, mask, 64), ref)
-    with pytest.raises(BackendUnavailableError, match="at most 5120 values per patch"):
-        masked_patch_loss(pred, imgs, mask, 64, backend="cuda")
+    got = masked_patch_loss(pred, imgs, mask, 64, backend="cuda")
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(torch.autograd.grad(got, pred)[0], torch.autograd.grad(ref, pred)[0])
+    big = torch.randn(1, 3, 160, 160, device="cuda")
+    big_pred = torch.randn(1, 1, 3 * 160 * 160, device="cuda")
+    ones = torch.ones(1, 1, device="cuda")
+    torch.testing.assert_close(masked_patch_loss(big_pred, big, ones, 160),
+                               masked_patch_loss(big_pred, big, ones, 160, backend="torch"))
+    with pytest.raises(BackendUnavailableError, match="at most 65536 values per patch"):
+        masked_patch_loss(big_pred, big, ones, 160, backend="cuda")

@@ -120,10 +120,14 @@ def test_registered_ops_pass_opcheck(backend):
     imgs = torch.randn(2, 3, 8, 12, device=device(), requires_grad=True)
     ids = torch.tensor([[4, 0, 2], [1, 5, 3]], device=device())
     op = getattr(torch.ops.mae_fast, f"gather_patches_{backend}")
-    torch.library.opcheck(op.default, (imgs, ids, 4))
+    torch.library.opcheck(op.default, (imgs, ids, 4, None, torch.float32))
+    torch.library.opcheck(op.default, (imgs, ids, 4, None, torch.bfloat16))
+    pixels = torch.randint(0, 256, (2, 3, 8, 12), dtype=torch.uint8, device=device())
+    stats = torch.tensor([[120.0, 110, 100], [60, 55, 58]], device=device())
+    torch.library.opcheck(op.default, (pixels, ids, 4, stats, torch.float32))
     grad = torch.randn(2, 3, 48, device=device())
     torch.library.opcheck(getattr(torch.ops.mae_fast, f"gather_patches_{backend}_backward").default,
-                          (grad, ids, 4, 8, 12))
+                          (grad, ids, 4, 8, 12, torch.bfloat16))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -140,3 +144,65 @@ def test_compiles_without_graph_breaks(backend):
     grad, = torch.autograd.grad(loss, imgs)
     torch.testing.assert_close(loss, f(imgs, ids))
     torch.testing.assert_close(grad, expected_grad)
+
+
+# --------------------------------------------------------------------------- uint8 images and the output dtype
+
+MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+
+
+def uint8_images(shape, layout="nchw"):
+    pixels = torch.randint(0, 256, (shape.batch, shape.channels, shape.height, shape.width), dtype=torch.uint8)
+    if layout == "nhwc":  # what a loader delivering channels-last batches gives, viewed as NCHW
+        pixels = pixels.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    return pixels.to(device())
+
+
+@pytest.mark.parametrize("backend", ["torch", *BACKENDS])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", TEST_SHAPES, ids=SHAPE_IDS)
+def test_uint8_images_are_bit_compatible_with_normalizing_first(backend, shape, layout):
+    from mae_fast.ops import normalize_images
+    MEAN_, STD_ = MEAN[:shape.channels], STD[:shape.channels]
+    pixels = uint8_images(shape, layout)
+    ids_keep, _, _ = sample_mask(shape.batch, shape.num_patches, shape.mask_ratio, device=device())
+    expected = gather_patches(normalize_images(pixels, MEAN_, STD_), ids_keep, shape.patch_size, backend="torch")
+    got = gather_patches(pixels, ids_keep, shape.patch_size, backend=backend, mean=MEAN_, std=STD_)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    stats = torch.tensor([MEAN_, STD_], device=device())  # tensors, as the model passes them
+    low = gather_patches(pixels, ids_keep, shape.patch_size, backend=backend, mean=stats[0], std=stats[1],
+                         out_dtype=torch.bfloat16)
+    assert low.dtype == torch.bfloat16 and torch.equal(low, expected.bfloat16())
+
+
+@pytest.mark.parametrize("backend", ["torch", *BACKENDS])
+def test_out_dtype_rows_and_gradient_in_the_image_dtype(backend):
+    shape = TEST_SHAPES[1]
+    imgs = torch.randn(shape.batch, shape.channels, shape.height, shape.width, device=device(), requires_grad=True)
+    ids_keep, _, _ = sample_mask(shape.batch, shape.num_patches, shape.mask_ratio, device=device())
+    out = gather_patches(imgs, ids_keep, shape.patch_size, backend=backend, out_dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    expected = gather_patches_reference(imgs.detach(), ids_keep, shape.patch_size)
+    assert torch.equal(out, expected.bfloat16())
+    grad_out = torch.randn_like(out)
+    grad, = torch.autograd.grad(out, imgs, grad_out)
+    assert grad.dtype == torch.float32
+    ref_imgs = imgs.detach().clone().requires_grad_()
+    ref, = torch.autograd.grad(gather_patches_reference(ref_imgs, ids_keep, shape.patch_size), ref_imgs,
+                               grad_out.float())
+    assert torch.equal(grad, ref)
+
+
+def test_uint8_argument_errors():
+    pixels = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+    ids = torch.tensor([[0, 1]])
+    with pytest.raises(ValueError, match="uint8 imgs need mean and std"):
+        gather_patches(pixels, ids, 4)
+    with pytest.raises(ValueError, match="mean must hold 3 values"):
+        gather_patches(pixels, ids, 4, mean=(1.0, 2.0), std=STD)
+    with pytest.raises(ValueError, match="std must be positive"):
+        gather_patches(pixels, ids, 4, mean=MEAN, std=(1.0, 0.0, 1.0))
+    with pytest.raises(ValueError, match="mean and std are for uint8 imgs"):
+        gather_patches(pixels.float(), ids, 4, mean=MEAN, std=STD)
+    with pytest.raises(TypeError, match="out_dtype must be a float dtype"):
+        gather_patches(pixels.float(), ids, 4, out_dtype=torch.int32)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mae_fast.ops import gather_tokens, sample_mask
+from mae_fast.ops import add_pos_embed, add_pos_embed_reference, gather_tokens, sample_mask
 from op_testing import DTYPES, SHAPE_IDS, TEST_SHAPES, check_backend, device, kernel_backends, noncontiguous
 
 BACKENDS = kernel_backends("gather_tokens")
@@ -129,3 +129,67 @@ def test_compiles_without_graph_breaks(backend):
     got = torch.autograd.grad(compiled(x, pos, ids), (x, pos))
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------- add_pos_embed
+
+ADD_BACKENDS = kernel_backends("add_pos_embed")
+
+
+def test_add_pos_embed_definition_and_dtype():
+    x = torch.randn(2, 3, 5).bfloat16()
+    pos = torch.randn(6, 5)
+    ids = torch.tensor([[5, 0, 2], [1, 4, 3]])
+    out = add_pos_embed(x, ids, pos)
+    assert out.dtype == torch.float32  # the official bf16 tokens + float32 table
+    assert torch.equal(out, x.float() + pos[ids])
+    assert add_pos_embed(x, ids, pos[None], out_dtype=torch.bfloat16).dtype == torch.bfloat16
+    xd = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, t: add_pos_embed(a, ids, t), (xd, table))
+
+
+@pytest.mark.parametrize("backend", ADD_BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", TEST_SHAPES, ids=SHAPE_IDS)
+def test_add_pos_embed_backend_matches_reference(backend, shape, dtype, layout):
+    B, L, K, D = shape.batch, shape.num_patches, shape.num_kept, shape.dim
+    ids_keep, _, _ = sample_mask(B, L, shape.mask_ratio)
+    args = {"x": torch.randn(B, K, D), "ids_keep": ids_keep, "pos_embed": torch.randn(L, D)}
+    check_backend(add_pos_embed, backend, args, ["x", "pos_embed"], dtype, layout, keep_dtype=("pos_embed",))
+    dev = device()
+    x = args["x"].to(dev, dtype)
+    got = add_pos_embed(x, ids_keep.to(dev), args["pos_embed"].to(dev), backend=backend)
+    expected = add_pos_embed_reference(x, ids_keep.to(dev), args["pos_embed"].to(dev))
+    assert got.dtype == torch.float32 and torch.equal(got, expected)  # one float32 addition: exact
+
+
+@pytest.mark.parametrize("backend", ADD_BACKENDS)
+def test_add_pos_embed_opcheck_and_compile(backend):
+    x = torch.randn(2, 3, 8, device=device(), requires_grad=True)
+    ids = torch.tensor([[4, 0, 2], [1, 5, 3]], device=device())
+    pos = torch.randn(6, 8, device=device(), requires_grad=True)
+    torch.library.opcheck(torch.ops.mae_fast.add_pos_embed_triton.default, (x, ids, pos, torch.float32))
+    torch.library.opcheck(torch.ops.mae_fast.add_pos_embed_triton.default, (x.bfloat16(), ids, pos, torch.float32))
+
+    def f(a, t):
+        return (add_pos_embed(a, ids, t, backend=backend) * 2).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    expected = torch.autograd.grad(f(x, pos), [x, pos])
+    got = torch.autograd.grad(compiled(x, pos), [x, pos])
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
+def test_add_pos_embed_errors():
+    x, ids, pos = torch.randn(2, 3, 5), torch.tensor([[0, 1, 2], [3, 4, 5]]), torch.randn(6, 5)
+    with pytest.raises(ValueError, match=r"pos_embed must have shape \[6, 5\]"):
+        add_pos_embed(x, ids, torch.randn(6, 4))
+    with pytest.raises(ValueError, match=r"ids_keep must have shape \[2, 3\]"):
+        add_pos_embed(x, ids[:, :2], pos)
+    with pytest.raises(ValueError, match="outside"):
+        add_pos_embed(x, ids + 1, pos)
+    with pytest.raises(Exception, match="backend='cuda' is not implemented"):
+        add_pos_embed(x, ids, pos, backend="cuda")

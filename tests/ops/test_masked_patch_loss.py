@@ -162,10 +162,16 @@ def test_registered_ops_pass_opcheck(backend):
     mask = torch.tensor([[1.0, 0, 1, 1], [0, 1, 0, 0]], device=device())
     op = getattr(torch.ops.mae_fast, f"masked_patch_loss_{backend}").default
     for norm_pix in (True, False):
-        torch.library.opcheck(op, (pred, imgs, mask, 2, norm_pix, 1e-6, True, True))
-    torch.library.opcheck(op, (pred.detach(), imgs.detach(), mask, 2, True, 1e-6, False, False))
-    torch.library.opcheck(getattr(torch.ops.mae_fast, f"masked_patch_loss_{backend}_backward").default,
-                          (torch.randn(2, 4, 12, device=device()), mask, torch.tensor(2.0, device=device()), torch.bfloat16))
+        torch.library.opcheck(op, (pred, imgs, None, mask, 2, 0, norm_pix, 1e-6))
+    with_cls = torch.randn(2, 5, 12, device=device(), requires_grad=True)
+    torch.library.opcheck(op, (with_cls, imgs, None, mask, 2, 1, True, 1e-6))
+    pixels = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8, device=device())
+    stats = torch.tensor([[120.0, 110, 100], [60, 55, 58]], device=device())
+    torch.library.opcheck(op, (pred, pixels, stats, mask, 2, 0, True, 1e-6))
+    backward = getattr(torch.ops.mae_fast, f"masked_patch_loss_{backend}_backward").default
+    for grads in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(backward, (with_cls.detach().bfloat16(), imgs.detach(), None, mask,
+                                         torch.tensor(2.0, device=device()), 2, 1, True, 1e-6, *grads))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -181,3 +187,71 @@ def test_compiles_without_graph_breaks(backend):
     expected, = torch.autograd.grad(f(pred), pred)
     got, = torch.autograd.grad(compiled(pred), pred)
     torch.testing.assert_close(got, expected)
+
+
+# --------------------------------------------------------------------------- offset, uint8 images, rounding, bytes
+
+MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+
+
+@pytest.mark.parametrize("backend", ["torch", *BACKENDS])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", TEST_SHAPES[:3], ids=SHAPE_IDS[:3])
+def test_uint8_images_and_offset_match_normalizing_first_and_slicing(backend, shape, layout):
+    from mae_fast.ops import normalize_images
+    MEAN_, STD_ = MEAN[:shape.channels], STD[:shape.channels]
+    pixels = torch.randint(0, 256, (shape.batch, shape.channels, shape.height, shape.width), dtype=torch.uint8)
+    if layout == "nhwc":
+        pixels = pixels.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    pixels = pixels.to(device())
+    _, _, mask = sample_mask(shape.batch, shape.num_patches, shape.mask_ratio, device=device())
+    full = torch.randn(shape.batch, 1 + shape.num_patches, shape.patch_dim, device=device(), requires_grad=True)
+    loss = masked_patch_loss(full, pixels, mask, shape.patch_size, backend=backend, pred_offset=1, mean=MEAN_, std=STD_)
+    sliced = full.detach()[:, 1:].clone().requires_grad_()
+    expected = masked_patch_loss(sliced, normalize_images(pixels, MEAN_, STD_), mask, shape.patch_size, backend=backend)
+    assert torch.equal(loss, expected)  # the same kernel on the same float32 values
+    grad, = torch.autograd.grad(loss * 0.3, full)
+    expected_grad, = torch.autograd.grad(expected * 0.3, sliced)
+    assert torch.all(grad[:, 0] == 0)
+    assert torch.equal(grad[:, 1:], expected_grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_gradient_is_rounded_once_for_any_incoming_gradient(backend):
+    # loss / accum_iter: the float32 gradient scaled by 1/3, then rounded to bf16 once. The backward
+    # recomputes in float32, so it rounds at most half a bf16 step away from the float64 gradient.
+    shape = TEST_SHAPES[0]
+    args = {k: v.to(device()) for k, v in loss_args(shape).items()}
+    pred = args["pred"].bfloat16().requires_grad_()
+    grad, = torch.autograd.grad(masked_patch_loss(pred, args["imgs"], args["mask"], shape.patch_size,
+                                                  backend=backend) / 3, pred)
+    hi = pred.detach().double().requires_grad_()
+    exact, = torch.autograd.grad(masked_patch_loss(hi, args["imgs"].double(), args["mask"], shape.patch_size,
+                                                   backend="torch") / 3, hi)
+    step = torch.where(exact != 0, 2.0 ** (torch.floor(torch.log2(exact.abs())) - 7), torch.ones_like(exact))
+    assert ((grad.double() - exact).abs() <= 0.5 * step + 1e-12).all()
+
+
+def test_pred_offset_errors():
+    imgs, mask = torch.randn(2, 3, 8, 8), torch.ones(2, 4)
+    with pytest.raises(ValueError, match=r"pred must have shape \[2, 5, 48\].*pred_offset=1"):
+        masked_patch_loss(torch.randn(2, 4, 48), imgs, mask, 4, pred_offset=1)
+    with pytest.raises(ValueError, match="pred_offset must be an int >= 0"):
+        masked_patch_loss(torch.randn(2, 4, 48), imgs, mask, 4, pred_offset=-1)
+    with pytest.raises(ValueError, match="uint8 imgs need mean and std"):
+        masked_patch_loss(torch.randn(2, 4, 48), imgs.to(torch.uint8), mask, 4)
+
+
+def test_bytes_moved_at_vit_b16():
+    from mae_fast.ops.masked_patch_loss import bytes_moved
+    from mae_fast.ops.shapes import MAE_SHAPES
+    s = MAE_SHAPES[0]
+    masked = s.num_patches - s.num_kept
+    bf16_fp32 = bytes_moved(s.batch, s.num_patches, s.patch_dim, masked, torch.bfloat16, torch.float32, 1)
+    bf16_u8 = bytes_moved(s.batch, s.num_patches, s.patch_dim, masked, torch.bfloat16, torch.uint8, 1)
+    reads = s.batch * masked * s.patch_dim
+    assert bf16_fp32["forward"] == reads * 6 + s.batch * s.num_patches * 8
+    assert bf16_u8["floor"] == reads * 3 + s.batch * (1 + s.num_patches) * s.patch_dim * 2
+    # No float32 gradient of the whole [B, L, N] tensor any more: forward writes 4 bytes per patch.
+    total = bf16_u8["forward"] + bf16_u8["backward"]
+    assert 250e6 < total < 260e6, total

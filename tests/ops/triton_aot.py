@@ -5,7 +5,8 @@ The Triton interpreter that runs the kernels on CPUs accepts programs the real c
 it calls the kernel modules' launchers at MAE shapes with Triton's launch entry points replaced by
 a recorder (nothing runs), turns each recorded launch into the signature and constants Triton's
 runtime would give it, and compiles it for ``--arch`` down to a cubin, for the first and the last
-of the autotune configurations (the smallest and the largest tiles and warp counts).
+of the fixed launch rule the training path uses, and for the first and the last of the autotune
+configurations the benchmarks may opt into (the smallest and the largest tiles and warp counts).
 
     python tests/ops/triton_aot.py --arch 90 [--arch 80] [--all-configs]
 
@@ -49,21 +50,36 @@ def _record_autotuned(self, *args, grid=None, warmup=False, **kwargs):
 
 
 def record_launches(batch: int = 2) -> None:
-    """Call every launcher the ops use, at each MAE shape, in the dtypes and modes the model uses."""
+    """Call every launcher the ops use, at each MAE shape, in the dtypes and modes the model uses.
+
+    Twice: with the fixed launch rule of the training path, and with autotuning on (the benchmarks' opt-in).
+    """
     JITFunction.run = _record_jit
     Autotuner.run = _record_autotuned
+    for autotune in ("0", "1"):
+        os.environ["MAE_FAST_TRITON_AUTOTUNE"] = autotune
+        _call_launchers(batch)
+    os.environ.pop("MAE_FAST_TRITON_AUTOTUNE")
+
+
+def _call_launchers(batch: int) -> None:
     for shape in MAE_SHAPES:
         B, L, P, C = batch, shape.num_patches, shape.patch_size, shape.channels
         K, N = shape.num_kept, shape.patch_dim
         ids_keep, ids_restore, mask = sample_mask(B, L, shape.mask_ratio)
         imgs = torch.randn(B, C, shape.height, shape.width)
+        pixels = torch.randint(0, 256, (B, shape.height, shape.width, C), dtype=torch.uint8).permute(0, 3, 1, 2)
+        norm = torch.ones(2, C)
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            gather_patches.gather_patches_forward(imgs.to(dtype), ids_keep, P)
+            gather_patches.gather_patches_forward(imgs.to(dtype), ids_keep, P, None, dtype)
+            gather_patches.gather_patches_forward(pixels, ids_keep, P, norm, dtype)
             gather_patches.gather_patches_backward(torch.randn(B, K, N, dtype=dtype), ids_keep, P, shape.height,
-                                                   shape.width)
+                                                   shape.width, torch.float32)
             x = torch.randn(B, L, shape.dim, dtype=dtype)
             for pos in (torch.randn(L, shape.dim), None):
                 gather_tokens.gather_tokens_forward(x, ids_keep, pos)
+            gather_tokens.gather_tokens_forward(x[:, :K], ids_keep, torch.randn(L, shape.dim), gathered=True,
+                                                out_dtype=torch.float32)  # add_pos_embed
             gather_tokens.gather_tokens_backward(torch.randn(B, K, shape.dim, dtype=dtype), ids_keep, L)
             Dd = shape.decoder_dim
             xv = torch.randn(B, K, Dd, dtype=dtype)
@@ -72,11 +88,13 @@ def record_launches(batch: int = 2) -> None:
                     restore_tokens.restore_tokens_forward(xv, ids_restore, torch.randn(Dd), pos, out_dtype)
                     restore_tokens.restore_tokens_backward(torch.randn(B, L, Dd, dtype=out_dtype), ids_restore, K,
                                                            dtype)
-            pred = torch.randn(B, L, N, dtype=dtype)
-            for norm_pix in (True, False):
-                for grads in ((True, False), (True, True), (False, False)):
-                    masked_patch_loss.masked_patch_loss_forward(pred, imgs, mask, P, norm_pix, 1e-6, *grads)
-            masked_patch_loss.masked_patch_loss_backward(torch.randn(B, L, N), mask, torch.ones(()), dtype)
+            pred = torch.randn(B, 1 + L, N, dtype=dtype)
+            for images, stats in ((imgs, None), (pixels, norm)):
+                for norm_pix in (True, False):
+                    masked_patch_loss.masked_patch_loss_forward(pred, images, stats, mask, P, 1, norm_pix, 1e-6)
+                    for grads in ((True, False), (True, True)) if stats is None else ((True, False),):
+                        masked_patch_loss.masked_patch_loss_backward(pred, images, stats, mask, torch.ones(()), P, 1,
+                                                                     norm_pix, 1e-6, *grads)
 
 
 def variants(all_configs: bool):
@@ -91,7 +109,7 @@ def variants(all_configs: bool):
         for config in configs:
             constants, signature = {}, {}
             merged = dict(values)
-            options = {"num_warps": 4, "num_stages": 3}
+            options = {"num_warps": merged.pop("num_warps", 4), "num_stages": 3}
             if config is not None:
                 merged.update(config.kwargs)
                 options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
