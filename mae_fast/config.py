@@ -68,7 +68,9 @@ class DataConfig:
     """What to read and how."""
 
     data_path: str | None = None
-    """--data_path: an ImageNet-style folder (train/<class>/*) or a flat folder of images; unset: the built-in set."""
+    """--data_path: an ImageNet-style folder (train/<class>/*), a flat folder of images, or a WebDataset shard set (a
+    folder of .tar files, a brace pattern such as train-{000000..000127}.tar, a text file listing shards, or
+    pipe:/http(s) URLs; see python -m mae_fast.prepare); unset: the built-in set."""
     val_path: str | None = None
     """--val_path: held-out images for the validation loss and reconstruction images (optional)."""
     backend: str = "auto"
@@ -101,9 +103,12 @@ class DataConfig:
             self.num_workers = default_num_workers()
         _non_negative_int("num_workers", self.num_workers)
         _positive_int("synthetic_samples", self.synthetic_samples)
+        from mae_fast.data.shards import is_shard_spec
+
         for flag, path in (("data_path", self.data_path), ("val_path", self.val_path)):
-            if path is not None and not os.path.isdir(os.path.expanduser(path)):
-                raise _error(flag, path, "is not an existing folder")
+            if path is not None and not os.path.isdir(os.path.expanduser(path)) and not is_shard_spec(path):
+                raise _error(flag, path, "is neither an existing folder nor a shard set (.tar files, a brace pattern, "
+                             "a list file, or pipe:/http(s) URLs)")
 
 
 @dataclass

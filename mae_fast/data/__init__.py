@@ -2,6 +2,8 @@
 
 - ``dali``: NVIDIA DALI, JPEG decoding on the GPU (the default when DALI is installed);
 - ``torch``: PIL decoding in DataLoader workers (the fallback);
+
+each reading a folder of images or a WebDataset shard set (:mod:`mae_fast.data.shards`);
 - ``synthetic``: random images made on the device, for pure compute throughput.
 
 Every backend shards and shuffles by :mod:`mae_fast.data.sampler` and yields
@@ -23,7 +25,8 @@ from mae_fast.data.builtin import builtin_image_dir
 from mae_fast.data.dali_loader import DaliLoader, dali_unavailable_reason
 from mae_fast.data.files import usable_images
 from mae_fast.data.synthetic import SyntheticLoader
-from mae_fast.data.torch_loader import TorchLoader
+from mae_fast.data.shards import is_shard_spec, load_shard_set
+from mae_fast.data.torch_loader import TorchLoader, TorchShardLoader
 
 logger = logging.getLogger("mae_fast")
 
@@ -78,6 +81,11 @@ def build_loader(config: DataConfig, rank: int, world_size: int, device: torch.d
         if not config.val_path:
             raise ConfigError("a validation loader needs --val_path")
         path = config.val_path
+    if is_shard_spec(str(path)):
+        shard_set = load_shard_set(str(path), workers=max(1, config.num_workers))
+        cls = DaliLoader if backend == "dali" else TorchShardLoader
+        return cls(shard_set, config.input_size, config.batch_size, rank, world_size, device, seed, config.num_workers,
+                   train=train, dtype=dtype)
     split = "train" if train else "val"
     files = usable_images(path, split=split, verify=config.verify_images, workers=max(1, config.num_workers),
                           backend=backend)

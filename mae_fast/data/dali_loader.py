@@ -1,20 +1,28 @@
 """The DALI loader: JPEG decoding on the GPU (nvJPEG / the hardware decoder) with the official augmentation.
 
-One pipeline per epoch reads this rank's file list in the order :mod:`mae_fast.data.sampler`
-deals it (DALI's own reader threads, no Python per file), decodes with ``device="mixed"`` on a
-GPU (CPU-only with ``device_id=None`` elsewhere), then ``random_resized_crop`` (area 0.2-1.0,
-aspect 3/4-4/3, bicubic), a random flip and ImageNet normalization to CHW (or, for ``dtype=torch.uint8``,
-the raw pixels in CHW, which the model's fused ops normalize). Seeded by (seed, rank, epoch), so a
-resumed run sees the same augmentation.
+One pipeline per run decodes the batches the main process feeds it: the encoded bytes of this
+rank's images in the order :mod:`mae_fast.data.sampler` deals them (files of a folder, or members
+of a shard set read front to back). It decodes only a random crop of each training image
+(``decoders.image_random_crop``, area 0.2-1.0, aspect 3/4-4/3) with ``device="mixed"`` on a GPU
+(CPU-only with ``device_id=None`` elsewhere), resizes it (bicubic), flips half of them, and writes
+CHW uint8 pixels (``dtype=torch.uint8``: the model's fused ops normalize them) or
+ImageNet-normalized floats. Decoding runs ``PREFETCH_DEPTH`` batches ahead of the training step.
+The nvJPEG hardware decoder's share (``hw_decoder_load``) is left at DALI's default: it has not
+been measured here (no GPU); the GPU check's loader benchmark is where to tune it.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from mae_fast.data.sampler import batches_per_epoch, epoch_indices
+from mae_fast.data.files import BACKEND_FORMATS
+from mae_fast.data.sampler import batches_per_epoch, epoch_indices, shard_batches_per_epoch
 from mae_fast.errors import BackendUnavailableError, DataError
 from mae_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RATIO, SCALE
+
+logger = logging.getLogger("mae_fast")
 
 
 def dali_unavailable_reason() -> str | None:
@@ -26,29 +34,44 @@ def dali_unavailable_reason() -> str | None:
     return None
 
 
-def build_pipeline(files: list[str], batch_size: int, size: int, seed: int, device_id: int | None, num_threads: int,
-                   train: bool, raw: bool = False):
-    """A built DALI pipeline that yields [B, 3, size, size] images from ``files`` in order.
+#: Batches decoded ahead of the one the training step takes (DALI's prefetch queue): two keeps the decoder busy
+#: while a step runs (see bench/test_data_loaders.py for the measured rates).
+PREFETCH_DEPTH = 2
 
-    float32 ImageNet-normalized images, or with ``raw`` the uint8 pixels (the fused ops normalize
-    them on the device as they read them: a quarter of the bytes to write and read back).
+
+def build_pipeline(batch_size: int, size: int, seed: int, device_id: int | None, num_threads: int, train: bool,
+                   raw: bool = False, crop_decode: bool = True):
+    """A built DALI pipeline that decodes the encoded images fed to its input ``"encoded"``, one batch per run.
+
+    Training: ``decoders.image_random_crop`` decodes only a random crop (area 0.2-1.0 of the image,
+    aspect 3/4-4/3, 10 attempts then the whole image's centre, the official distribution), then
+    resizes it to ``size`` (bicubic) and flips half of the images; ``crop_decode=False`` decodes
+    whole images and crops after (``random_resized_crop``, the same distribution), for comparison.
+    Evaluation: shorter side resized to ``size``, centre crop. Output [B, 3, size, size]: float32
+    ImageNet-normalized, or with ``raw`` the uint8 pixels (the fused ops normalize them on the device).
     """
     from nvidia.dali import fn, pipeline_def, types
 
+    decoder = "mixed" if device_id is not None else "cpu"
+
     @pipeline_def(batch_size=batch_size, num_threads=max(1, num_threads), device_id=device_id, seed=seed,
-                  prefetch_queue_depth=2)
+                  prefetch_queue_depth=PREFETCH_DEPTH)
     def pipe():
-        encoded, _ = fn.readers.file(files=files, random_shuffle=False, pad_last_batch=True, name="reader")
-        decoded = fn.decoders.image(encoded, device="mixed" if device_id is not None else "cpu",
-                                    output_type=types.RGB)
-        if train:
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        if train and crop_decode:
+            decoded = fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB,
+                                                    random_area=list(SCALE), random_aspect_ratio=list(RATIO),
+                                                    num_attempts=10)
+            images = fn.resize(decoded, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=False)
+        elif train:
+            decoded = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
             images = fn.random_resized_crop(decoded, size=[size, size], random_area=list(SCALE),
                                             random_aspect_ratio=list(RATIO), interp_type=types.INTERP_CUBIC)
-            mirror = fn.random.coin_flip(probability=0.5)
-            crop = None
         else:
+            decoded = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
             images = fn.resize(decoded, resize_shorter=size, interp_type=types.INTERP_CUBIC)
-            mirror, crop = 0, (size, size)
+        mirror = fn.random.coin_flip(probability=0.5) if train else 0
+        crop = None if train else (size, size)
         if raw:
             return fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW", crop=crop, mirror=mirror)
         return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", crop=crop, mirror=mirror,
@@ -60,57 +83,137 @@ def build_pipeline(files: list[str], batch_size: int, size: int, seed: int, devi
 
 
 class DaliLoader:
-    """Iterates one rank's batches of normalized images on ``device`` through DALI."""
+    """Iterates one rank's batches through one DALI pipeline, built once per run and fed each batch's encoded images.
+
+    The epoch's order comes from :mod:`mae_fast.data.sampler` (a folder: a permutation dealt
+    round-robin; a shard set: shards read front to back); the main process reads the encoded bytes
+    (files, or shard members) and feeds them, so resuming mid-epoch starts at the batch it left off
+    at. DALI draws augmentation from its own generator (seeded by seed and rank at build), so a
+    resumed run sees the remaining images, with fresh crops.
+    """
 
     backend = "dali"
 
-    def __init__(self, files: list[str], size: int, batch_size: int, rank: int, world_size: int, device: torch.device,
-                 seed: int, num_workers: int, train: bool = True, dtype: torch.dtype = torch.float32):
+    def __init__(self, files, size: int, batch_size: int, rank: int, world_size: int, device: torch.device,
+                 seed: int, num_workers: int, train: bool = True, dtype: torch.dtype = torch.float32,
+                 crop_decode: bool = True):
         reason = dali_unavailable_reason()
         if reason:
             raise BackendUnavailableError(f"data backend 'dali' cannot run: {reason}")
-        self.files, self.size, self.batch_size = files, size, batch_size
+        from mae_fast.data.shards import ShardSet
+
+        self.shard_set = files if isinstance(files, ShardSet) else None
+        self.files = None if self.shard_set else files
+        self.size, self.batch_size = size, batch_size
         self.rank, self.world_size, self.seed, self.train = rank, world_size, seed, train
         self.device, self.dtype, self.num_threads = torch.device(device), dtype, num_workers
-        self.num_samples = len(files)
+        self.crop_decode = crop_decode
+        self.num_samples = self.shard_set.num_samples if self.shard_set else len(files)
+        self.pipeline, self.primed = None, False
+        self.builds = 0  # pipelines built (one per run)
 
     def __len__(self) -> int:
+        if self.shard_set:
+            return shard_batches_per_epoch(self.num_samples, self.batch_size, self.world_size)
         return batches_per_epoch(self.num_samples, self.batch_size, self.world_size)
+
+    def _build(self):
+        if self.pipeline is None:
+            device_id = (self.device.index or 0) if self.device.type == "cuda" else None
+            seed = (self.seed * 1_000_003 + self.rank * 7919) % (2**31 - 1)
+            self.pipeline = build_pipeline(self.batch_size, self.size, seed, device_id, self.num_threads, self.train,
+                                           raw=self.dtype == torch.uint8, crop_decode=self.crop_decode)
+            self.builds += 1
+        return self.pipeline
+
+    def _batches(self, epoch: int, start: int):
+        """Yield ``(encoded arrays, names, indices)`` per batch of ``epoch`` from batch ``start`` on."""
+        import numpy as np
+
+        B = self.batch_size
+        if self.shard_set:
+            from mae_fast.data.torch_loader import ShardBatches
+
+            batches = ShardBatches(self.shard_set, B, self.rank, self.world_size, self.seed, shuffle=self.train)
+            batches.set_epoch(epoch, start)
+            for step, items in enumerate(batches):
+                indices, valid = batches.issued[step]
+                arrays, names, idx = [], [], torch.tensor(indices, dtype=torch.int64)
+                fallback = next((k for k, ok in enumerate(valid) if ok and header_problem_bytes(items[k][0]) is None),
+                                None)
+                for slot, (data, _, name) in enumerate(items):
+                    problem = header_problem_bytes(data)
+                    if problem is not None:  # DALI cannot skip an image mid-batch: replace it, mark it, name it
+                        logger.warning("left out %s (%s); its slot is marked invalid", name, problem)
+                        if fallback is None:
+                            raise DataError(f"no image of batch {step} of epoch {epoch} decodes ({name}: {problem})")
+                        data, idx[slot] = items[fallback][0], -1
+                    arrays.append(np.frombuffer(data, dtype=np.uint8))
+                    names.append(name)
+                yield arrays, names, idx
+            return
+        indices, valid, _ = epoch_indices(self.num_samples, B, self.rank, self.world_size, epoch, self.seed,
+                                          shuffle=self.train)
+        for step in range(start, len(self)):
+            chosen = indices[step * B:(step + 1) * B]
+            names = [self.files[i] for i in chosen]
+            idx = torch.from_numpy(chosen.copy())
+            idx[~torch.from_numpy(valid[step * B:(step + 1) * B].copy())] = -1
+            yield [np.fromfile(name, dtype=np.uint8) for name in names], names, idx
 
     def epoch(self, epoch: int, start: int = 0):
         """Yield ``(images [B, 3, S, S] on device in dtype, indices [B] int64 with -1 for padding)``,
-        from batch ``start`` of ``epoch`` on.
+        from batch ``start`` of ``epoch`` on."""
+        pipeline = self._build()
+        batches = self._batches(epoch, start)
+        pending = []  # (names, indices) of the batches scheduled, oldest first; None: a filler to drop
 
-        DALI draws augmentation from its own generators, seeded per (seed, rank, epoch) rather than
-        per slot as the torch loader does; to resume mid-epoch with the same augmentation it runs
-        the epoch's first ``start`` batches again and drops them.
-        """
-        indices, valid, _ = epoch_indices(self.num_samples, self.batch_size, self.rank, self.world_size, epoch,
-                                          self.seed, shuffle=self.train)
-        device_id = (self.device.index or 0) if self.device.type == "cuda" else None
-        seed = (self.seed * 1_000_003 + self.rank * 7919 + epoch * 31) % (2**31 - 1)
-        B = self.batch_size
-        pipeline = build_pipeline([self.files[i] for i in indices], self.batch_size, self.size, seed, device_id,
-                                  self.num_threads, self.train, raw=self.dtype == torch.uint8)
-        try:
-            for step in range(len(self)):
-                try:
-                    (out,) = pipeline.run()
-                except RuntimeError as exc:
-                    # The pipeline reads ahead, so the culprit is in this batch or the prefetched one.
-                    batch_files = [self.files[i] for i in indices[step * B:(step + 2) * B]]
-                    first_line = next((line for line in str(exc).splitlines() if line.strip()), "")
-                    raise DataError(f"DALI failed at batch {step} of epoch {epoch}: one of {batch_files} could not be "
-                                    f"read or decoded ({first_line.strip()}); remove or replace it, or check the "
-                                    "folder with --verify_images decode") from exc
-                if step < start:
-                    continue
-                images = self._to_torch(out)
-                idx = torch.from_numpy(indices[step * B:(step + 1) * B].copy())
-                idx[~torch.from_numpy(valid[step * B:(step + 1) * B].copy())] = -1
-                yield images.to(self.dtype), idx
-        finally:
-            del pipeline
+        def schedule() -> None:
+            if not self.primed:
+                # DALI's first schedule_run runs PREFETCH_DEPTH iterations at once: feed that many batches first
+                # (repeating the last one as fillers whose outputs are dropped when the epoch has fewer).
+                fed = [b for b in (next(batches, None) for _ in range(PREFETCH_DEPTH)) if b is not None]
+                if not fed:
+                    return
+                for k in range(PREFETCH_DEPTH):
+                    arrays, names, idx = fed[min(k, len(fed) - 1)]
+                    pipeline.feed_input("encoded", arrays)
+                    pending.append((names, idx) if k < len(fed) else None)
+                pipeline.schedule_run()
+                self.primed = True
+                return
+            batch = next(batches, None)
+            if batch is not None:
+                arrays, names, idx = batch
+                pipeline.feed_input("encoded", arrays)
+                pipeline.schedule_run()
+                pending.append((names, idx))
+
+        schedule()
+        if self.primed:
+            for _ in range(PREFETCH_DEPTH - len(pending)):
+                schedule()
+        step = start
+        while pending:
+            entry = pending.pop(0)
+            try:
+                (out,) = pipeline.outputs()
+            except RuntimeError as exc:
+                first_line = next((line for line in str(exc).splitlines() if line.strip()), "")
+                self.pipeline, self.primed = None, False  # a failed pipeline is not reused
+                names = entry[0] if entry else []
+                raise DataError(f"DALI failed at batch {step} of epoch {epoch}: one of {names} could not be "
+                                f"decoded ({first_line.strip()}); remove or replace it, or check the data with "
+                                "--verify_images decode") from exc
+            if entry is None:  # a filler
+                pipeline.release_outputs()
+                continue
+            names, idx = entry
+            images = self._to_torch(out)
+            pipeline.release_outputs()
+            schedule()
+            step += 1
+            yield images.to(self.dtype) if self.dtype != torch.uint8 else images, idx
 
     def _to_torch(self, out) -> torch.Tensor:
         if self.device.type != "cuda":
@@ -122,3 +225,17 @@ class DaliLoader:
                              device=self.device)
         feed_ndarray(dense, images, cuda_stream=torch.cuda.current_stream(self.device))
         return images
+
+
+def header_problem_bytes(data: bytes) -> str | None:
+    """Why encoded bytes are not an image DALI decodes, by their first and last bytes, or None."""
+    from mae_fast.data.files import image_format
+
+    if not data:
+        return "empty"
+    kind = image_format(bytes(data[:12]))
+    if kind is None or kind not in BACKEND_FORMATS["dali"]:
+        return f"not a {'/'.join(sorted(BACKEND_FORMATS['dali']))} image"
+    if kind == "JPEG" and not bytes(data[-2:]) == b"\xff\xd9":
+        return "a JPEG cut short (no end-of-image marker)"
+    return None

@@ -194,7 +194,7 @@ def test_synthetic_loader_and_missing_paths(tmp_path):
     ld = build_loader(cfg, 0, 2, "cpu", 0)
     batches = list(ld.epoch(0))
     assert len(batches) == 2 and batches[0][0].shape == (4, 3, 8, 8)
-    with pytest.raises(ValueError, match="--data_path: is not an existing folder"):
+    with pytest.raises(ValueError, match="--data_path: is neither an existing folder nor a shard set"):
         DataConfig(data_path=str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="--data_backend: must be one of"):
         DataConfig(backend="ffcv")

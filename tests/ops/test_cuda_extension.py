@@ -163,3 +163,34 @@ def test_cuda_masked_patch_loss_generic_patches_and_size_limit():
                                masked_patch_loss(big_pred, big, ones, 160, backend="torch"))
     with pytest.raises(BackendUnavailableError, match="at most 65536 values per patch"):
         masked_patch_loss(big_pred, big, ones, 160, backend="cuda")
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_cuda_backward_kernels_take_misaligned_gradients():
+    # contiguous() hands an offset view back unchanged: the backward kernels must not use 16-byte vectors on it.
+    torch.manual_seed(0)
+    B, L, p, D = 2, 16, 8, 64
+    ids_keep, ids_restore, _ = sample_mask(B, L, 0.75, device="cuda")
+    K = ids_keep.shape[1]
+    N = 3 * p * p
+    for dtype in (torch.bfloat16, torch.float32):
+        buffer = torch.randn(B * K * N + 1, device="cuda", dtype=dtype)
+        grad = buffer[1:].view(B, K, N)
+        assert grad.is_contiguous() and not torch.ops.mae_fast.vectorizable_rows(grad, 16 // grad.element_size())
+        got = torch.ops.mae_fast.gather_patches_cuda_backward(grad, ids_keep, p, 32, 32, dtype)
+        imgs = torch.zeros(B, 3, 32, 32, device="cuda", dtype=dtype, requires_grad=True)
+        expected, = torch.autograd.grad(gather_patches(imgs, ids_keep, p, backend="torch"), imgs, grad)
+        assert torch.equal(got, expected)
+        tokens = torch.randn(B * K * D + 1, device="cuda", dtype=dtype)[1:].view(B, K, D)
+        x = torch.zeros(B, L, D, device="cuda", dtype=dtype, requires_grad=True)
+        expected, = torch.autograd.grad(gather_tokens(x, ids_keep, None, backend="torch"), x, tokens)
+        assert torch.equal(torch.ops.mae_fast.gather_tokens_cuda_backward(tokens, ids_keep, L), expected)
+        full = torch.randn(B * L * D + 1, device="cuda", dtype=dtype)[1:].view(B, L, D)
+        grad_x, grad_token = torch.ops.mae_fast.restore_tokens_cuda_backward(full, ids_restore, K, dtype)
+        xv = torch.zeros(B, K, D, device="cuda", dtype=dtype, requires_grad=True)
+        token = torch.zeros(D, device="cuda", requires_grad=True)
+        ref_x, ref_token = torch.autograd.grad(restore_tokens(xv, ids_restore, token, None, backend="torch"),
+                                               [xv, token], full)
+        assert torch.equal(grad_x, ref_x)
+        torch.testing.assert_close(grad_token, ref_token.float(), rtol=1e-5, atol=1e-5)

@@ -44,7 +44,7 @@ def test_help_documents_every_flag(capsys):
     (["--batch_size", "-4"], "--batch_size: must be a positive integer, got -4"),
     (["--mask_ratio", "1.0"], r"--mask_ratio: must be in \(0, 1\).*got 1.0"),
     (["--model", "vit_giant"], "--model: must be one of .*got 'vit_giant'"),
-    (["--data_path", "/no/such/folder"], "--data_path: is not an existing folder, got '/no/such/folder'"),
+    (["--data_path", "/no/such/folder"], "--data_path: is neither an existing folder nor a shard set"),
     (["--precision", "fp4"], "--precision: must be one of"),
     (["--compile_scope", "layers"], "--compile_scope: must be one of model, blocks"),
     (["--accum_iter", "0"], "--accum_iter: must be a positive integer, got 0"),

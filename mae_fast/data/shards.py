@@ -1,0 +1,469 @@
+"""WebDataset shard sets: finding the shards, counting their images, and streaming them in order.
+
+A shard set is named by ``--data_path`` as a folder of ``.tar`` files, a brace pattern
+(``train-{000000..000127}.tar``), a text file listing shard paths or URLs (one per line; relative
+paths are relative to the list), or one shard. A shard is a local file, an ``http(s)://`` URL or a
+``pipe:COMMAND`` whose standard output is the tar (``pipe:aws s3 cp s3://bucket/train-000000.tar -``),
+so shards can stream from object storage.
+
+A sample is the group of members that share a name up to the first dot of the file name
+(WebDataset's rule); its image is its ``jpg``, ``jpeg``, ``png`` or ``webp`` member, and every
+other member is ignored. Samples without an image are not counted.
+
+Shards are only ever read front to back (:func:`stream_images`), so a local disk, a network file
+system and an object store are read the same way. Planning an epoch needs each shard's image
+count, taken from the ``manifest.json`` that ``python -m mae_fast.prepare`` writes beside the
+shards, else from DALI index files beside local shards (``<shard>.idx``), else by reading the
+shards once (and, for local shards in a writable folder, writing the index files so the next run
+starts at once).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import subprocess
+import tarfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from mae_fast.errors import DataError
+
+logger = logging.getLogger("mae_fast")
+
+#: The members that hold a sample's image (compared case-insensitively).
+IMAGE_MEMBER_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+MANIFEST_NAME = "manifest.json"
+INDEX_VERSION = "v1.2"  # DALI's webdataset index format (its wds2idx writes the same)
+
+
+def is_remote(path: str) -> bool:
+    """True for shards streamed from a URL or a command rather than read from a local file."""
+    return path.startswith(("pipe:", "http://", "https://"))
+
+
+def is_shard_spec(path: str) -> bool:
+    """Whether ``--data_path`` names a shard set rather than a folder of images.
+
+    True for a URL or ``pipe:`` command, a brace pattern, a ``.tar`` file, a text file (the
+    list), or a folder holding ``.tar`` files and no image class folders.
+    """
+    path = str(path)
+    if is_remote(path) or _has_braces(path):
+        return True
+    p = Path(path).expanduser()
+    if p.is_file():
+        return True
+    if p.is_dir():
+        return any(child.suffix == ".tar" for child in p.iterdir() if child.is_file())
+    return False
+
+
+def _has_braces(path: str) -> bool:
+    return bool(re.search(r"\{[^{}]*(\.\.|,)[^{}]*\}", path))
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand ``{a..b}`` (zero-padded numbers keep their width) and ``{x,y,z}`` in ``pattern``, in order.
+
+    Raises:
+        DataError: a range whose ends are not numbers, or that runs backwards.
+    """
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if not match or not ((".." in match.group(1)) or ("," in match.group(1))):
+        return [pattern]
+    head, body, tail = pattern[:match.start()], match.group(1), pattern[match.end():]
+    if ".." in body:
+        lo, hi = body.split("..", 1)
+        if not (lo.isdigit() and hi.isdigit()):
+            raise DataError(f"shard pattern {pattern!r}: the range {{{body}}} must run between two numbers")
+        if int(hi) < int(lo):
+            raise DataError(f"shard pattern {pattern!r}: the range {{{body}}} runs backwards")
+        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+        choices = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        choices = body.split(",")
+    return [expanded for choice in choices for expanded in expand_braces(head + choice + tail)]
+
+
+def shard_paths(spec: str) -> list[str]:
+    """The shards ``spec`` names, in order (see the module docstring).
+
+    Raises:
+        DataError: nothing to read: a pattern whose files do not exist, an empty list, a folder
+            without ``.tar`` files, a path that does not exist.
+    """
+    spec = str(spec)
+    if is_remote(spec):
+        return expand_braces(spec)
+    if _has_braces(spec):
+        paths = [str(Path(p).expanduser()) for p in expand_braces(spec)]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if len(missing) == len(paths):
+            raise DataError(f"the shard pattern {spec!r} matches no file ({len(paths)} names, e.g. {paths[0]!r})")
+        if missing:
+            raise DataError(f"the shard pattern {spec!r} names {len(missing)} missing file(s) of {len(paths)}: "
+                            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        return paths
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        paths = sorted(str(child) for child in p.iterdir() if child.suffix == ".tar" and child.is_file())
+        if not paths:
+            raise DataError(f"the shard folder {str(p)!r} holds no .tar files")
+        return paths
+    if p.is_file() and p.suffix == ".tar":
+        return [str(p)]
+    if p.is_file():
+        paths = []
+        for line in p.read_text().splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if not is_remote(line) and not os.path.isabs(os.path.expanduser(line)):
+                line = str(p.parent / line)
+            paths.extend(expand_braces(line) if (is_remote(line) or _has_braces(line)) else [line])
+        if not paths:
+            raise DataError(f"the shard list {str(p)!r} names no shards")
+        missing = [s for s in paths if not is_remote(s) and not os.path.isfile(os.path.expanduser(s))]
+        if missing:
+            raise DataError(f"the shard list {str(p)!r} names {len(missing)} missing file(s): "
+                            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        return paths
+    raise DataError(f"data path {spec!r} does not exist")
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def open_shard(path: str):
+    """A binary stream of the shard's bytes: a local file, an HTTP(S) response, or a command's output.
+
+    Raises:
+        DataError: the file, URL or command cannot be opened.
+    """
+    try:
+        if path.startswith("pipe:"):
+            proc = subprocess.Popen(path[len("pipe:"):], shell=True, stdout=subprocess.PIPE,  # nosec B602
+                                    stderr=subprocess.PIPE, bufsize=1 << 20)
+            return _CommandStream(proc, path)
+        if path.startswith(("http://", "https://")):
+            return urllib.request.urlopen(path, timeout=60)  # nosec B310
+        return open(os.path.expanduser(path), "rb", buffering=1 << 20)
+    except OSError as exc:
+        raise DataError(f"cannot open shard {path!r}: {exc}") from exc
+
+
+class _CommandStream(io.RawIOBase):
+    """A ``pipe:`` command's standard output; closing it (or reaching its end) checks the exit status."""
+
+    def __init__(self, proc: subprocess.Popen, path: str):
+        self.proc, self.path = proc, path
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.proc.stdout.readinto(buffer)
+        if n == 0:
+            self._check()
+        return n
+
+    def _check(self) -> None:
+        code = self.proc.wait()
+        if code != 0:
+            err = self.proc.stderr.read().decode(errors="replace").strip().splitlines()
+            raise DataError(f"shard {self.path!r}: the command exited with status {code}"
+                            f"{': ' + err[-1] if err else ''}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        super().close()
+
+
+@dataclass
+class ShardImage:
+    """One image of a shard: its sample key, member name and encoded bytes."""
+
+    key: str
+    name: str
+    data: bytes
+
+
+class ShardTruncated(DataError):
+    """A shard ended (or became unreadable) before its last member; ``images`` were read before that."""
+
+    def __init__(self, message: str, images: int):
+        super().__init__(message)
+        self.images = images
+
+
+def _split(name: str) -> tuple[str, str]:
+    base = name.rsplit("/", 1)[-1]
+    dot = base.find(".")
+    if dot <= 0:
+        return name, ""
+    return name[:len(name) - len(base) + dot], base[dot + 1:].lower()
+
+
+def stream_images(path: str, skip: int = 0):
+    """Yield each sample's image in ``path`` as a :class:`ShardImage`, front to back, after the first ``skip``.
+
+    Skipped images are still read past (from a local file, their data is seeked over).
+
+    Raises:
+        ShardTruncated: the tar ends or breaks before its end-of-archive (a shard cut short).
+        DataError: the shard cannot be opened.
+    """
+    stream = open_shard(path)
+    count = 0
+    try:
+        try:
+            mode = "r:" if not is_remote(path) else "r|"
+            with tarfile.open(fileobj=stream, mode=mode) as tar:
+                last_key = None
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, ext = _split(member.name)
+                    if ext.rsplit(".", 1)[-1] not in IMAGE_MEMBER_EXTENSIONS or key == last_key:
+                        continue  # not an image, or a second image of the same sample
+                    last_key = key
+                    if count < skip:
+                        count += 1
+                        continue
+                    f = tar.extractfile(member)
+                    data = f.read() if f is not None else b""
+                    if len(data) != member.size:
+                        raise tarfile.ReadError(f"member {member.name} is cut short")
+                    count += 1
+                    yield ShardImage(key, member.name, data)
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise ShardTruncated(f"shard {path!r} is cut short or damaged after {count} images "
+                                 f"({type(exc).__name__}: {exc})", count) from exc
+    finally:
+        stream.close()
+
+
+# ---------------------------------------------------------------------------------------------- counting
+
+
+def _index_path(path: str) -> str:
+    return path + ".idx" if not path.endswith(".tar") else path[:-4] + ".idx"
+
+
+def read_index(path: str) -> int | None:
+    """Images in a local shard according to its DALI index file, or None without a usable one."""
+    idx = _index_path(path)
+    try:
+        with open(idx) as f:
+            header = f.readline().split()
+            if len(header) != 2 or header[0] != INDEX_VERSION:
+                return None
+            count = 0
+            for line in f:
+                fields = line.split()
+                exts = {fields[i].lower() for i in range(0, len(fields), 4)}
+                count += bool(exts & set(IMAGE_MEMBER_EXTENSIONS))
+            return count
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def write_index(path: str, entries: list[list[tuple[str, int, int, str]]]) -> None:
+    """Write DALI's index file for a local shard: one line per sample, ``ext offset size name`` per member."""
+    lines = [f"{INDEX_VERSION} {len(entries)}\n"]
+    lines += [" ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in sample) + "\n"
+              for sample in entries]
+    tmp = _index_path(path) + f".tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(lines)
+    os.replace(tmp, _index_path(path))
+
+
+def scan_shard(path: str) -> tuple[int, list[list[tuple[str, int, int, str]]]]:
+    """Read a shard once: its image count and (local shards) its members for an index file.
+
+    Raises:
+        ShardTruncated: the shard is cut short.
+    """
+    if is_remote(path):
+        return sum(1 for _ in stream_images(path)), []
+    entries, images, last_key = [], 0, None
+    try:
+        with tarfile.open(os.path.expanduser(path), mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _split(member.name)
+                if key != last_key:
+                    entries.append([])
+                    last_key = key
+                    images_before = images
+                entries[-1].append((ext, member.offset_data, member.size, member.name))
+                if ext.rsplit(".", 1)[-1] in IMAGE_MEMBER_EXTENSIONS and images == images_before:
+                    images += 1
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise ShardTruncated(f"shard {path!r} is cut short or damaged after {images} images "
+                             f"({type(exc).__name__}: {exc})", images) from exc
+    return images, entries
+
+
+def read_manifest(paths: list[str]) -> dict[str, dict]:
+    """Per-shard records (``count``, ``bytes``, ``sha256``) from the manifest beside the shards, by shard file name."""
+    if not paths or is_remote(paths[0]):
+        folder = None
+    else:
+        folder = Path(os.path.expanduser(paths[0])).parent
+    if folder is None or not (folder / MANIFEST_NAME).is_file():
+        return {}
+    try:
+        manifest = json.loads((folder / MANIFEST_NAME).read_text())
+        return {record["name"]: record for record in manifest.get("shards", [])}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("ignoring %s: %s", folder / MANIFEST_NAME, exc)
+        return {}
+
+
+@dataclass
+class ShardSet:
+    """A shard set's shards and how many images each holds."""
+
+    paths: list[str]
+    counts: list[int]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
+
+
+def load_shard_set(spec: str, workers: int = 8) -> ShardSet:
+    """Find the shards of ``spec`` and count their images (manifest, index files, or one read).
+
+    Local shards whose size differs from the manifest's record are read again and named in a
+    warning (a copy cut short, or a shard replaced).
+
+    Raises:
+        DataError: no shards, or no images in any of them.
+    """
+    paths = shard_paths(spec)
+    manifest = read_manifest(paths)
+    counts: list[int | None] = [None] * len(paths)
+    changed = []
+    for i, path in enumerate(paths):
+        record = manifest.get(os.path.basename(path))
+        if record is not None and not is_remote(path):
+            size = os.path.getsize(os.path.expanduser(path))
+            if record.get("bytes") not in (None, size):
+                changed.append(f"{path} ({size} bytes, the manifest says {record['bytes']})")
+                continue
+        if record is not None:
+            counts[i] = int(record["count"])
+        elif not is_remote(path):
+            counts[i] = read_index(path)
+    if changed:
+        logger.warning("%d shard(s) differ from %s and are counted again: %s", len(changed), MANIFEST_NAME,
+                       "; ".join(changed[:5]))
+    todo = [i for i, c in enumerate(counts) if c is None]
+    if todo:
+        start = time.monotonic()
+        logger.info("counting the images of %d shard(s) without a manifest entry or index file (one read each)",
+                    len(todo))
+        damaged = []
+
+        def count(i: int) -> int:
+            try:
+                images, entries = scan_shard(paths[i])
+            except ShardTruncated as exc:
+                damaged.append(str(exc))
+                return exc.images
+            if entries and os.access(os.path.dirname(os.path.abspath(os.path.expanduser(paths[i]))), os.W_OK):
+                try:
+                    write_index(paths[i], entries)
+                except OSError:
+                    pass
+            return images
+
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for i, images in zip(todo, pool.map(count, todo)):
+                counts[i] = images
+        if damaged:
+            logger.warning("%d damaged shard(s); their readable images are used: %s", len(damaged),
+                           "; ".join(damaged[:5]))
+        logger.info("counted in %.1f s", time.monotonic() - start)
+    empty = [p for p, c in zip(paths, counts) if c == 0]
+    if len(empty) == len(paths):
+        raise DataError(f"the shard set {spec!r} holds no images (members named .{', .'.join(IMAGE_MEMBER_EXTENSIONS)})")
+    if empty:
+        logger.warning("%d shard(s) hold no images and are left out: %s", len(empty), ", ".join(empty[:5]))
+    kept = [(p, int(c)) for p, c in zip(paths, counts) if c]
+    return ShardSet([p for p, _ in kept], [c for _, c in kept])
+
+
+# ---------------------------------------------------------------------------------------------- an epoch's images
+
+
+def plan_images(shard_set: ShardSet, plan, start: int = 0):
+    """Yield ``(slot, dataset_index, image)`` for the real slots of ``plan`` from slot ``start`` on, in slot order.
+
+    ``plan`` is a :class:`mae_fast.data.sampler.ShardPlan` over ``shard_set``; its lanes are read
+    front to back, each from the shard holding its first position (skipping within it when
+    resuming). ``dataset_index`` numbers images by shard in the set's own order (stable across
+    epochs). An image a shard cut short no longer holds comes as ``image=None``, and the shard is
+    named in one warning.
+    """
+    import numpy as np
+
+    real = int(plan.valid.sum())
+    if start >= real:
+        return
+    cum = np.concatenate([[0], np.cumsum(plan.counts)])  # in the epoch's shard order
+    set_cum = np.concatenate([[0], np.cumsum(shard_set.counts)])  # in the set's order
+    done_before = np.bincount(plan.lane_of[:start], minlength=len(plan.lanes))
+    lanes = [_lane(shard_set, plan, cum, set_cum, a + int(done_before[k]), b) for k, (a, b) in enumerate(plan.lanes)]
+    try:
+        for slot in range(start, real):
+            position, index, image = next(lanes[plan.lane_of[slot]])
+            if position != plan.positions[slot]:
+                raise AssertionError(f"lane order broken at slot {slot}: {position} != {plan.positions[slot]}")
+            yield slot, index, image
+    finally:
+        for lane in lanes:
+            lane.close()
+
+
+def _lane(shard_set: ShardSet, plan, cum, set_cum, first: int, end: int):
+    import numpy as np
+
+    position = first
+    while position < end:
+        s = int(np.searchsorted(cum, position, side="right")) - 1  # the shard (in epoch order) holding it
+        shard = int(plan.shard_order[s])
+        path, expected = shard_set.paths[shard], int(plan.counts[s])
+        member = position - int(cum[s])
+        stop = min(end, int(cum[s + 1]))
+        images = stream_images(path, skip=member)
+        try:
+            for image in images:
+                yield position, int(set_cum[shard]) + member, image
+                position, member = position + 1, member + 1
+                if position >= stop:
+                    break
+        except ShardTruncated as exc:
+            logger.warning("%s; its remaining %d image(s) are skipped this epoch", exc, stop - position)
+        else:
+            if position < stop:
+                logger.warning("shard %r holds fewer images than counted (%d); its remaining %d image(s) are "
+                               "skipped this epoch", path, expected, stop - position)
+        finally:
+            images.close()
+        while position < stop:  # images the shard no longer holds
+            yield position, int(set_cum[shard]) + member, None
+            position, member = position + 1, member + 1
