@@ -30,6 +30,8 @@ TARGETS = {
     "step_speedup_vs_huggingface": 1.5,  # training step, mae_fast against ViTMAEForPreTraining
     "step_mfu": 0.40,  # training step, mae_fast (bf16, ViT-B/16)
     "fp8_speedup_vs_compiled_bf16": 1.3,  # training step, ViT-L/16: mae_fast-fp8 against mae_fast-compile
+    "data_shards_vs_torch_folder_cpu": 2.0,  # CPU: DALI from prepared shards (crop decode) against torch on the folder
+    "data_images_per_sec_gpu": 8000.0,  # GPU: DALI from prepared shards, mixed decoding (crop decode)
 }
 TARGET_SHAPES = ("vit_b16", "vit_l16")  # the shapes the op targets are stated for
 TARGET_STEP = ("mae_vit_base_patch16", "bf16")  # the setting the bf16 step targets are stated for
@@ -55,6 +57,15 @@ class StepResult(NamedTuple):
     precision: str
     images_per_sec: float | None
     mfu: float | None
+
+
+class DataResult(NamedTuple):
+    backend: str
+    source: str
+    decode: str
+    image_size: int
+    images_per_sec: float | None
+    device: str
 
 
 def load(path: str) -> dict:
@@ -85,7 +96,8 @@ def rows(results: dict) -> tuple[list[OpResult], list[StepResult], list[tuple]]:
             steps.append(StepResult(info["provider"], info["preset"], info["batch"], info["precision"],
                                     info.get("images_per_sec"), info.get("mfu")))
         elif "backend" in info:
-            data.append((info["backend"], info["image_size"], info.get("images_per_sec")))
+            data.append(DataResult(info["backend"], info.get("source", "folder"), info.get("decode", "full"),
+                                   info["image_size"], info.get("images_per_sec"), info.get("device", "")))
     return ops, steps, data
 
 
@@ -153,6 +165,27 @@ def target_rows(ops: list[OpResult], steps: list[StepResult]) -> list[tuple[str,
     return out
 
 
+def data_target_rows(data: list[DataResult]) -> list[tuple[str, str, str, bool]]:
+    """The data loader targets this run measured."""
+    out = []
+    by_case = {(d.backend, d.source, d.decode): d for d in data if d.images_per_sec}
+    shards = by_case.get(("dali", "shards", "crop"))
+    if shards is None:
+        return out
+    on_gpu = not shards.device.startswith("cpu")
+    if on_gpu:
+        need = TARGETS["data_images_per_sec_gpu"]
+        out.append((f"DALI from shards >= {need:,.0f} images/s", f"mixed decoding, {shards.image_size} px",
+                    f"{shards.images_per_sec:,.0f}", shards.images_per_sec >= need))
+    else:
+        torch_folder = by_case.get(("torch", "folder", "full"))
+        if torch_folder is not None:
+            need, got = TARGETS["data_shards_vs_torch_folder_cpu"], shards.images_per_sec / torch_folder.images_per_sec
+            out.append((f"DALI CPU from shards >= {need:g}x torch from the folder", f"{shards.image_size} px",
+                        f"{got:.2f}x", got >= need))
+    return out
+
+
 def summary(results: dict) -> str:
     """The whole summary as Markdown."""
     lines = []
@@ -193,12 +226,12 @@ def summary(results: dict) -> str:
         lines.append("")
     if data:
         lines.append("## Data loaders\n")
-        lines.append("| backend | image size | images/s |")
-        lines.append("|---|---:|---:|")
-        for backend, size, ips in data:
-            lines.append(f"| {backend} | {size} | {fmt(ips, ',.0f')} |")
+        lines.append("| backend | source | decode | image size | images/s |")
+        lines.append("|---|---|---|---:|---:|")
+        for d in data:
+            lines.append(f"| {d.backend} | {d.source} | {d.decode} | {d.image_size} | {fmt(d.images_per_sec, ',.0f')} |")
         lines.append("")
-    targets = target_rows(ops, steps)
+    targets = target_rows(ops, steps) + data_target_rows(data)
     lines.append("## Targets\n")
     if targets:
         lines.append(f"{sum(met for *_, met in targets)} of {len(targets)} met.\n")

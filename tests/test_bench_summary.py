@@ -144,3 +144,26 @@ def test_a_saved_baseline_catches_a_slowdown(tmp_path):
         done = run_one_benchmark(storage, *compare)
         assert (done.returncode != 0) == regressed, done.stdout[-2000:] + done.stderr[-2000:]
         assert ("Performance has regressed" in done.stdout + done.stderr) == regressed
+
+
+def data(backend, source, decode, images_per_sec, device):
+    info = {"backend": backend, "source": source, "decode": decode, "image_size": 224,
+            "images_per_sec": images_per_sec, "device": device}
+    return {"name": f"test_loader_throughput[{backend}-{source}-{decode}]", "stats": {"median": 1.0},
+            "extra_info": info}
+
+
+def test_data_loader_targets(summarize):
+    cpu = "cpu (x86_64)"
+    results = {"datetime": "2026-11-28T10:00:00", "benchmarks": [
+        data("torch", "folder", "full", 600.0, cpu), data("dali", "shards", "crop", 1300.0, cpu)]}
+    (target,) = summarize.data_target_rows(summarize.rows(results)[2])
+    assert target[2] == "2.17x" and target[3]
+    results["benchmarks"][1] = data("dali", "shards", "crop", 900.0, cpu)
+    (target,) = summarize.data_target_rows(summarize.rows(results)[2])
+    assert target[2] == "1.50x" and not target[3]
+    text = summarize.summary(results)
+    assert "| dali | shards | crop | 224 | 900 |" in text and "MISSED" in text
+    gpu = {"datetime": "2026-11-28T10:00:00", "benchmarks": [data("dali", "shards", "crop", 9100.0, "NVIDIA H200")]}
+    (target,) = summarize.data_target_rows(summarize.rows(gpu)[2])
+    assert target[0].startswith("DALI from shards >= 8,000") and target[3]

@@ -88,3 +88,34 @@ def test_the_export_and_linear_probe_commands_run_as_written_after_the_quick_sta
     assert (tmp_path / "encoder.pth").is_file() and (tmp_path / "weights.safetensors").is_file()
     assert (tmp_path / "vit_mae_hf" / "config.json").is_file()
     assert (tmp_path / "linprobe" / "results.json").is_file()
+
+
+def test_the_shard_commands_run_as_written_on_a_small_folder(tmp_path):
+    # /data/imagenet stands for a small folder here; the torchrun command's flags are parsed as written, then
+    # run shortened (a later flag overrides an earlier one).
+    from PIL import Image
+
+    from mae_fast.pretrain import config_from_args
+
+    data = tmp_path / "imagenet" / "train"
+    for i in range(12):
+        (data / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (48, 40), (20 * i, 100, 200 - 10 * i)).save(data / f"c{i % 2}" / f"{i}.JPEG")
+    section = README.split("### Data at scale", 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+    prepare = next(c for c in _commands("python -m mae_fast.prepare") if c in section.replace("\\\n", ""))
+    run = subprocess.run(["bash", "-c", prepare.replace("/data/", f"{tmp_path}/")], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "imagenet-shards" / "manifest.json").is_file()
+    train = next(c for c in _commands("torchrun") if "imagenet-shards" in c)
+    args = train.replace("/data/", f"{tmp_path}/").split("-m mae_fast.pretrain", 1)[1].split()
+    config = config_from_args(args)
+    assert config.data.data_path.endswith("imagenet-shards") and config.model.name == "mae_vit_large_patch16"
+    short = args + ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--batch_size", "4", "--accum_iter", "1",
+                    "--epochs", "1", "--max_steps", "2", "--device", "cpu", "--data_backend", "torch",
+                    "--num_workers", "0", "--output_dir", str(tmp_path / "out")]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "mae_fast.pretrain", *short], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "out" / "checkpoint-last.pth").is_file()

@@ -72,3 +72,48 @@ def write_mixed_folder(folder: Path) -> dict[str, str]:
     data = (folder / "plain.jpg").read_bytes()
     (folder / "truncated.jpg").write_bytes(data[: len(data) // 2]); kinds["truncated.jpg"] = "bad"
     return kinds
+
+
+def number_color(i: int) -> tuple[int, int, int]:
+    """A solid color that identifies image ``i`` < 225 (red and green 16 levels apart)."""
+    return 8 + 16 * (i % 15), 8 + 16 * (i // 15), 128
+
+
+def color_number(rgb) -> int:
+    """Inverse of :func:`number_color`."""
+    return int(round((rgb[0] - 8) / 16)) + 15 * int(round((rgb[1] - 8) / 16))
+
+
+def jpeg_bytes(color, size=(40, 30), quality=95) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    Image.new("RGB", size, color).save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def write_shards(folder: Path, counts: list[int], extras: bool = True) -> list[Path]:
+    """WebDataset shards ``shard-00000{k}.tar`` holding ``counts[k]`` samples; image ``i`` (counted across the
+    shards in order) is a solid :func:`number_color` JPEG. With ``extras`` each sample also has ``.cls`` and
+    ``.json`` members, and one sample has a second image (a ``.png``), which readers must ignore."""
+    import io
+    import tarfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, i = [], 0
+    for k, count in enumerate(counts):
+        path = folder / f"shard-{k:06d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for _ in range(count):
+                members = [(f"s{i:06d}.jpg", jpeg_bytes(number_color(i)))]
+                if extras:
+                    members += [(f"s{i:06d}.cls", str(i % 3).encode()), (f"s{i:06d}.json", b"{}")]
+                    if i == 1:
+                        members.append((f"s{i:06d}.png", jpeg_bytes((0, 0, 0))))
+                for name, data in members:
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                i += 1
+        paths.append(path)
+    return paths

@@ -68,6 +68,50 @@ def test_augmentation_stays_in_the_official_ranges(tmp_path, backend):
     assert flips == {True, False}  # both orientations occur
 
 
+def crop_statistics(images, width=200, height=160):
+    """Area fraction and log aspect ratio of each crop of the coordinate image, read back from its pixels."""
+    rgb = denormalize(images) if images.is_floating_point() else images.float()
+    r, g = rgb[:, 0], rgb[:, 1]
+    size = images.shape[-1]
+    width_frac = (r[:, :, -1].mean(1) - r[:, :, 0].mean(1)).abs() / 255 * size / (size - 1)
+    height_frac = (g[:, -1].mean(1) - g[:, 0].mean(1)) / 255 * size / (size - 1)
+    return width_frac * height_frac, torch.log(width_frac * width / (height_frac * height))
+
+
+@pytest.mark.parametrize("crop_decode", [True, False])
+def test_dali_crops_follow_the_official_distribution(tmp_path, crop_decode):
+    # DALI decodes only the crop (decoders.image_random_crop) by default: its crops must be distributed as the
+    # official RandomResizedCrop's, whose statistics the torch loader's implementation gives by sampling.
+    if dali_unavailable_reason():
+        pytest.skip(dali_unavailable_reason())
+    import math as m
+
+    from mae_fast.data.dali_loader import DaliLoader
+    from mae_fast.data.transforms import random_resized_crop_box
+    write_coordinate_image(tmp_path / "coords.png", 200, 160)
+    files = [str(tmp_path / "coords.png")] * 128
+    ld = DaliLoader(files, 32, 128, 0, 1, torch.device("cpu"), 0, 2, dtype=torch.uint8, crop_decode=crop_decode)
+    areas, aspects = [], []
+    for epoch in range(3):
+        for images, _ in ld.epoch(epoch):
+            a, r = crop_statistics(images)
+            areas.append(a)
+            aspects.append(r)
+    area, log_aspect = torch.cat(areas), torch.cat(aspects)
+    rng = np.random.default_rng(0)
+    boxes = [random_resized_crop_box(200, 160, rng) for _ in range(20000)]
+    ref_area = np.array([w * h / (200 * 160) for _, _, w, h in boxes])
+    ref_aspect = np.array([m.log(w / h) for _, _, w, h in boxes])
+    n = len(area)
+    assert n == 384
+    # Means within four standard errors (plus the read-back's own error), spreads within 15 %.
+    assert abs(area.mean().item() - ref_area.mean()) < 4 * ref_area.std() / m.sqrt(n) + 0.01
+    assert abs(log_aspect.mean().item() - ref_aspect.mean()) < 4 * ref_aspect.std() / m.sqrt(n) + 0.01
+    assert abs(area.std().item() / ref_area.std() - 1) < 0.15
+    assert abs(log_aspect.std().item() / ref_aspect.std() - 1) < 0.15
+    assert area.min() > 0.2 - 0.03 and log_aspect.abs().max() < m.log(4 / 3) + 0.05
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("count", [10, 11])
 def test_two_ranks_cover_the_set_exactly_once(tmp_path, backend, count):

@@ -76,6 +76,20 @@ def test_resume_continues_the_same_run(tmp_path):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
 
 
+def test_a_prepared_shard_set_trains_and_resumes_mid_epoch_like_one_run(tmp_path):
+    from mae_fast.prepare import prepare
+    data = write_images(tmp_path / "data", 16)
+    shards = tmp_path / "shards"
+    prepare(str(data), str(shards), max_side=40, shard_size=8_000, workers=1)
+    assert len(list(shards.glob("shard-*.tar"))) >= 2
+    straight = trained(tiny_args(shards, tmp_path / "straight", "--max_steps", "6"))
+    first = trained(tiny_args(shards, tmp_path / "split", "--max_steps", "3"))  # stops inside epoch 0 (4 steps)
+    second = trained(tiny_args(shards, tmp_path / "split", "--max_steps", "6", "--resume", "auto"))
+    assert straight.loader.num_samples == 16 and [s for s, _ in second.history] == [4, 5, 6]
+    joined = first.history + second.history
+    assert [v for _, v in joined] == pytest.approx([v for _, v in straight.history], rel=1e-6)
+
+
 def test_a_killed_run_resumes_from_the_rolling_checkpoint(tmp_path):
     data = write_images(tmp_path / "data", 32)
     out = tmp_path / "out"

@@ -1,0 +1,117 @@
+"""python -m mae_fast.prepare: shards, index files and manifest; unreadable files listed; stop and re-run."""
+
+import io
+import json
+import tarfile
+
+import pytest
+import torch
+from PIL import Image
+
+from mae_fast import prepare as prep
+from mae_fast.config import DataConfig
+from mae_fast.data import build_loader
+from mae_fast.data.shards import load_shard_set, read_index, stream_images
+from mae_fast.errors import ConfigError
+from image_files import color_number, number_color
+
+
+def write_source(folder, count=30, size=(120, 90)):
+    """An ImageNet-style folder: two classes of solid images (image i has number_color(i)), plus two bad files."""
+    for i in range(count):
+        cls = folder / "train" / f"class_{i % 2}"
+        cls.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", size, number_color(i)).save(cls / f"img_{i:03d}.png")
+    (folder / "train" / "class_0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    (folder / "train" / "class_1" / "empty.png").write_bytes(b"")
+    return folder
+
+
+def shard_bytes(dst):
+    return {p.name: p.read_bytes() for p in sorted(dst.glob("shard-*.tar"))}
+
+
+def test_prepare_writes_shards_indexes_and_a_manifest(tmp_path):
+    src = write_source(tmp_path / "src")
+    dst = tmp_path / "dst"
+    manifest = prep.prepare(str(src), str(dst), max_side=64, quality=90, shard_size=20_000, workers=2)
+    shards = sorted(dst.glob("shard-*.tar"))
+    assert len(shards) >= 3 and manifest["complete"] and manifest["images"] == 30
+    assert [s["name"] for s in manifest["shards"]] == [p.name for p in shards]
+    assert json.loads((dst / "manifest.json").read_text()) == manifest
+    assert manifest["settings"] == {"max_side": 64, "quality": 90, "shard_size": 20_000, "seed": 0}
+    assert {s["path"].rsplit("/", 1)[-1] for s in manifest["skipped"]} == {"broken.jpg", "empty.png"}
+    assert "broken.jpg" in (dst / "skipped.txt").read_text()
+    colors = []
+    for record, path in zip(manifest["shards"], shards):
+        assert read_index(str(path)) == record["count"]  # DALI's index file beside each shard
+        images = list(stream_images(str(path)))
+        assert len(images) == record["count"]
+        for image in images:
+            img = Image.open(io.BytesIO(image.data))
+            assert img.format == "JPEG" and min(img.size) == 64 and img.size == (85, 64)  # shorter side resized
+            colors.append(color_number(img.convert("RGB").getpixel((30, 30))))
+    assert sorted(colors) == list(range(30))  # every readable image once
+    assert colors != sorted(colors)  # in a shuffled order
+    assert not list(dst.glob("*.tmp-*"))
+
+
+def test_the_prepared_set_trains_with_the_same_flags(tmp_path):
+    src = write_source(tmp_path / "src", count=12)
+    dst = tmp_path / "dst"
+    prep.prepare(str(src), str(dst), max_side=32, shard_size=4_000, workers=1)
+    assert load_shard_set(str(dst)).num_samples == 12
+    cfg = DataConfig(data_path=str(dst), backend="torch", input_size=16, batch_size=5, num_workers=0)
+    seen = [i for _, indices in build_loader(cfg, 0, 1, "cpu", 0).epoch(0) for i in indices.tolist() if i >= 0]
+    assert sorted(seen) == list(range(12))
+
+
+def test_a_stopped_run_finishes_on_the_next_and_keeps_complete_shards(tmp_path, monkeypatch):
+    src = write_source(tmp_path / "src")
+    fresh = tmp_path / "fresh"
+    prep.prepare(str(src), str(fresh), max_side=48, shard_size=10_000, workers=1)
+    dst = tmp_path / "dst"
+    real_encode = prep.encode
+    calls = {"n": 0}
+
+    def stop_at_20(item):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise KeyboardInterrupt
+        return real_encode(item)
+
+    monkeypatch.setattr(prep, "encode", stop_at_20)
+    with pytest.raises(KeyboardInterrupt):
+        prep.prepare(str(src), str(dst), max_side=48, shard_size=10_000, workers=1)
+    partial = json.loads((dst / "manifest.json").read_text())
+    assert not partial["complete"] and partial["shards"]
+    assert not list(dst.glob("*.tmp-*"))  # the shard being written was not left behind, under any name
+    assert set(shard_bytes(dst)) == {s["name"] for s in partial["shards"]}
+    kept = {s["name"]: (dst / s["name"]).stat().st_mtime_ns for s in partial["shards"]}
+    monkeypatch.setattr(prep, "encode", real_encode)
+    done = prep.prepare(str(src), str(dst), max_side=48, shard_size=10_000, workers=1)
+    assert done["complete"] and shard_bytes(dst) == shard_bytes(fresh)  # the same set as one uninterrupted run
+    assert all((dst / name).stat().st_mtime_ns == mtime for name, mtime in kept.items())  # not rewritten
+    # A completed shard that changed is written again.
+    first = sorted(dst.glob("shard-*.tar"))[0]
+    first.write_bytes(first.read_bytes()[:-1024])
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["complete"] = False
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    prep.prepare(str(src), str(dst), max_side=48, shard_size=10_000, workers=1)
+    assert shard_bytes(dst) == shard_bytes(fresh)
+
+
+def test_mistakes_end_in_one_line(tmp_path, capsys):
+    src = write_source(tmp_path / "src", count=4)
+    dst = tmp_path / "dst"
+    assert prep.main([str(src), str(dst), "--max_side", "32", "--workers", "1"]) == 0
+    assert prep.main([str(src), str(dst), "--max_side", "48"]) == 2  # other settings into the same folder
+    assert "prepared from another source, other settings" in capsys.readouterr().err
+    assert prep.main([str(src), str(tmp_path / "x"), "--shard_size", "lots"]) == 2
+    assert "--shard_size must be a positive size" in capsys.readouterr().err
+    assert prep.main([str(tmp_path / "nowhere"), str(tmp_path / "y")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--quality must be an integer in"):
+        prep.prepare(str(src), str(tmp_path / "z"), quality=0)
+    assert prep.parse_size("256MB") == 256 << 20 and prep.parse_size("1.5GiB") == 3 << 29
