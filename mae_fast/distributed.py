@@ -65,9 +65,16 @@ def setup_distributed(device: str = "auto", timeout_s: float = 900.0) -> DistInf
     return DistInfo(rank, world_size, local_rank, dev)
 
 
-def teardown_distributed() -> None:
-    """Leave the process group if one was joined."""
+def teardown_distributed(finished: bool = False) -> None:
+    """Leave the process group if one was joined.
+
+    ``finished``: every rank got here the same way (a run that ended normally), so they first wait
+    for each other; a rank tearing down its connections while another still closes its own can
+    abort that one at exit (seen with gloo). Never on an error path, where a rank may be gone.
+    """
     if dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

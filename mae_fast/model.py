@@ -281,8 +281,12 @@ class MAEViT(nn.Module):
         return masked_patch_loss(pred, imgs, mask, self.patch_size, norm_pix=self.norm_pix_loss,
                                  backend=self.kernel_backend, pred_offset=max(offset, 0), **self._pixel_stats(imgs))
 
-    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None):
+    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None,
+                return_pred: bool = True):
         """Returns ``(loss, pred, mask)``: float32 scalar, [B, L, p*p*C], [B, L] float32.
+
+        ``return_pred=False`` gives ``None`` for ``pred`` (the training step's choice: ``pred`` is a
+        view of the decoder output, which a sharded wrapper warns about returning).
 
         ``imgs`` is [B, C, H, W]: normalized float images, or uint8 pixels (any strides, so an NHWC
         batch as ``permute(0, 3, 1, 2)``) that the fused ops normalize by ``pixel_mean`` and
@@ -293,7 +297,7 @@ class MAEViT(nn.Module):
         # The loss takes the whole output with an offset: slicing off the cls token would make backward
         # zero-fill and copy the whole gradient.
         loss = self.forward_loss(imgs, out, mask)
-        return loss, out[:, 1:], mask
+        return loss, (out[:, 1:] if return_pred else None), mask
 
     def _pixel_stats(self, imgs: torch.Tensor) -> dict:
         if imgs.dtype != torch.uint8:

@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
         trainer = MAETrainer(config)
         trainer.fit()
+        teardown_distributed(finished=True)
         if trainer.dist.is_main:
             logging.getLogger("mae_fast").info("done: checkpoints and reconstructions in %s", config.output_dir)
         return 0

@@ -336,7 +336,8 @@ class MAETrainer:
         noise = torch.rand(world * self.config.data.batch_size, self.model.num_patches, device=self.device,
                            generator=self.noise_generator)[rank::world]
         with self._no_sync(update), self._autocast():
-            loss, _, _ = self.train_model(images, mask_ratio=self.config.model.mask_ratio, noise=noise)
+            loss, _, _ = self.train_model(images, mask_ratio=self.config.model.mask_ratio, noise=noise,
+                                          return_pred=False)
         self.scaler.scale(loss / self.config.accum_iter).backward()
         if update:
             self.scaler.step(self.optimizer)
@@ -584,7 +585,7 @@ class MAETrainer:
             for images, indices in self.val_loader.epoch(0):
                 noise = torch.rand(images.shape[0], self.model.num_patches, device=self.device, generator=generator)
                 with self._autocast():
-                    loss, _, _ = self.train_model(images, mask_ratio=mask_ratio, noise=noise)
+                    loss, _, _ = self.train_model(images, mask_ratio=mask_ratio, noise=noise, return_pred=False)
                 valid = (indices >= 0).sum().to(self.device)
                 total += torch.stack([loss.float() * valid, valid.float()])
             loss_sum, count = all_reduce_sum(total).tolist()
@@ -610,14 +611,26 @@ class MAETrainer:
         return stats
 
     def _preview_images(self, count: int = 8) -> torch.Tensor:
-        loader = self.val_loader or self.loader
-        files = getattr(loader, "files", None)
-        size = self.config.data.input_size
-        if not files:
-            return torch.randn(count, 3, size, size, device=self.device)
+        """The first images of the validation (else training) data, resized and centre-cropped, normalized."""
+        import io
+
         from mae_fast.data.files import open_rgb
 
-        batch = [eval_transform(open_rgb(path), size) for path in files[:count]]
+        loader = self.val_loader or self.loader
+        size = self.config.data.input_size
+        files = getattr(loader, "files", None)
+        shard_set = getattr(loader, "shard_set", None)
+        if files:
+            sources = files[:count]
+        elif shard_set is not None:
+            from mae_fast.data.shards import stream_images
+
+            images = stream_images(shard_set.paths[0])
+            sources = [io.BytesIO(image.data) for image, _ in zip(images, range(count))]
+            images.close()
+        else:  # synthetic data
+            return torch.randn(count, 3, size, size, device=self.device)
+        batch = [eval_transform(open_rgb(source), size) for source in sources]
         return normalize(torch.stack(batch).to(self.device), torch.float32)
 
 

@@ -216,12 +216,40 @@ def _split(name: str) -> tuple[str, str]:
 def stream_images(path: str, skip: int = 0):
     """Yield each sample's image in ``path`` as a :class:`ShardImage`, front to back, after the first ``skip``.
 
-    Skipped images are still read past (from a local file, their data is seeked over).
+    A local shard with an index file beside it is read by the index's offsets (no tar parsing:
+    about 5 us an image instead of 30 us, which matters in the training process at thousands of
+    images per second); any other shard is parsed as a tar stream, skipped images read past.
 
     Raises:
-        ShardTruncated: the tar ends or breaks before its end-of-archive (a shard cut short).
+        ShardTruncated: the shard ends or breaks before its last member (a shard cut short).
         DataError: the shard cannot be opened.
     """
+    entries = None if is_remote(path) else read_index_entries(path)
+    if entries is not None:
+        yield from _indexed_images(path, entries, skip)
+    else:
+        yield from _tar_images(path, skip)
+
+
+def _indexed_images(path: str, entries: list[tuple[str, int, int, str]], skip: int):
+    local = os.path.expanduser(path)
+    try:
+        fd = os.open(local, os.O_RDONLY)
+    except OSError as exc:
+        raise DataError(f"cannot open shard {path!r}: {exc}") from exc
+    try:
+        size = os.fstat(fd).st_size
+        for count, (key, offset, length, name) in enumerate(entries[skip:], start=skip):
+            data = os.pread(fd, length, offset) if offset + length <= size else b""
+            if len(data) != length:
+                raise ShardTruncated(f"shard {path!r} is cut short or damaged after {count} images "
+                                     f"({name} lies past its end)", count)
+            yield ShardImage(key, f"{path}#{name}", data)
+    finally:
+        os.close(fd)
+
+
+def _tar_images(path: str, skip: int):
     stream = open_shard(path)
     count = 0
     try:
@@ -244,7 +272,7 @@ def stream_images(path: str, skip: int = 0):
                     if len(data) != member.size:
                         raise tarfile.ReadError(f"member {member.name} is cut short")
                     count += 1
-                    yield ShardImage(key, member.name, data)
+                    yield ShardImage(key, f"{path}#{member.name}", data)
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise ShardTruncated(f"shard {path!r} is cut short or damaged after {count} images "
                                  f"({type(exc).__name__}: {exc})", count) from exc
@@ -257,6 +285,33 @@ def stream_images(path: str, skip: int = 0):
 
 def _index_path(path: str) -> str:
     return path + ".idx" if not path.endswith(".tar") else path[:-4] + ".idx"
+
+
+def read_index_entries(path: str) -> list[tuple[str, int, int, str]] | None:
+    """Each sample's image member in a local shard's DALI index file, as ``(key, offset, size, name)``, or None.
+
+    None when there is no index file, it is not DALI's v1.2 format, or it is older than the shard
+    (the shard was replaced since).
+    """
+    idx = _index_path(path)
+    try:
+        if os.path.getmtime(idx) < os.path.getmtime(os.path.expanduser(path)):
+            return None
+        with open(idx) as f:
+            header = f.readline().split()
+            if len(header) != 2 or header[0] != INDEX_VERSION:
+                return None
+            entries = []
+            for line in f:
+                fields = line.split()
+                for i in range(0, len(fields) - 3, 4):
+                    ext, offset, size, name = fields[i].lower(), int(fields[i + 1]), int(fields[i + 2]), fields[i + 3]
+                    if ext.rsplit(".", 1)[-1] in IMAGE_MEMBER_EXTENSIONS:
+                        entries.append((_split(name)[0], offset, size, name))
+                        break
+            return entries
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def read_index(path: str) -> int | None:
@@ -278,7 +333,12 @@ def read_index(path: str) -> int | None:
 
 
 def write_index(path: str, entries: list[list[tuple[str, int, int, str]]]) -> None:
-    """Write DALI's index file for a local shard: one line per sample, ``ext offset size name`` per member."""
+    """Write DALI's index file for a local shard: one line per sample, ``ext offset size name`` per member.
+
+    Nothing is written when a member name holds whitespace (the format separates fields by it).
+    """
+    if any(any(ch.isspace() for ch in name) for sample in entries for *_, name in sample):
+        return
     lines = [f"{INDEX_VERSION} {len(entries)}\n"]
     lines += [" ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in sample) + "\n"
               for sample in entries]
@@ -374,8 +434,9 @@ def load_shard_set(spec: str, workers: int = 8) -> ShardSet:
     todo = [i for i, c in enumerate(counts) if c is None]
     if todo:
         start = time.monotonic()
-        logger.info("counting the images of %d shard(s) without a manifest entry or index file (one read each)",
-                    len(todo))
+        logger.info("counting the images of %d shard(s) without a manifest entry or index file (one read each; "
+                    "index files are written beside local shards where the folder allows, or make them with DALI's "
+                    "wds2idx, or prepare the set with python -m mae_fast.prepare)", len(todo))
         damaged = []
 
         def count(i: int) -> int:

@@ -175,11 +175,18 @@ def test_a_bad_member_is_skipped_and_named(tmp_path, backend, caplog):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_shard_cut_short_skips_its_missing_images_and_says_so(tmp_path, backend, caplog):
+@pytest.mark.parametrize("index", ["stale", "fresh"])
+def test_a_shard_cut_short_skips_its_missing_images_and_says_so(tmp_path, backend, index, caplog):
+    import os
     paths = write_shards(tmp_path, [5, 5], extras=False)
     load_shard_set(str(tmp_path))  # counted (and indexed) while whole
     data = paths[1].read_bytes()
     paths[1].write_bytes(data[: len(data) // 2])  # a copy cut short after counting
+    idx = tmp_path / "shard-000001.idx"
+    if index == "fresh":  # an index newer than the cut shard: read by its offsets, which run past the end
+        os.utime(idx, (os.path.getmtime(paths[1]) + 10,) * 2)
+    else:
+        os.utime(idx, (os.path.getmtime(paths[1]) - 10,) * 2)
     seen = []
     with caplog.at_level(logging.WARNING, logger="mae_fast"):
         for images, indices in loader(tmp_path, backend, batch=4, train=False).epoch(0):
