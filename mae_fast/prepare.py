@@ -14,10 +14,10 @@ temporary name and renamed once complete, so no partial shard ever carries a fin
 and re-running the same command finishes the job: shards the manifest lists are kept when their
 checksum still matches, and the work resumes after the last of them.
 
-Why 256: a 224-pixel random-resized crop of a 256-pixel image keeps the detail the crop needs
-(the official recipe's crops come from ImageNet images of about 400x350, so a crop of 20 % of
-the area is upsampled either way), while decoding a 256-pixel image takes about a third of the
-time of a 500x375 one.
+Why 256: a 224-pixel random-resized crop of a 256-pixel image keeps most of the detail the crop
+needs (a crop of 20 % of the area is upsampled either way), while decoding gets cheaper. Measured
+on the 2-core CPU machine: DALI decoded the 341x256 prepared images at 3,000 images/s (0.67 ms an
+image per core), against 1.13 ms for Pillow on a 500x375 original (about 110 KB).
 """
 
 from __future__ import annotations
