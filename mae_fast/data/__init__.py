@@ -2,9 +2,9 @@
 
 - ``dali``: NVIDIA DALI, JPEG decoding on the GPU (the default when DALI is installed);
 - ``torch``: PIL decoding in DataLoader workers (the fallback);
-
-each reading a folder of images or a WebDataset shard set (:mod:`mae_fast.data.shards`);
 - ``synthetic``: random images made on the device, for pure compute throughput.
+
+``dali`` and ``torch`` read a folder of images or a WebDataset shard set (:mod:`mae_fast.data.shards`).
 
 Every backend shards and shuffles by :mod:`mae_fast.data.sampler` and yields
 ``(images, indices)``: normalized float images [B, 3, S, S] on the training device (or, with

@@ -187,8 +187,12 @@ class ShardBatches(torch.utils.data.Sampler):
                 indices.append(index)
                 valid.append(True)
                 fallback = fallback or items[-1]
-            if fallback is None:  # a batch of padding only (a resumed rank past its images): read one image
-                _, _, first = next(plan_images(self.shard_set, plan, 0))
+            if fallback is None:  # a batch of padding only (a rank past, or without, images of its own): any image
+                from mae_fast.data.shards import stream_images
+
+                images_of_first = stream_images(self.shard_set.paths[0])
+                first = next(images_of_first)
+                images_of_first.close()
                 fallback = (first.data, int(plan.seeds[0]), first.name)
             items = [item if item is not None else fallback for item in items]
             self.issued.append((indices, valid))

@@ -144,6 +144,17 @@ def test_ranks_cover_the_set_exactly_once_and_pixels_match(tmp_path, backend, wo
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_more_ranks_than_images_still_run_in_step(tmp_path, backend):
+    write_shards(tmp_path, [1, 1])
+    seen = []
+    for rank in range(3):  # rank 0 gets no image of its own: one batch of padding
+        batches = list(loader(tmp_path, backend, rank=rank, world=3, batch=2).epoch(0))
+        assert len(batches) == 1
+        seen += [i for i in batches[0][1].tolist() if i >= 0]
+    assert sorted(seen) == [0, 1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_resuming_mid_epoch_continues_with_the_unseen_images(tmp_path, backend):
     write_shards(tmp_path, [6, 5, 7])
     ld = loader(tmp_path, backend, batch=4, world=1)
