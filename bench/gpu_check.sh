@@ -7,7 +7,8 @@
 # 1. builds the CUDA extension for this GPU's architecture only (csrc/*.cu; MAE_FAST_CUDA_ARCHS overrides);
 #    wheels in an ignored .whl/ folder, if any, are installed offline first;
 # 2. makes mae_fast importable without network (editable install, or a symlinked package tree);
-# 3. runs the benchmarks at the real MAE shapes, training step first, then the ops, the loaders last
+# 3. runs the benchmarks at the real MAE shapes: the training step, the loss, the data loaders (the only
+#    measure of the shard loader's GPU aim, so before the limit can cut it off), then the other ops
 #    (BENCH_FILES changes the files; ViT-B/16 and ViT-L/16; the compiled-reference provider only
 #    for the loss's forward+backward, which its target names; set BENCH_FILTER to change), each result also
 #    appended to bench_partial.jsonl as it finishes, the run saved as a pytest-benchmark baseline
@@ -89,8 +90,8 @@ $PY -c "import mae_fast.kernels, mae_fast; print('mae_fast from', mae_fast.__fil
 $PY -c "import mae_fast.ops.dispatch as d; print('CUDA extension loaded:', d.cuda_extension_loaded())" 2>&1 | tee -a "$RESULTS_DIR/environment.txt"
 
 # 3. Benchmarks at the real shapes, the ones the targets name first (a stopped run keeps what ran).
-bench_order="bench/test_train_step.py bench/test_masked_patch_loss.py bench/test_gather_tokens.py
-  bench/test_restore_tokens.py bench/test_gather_patches.py bench/test_data_loaders.py"
+bench_order="bench/test_train_step.py bench/test_masked_patch_loss.py bench/test_data_loaders.py
+  bench/test_gather_tokens.py bench/test_restore_tokens.py bench/test_gather_patches.py"
 log "benchmarks"
 rm -f "$RESULTS_DIR/bench_partial.jsonl"
 MAE_FAST_BENCH_JSONL="$RESULTS_DIR/bench_partial.jsonl" run_limited "${BENCH_TIMEOUT:-180}" \

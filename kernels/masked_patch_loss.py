@@ -132,7 +132,7 @@ masked_patch_loss_bwd_tuned = triton.autotune(row_tile_configs(),
     masked_patch_loss_bwd_kernel)
 
 
-def _geometry(pred: torch.Tensor, imgs: torch.Tensor, patch_size: int, pred_offset: int):
+def _geometry(imgs: torch.Tensor, patch_size: int):
     B, C, H, W = imgs.shape
     p = patch_size
     GW = W // p
@@ -143,7 +143,7 @@ def _geometry(pred: torch.Tensor, imgs: torch.Tensor, patch_size: int, pred_offs
 def masked_patch_loss_forward(pred: torch.Tensor, imgs: torch.Tensor, norm: torch.Tensor | None, mask: torch.Tensor,
                               patch_size: int, pred_offset: int, norm_pix: bool, eps: float) -> torch.Tensor:
     """The loss (float32 scalar). ``pred`` is [B, pred_offset + L, N]; ``norm`` the [2, C] mean/std of uint8 ``imgs``."""
-    B, C, H, W, L, GW, N = _geometry(pred, imgs, patch_size, pred_offset)
+    B, C, H, W, L, GW, N = _geometry(imgs, patch_size)
     den = mask.sum(dtype=torch.float32)
     per_patch = torch.empty(B * L, dtype=torch.float32, device=pred.device)
     n_rows = B * L
@@ -161,7 +161,7 @@ def masked_patch_loss_backward(pred: torch.Tensor, imgs: torch.Tensor, norm: tor
                                grad_pred: bool, grad_imgs: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients for ``grad_loss``: ``pred``'s ([B, pred_offset + L, N], its dtype; empty when not asked) and
     ``imgs``' ([B, C, H, W] contiguous, its dtype; empty when not asked)."""
-    B, C, H, W, L, GW, N = _geometry(pred, imgs, patch_size, pred_offset)
+    B, C, H, W, L, GW, N = _geometry(imgs, patch_size)
     T = pred.shape[1]
     den = mask.sum(dtype=torch.float32)
     gpred = torch.empty(pred.shape if grad_pred else (0,), dtype=pred.dtype, device=pred.device)

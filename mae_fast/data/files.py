@@ -84,22 +84,33 @@ def header_problem(path: str, backend: str = "torch") -> str | None:
             return "empty file"
         with open(path, "rb") as f:
             head = f.read(16)
-            kind = image_format(head)
-            if kind is None:
-                return "not an image (unknown signature)"
-            if kind not in BACKEND_FORMATS[backend]:
-                readers = [name for name, formats in BACKEND_FORMATS.items() if kind in formats]
-                return f"{kind} is not decoded by the {backend} data backend (--data_backend {' or '.join(readers)} " \
-                       "reads it; or convert it to JPEG or PNG)"
-            if head.startswith(b"RIFF") and head[8:12] != b"WEBP":
-                return "not an image (RIFF but not WEBP)"
-            if head.startswith(b"\xff\xd8\xff"):
-                f.seek(max(0, size - 2))
-                tail = f.read(2)
-                if tail != b"\xff\xd9":
-                    return "truncated JPEG (no end-of-image marker)"
+            f.seek(max(0, size - 2))
+            tail = f.read(2)
     except OSError as exc:
         return f"unreadable ({exc.strerror or exc})"
+    return signature_problem(head, tail, backend)
+
+
+def encoded_problem(data: bytes, backend: str = "torch") -> str | None:
+    """:func:`header_problem` for an image already in memory (a shard member)."""
+    if not data:
+        return "empty"
+    return signature_problem(bytes(data[:16]), bytes(data[-2:]), backend)
+
+
+def signature_problem(head: bytes, tail: bytes, backend: str) -> str | None:
+    """Why an image whose first bytes are ``head`` and last two ``tail`` is not one ``backend`` reads, or None."""
+    kind = image_format(head)
+    if kind is None:
+        return "not an image (unknown signature)"
+    if kind not in BACKEND_FORMATS[backend]:
+        readers = [name for name, formats in BACKEND_FORMATS.items() if kind in formats]
+        return f"{kind} is not decoded by the {backend} data backend (--data_backend {' or '.join(readers)} " \
+               "reads it; or convert it to JPEG or PNG)"
+    if head.startswith(b"RIFF") and head[8:12] != b"WEBP":
+        return "not an image (RIFF but not WEBP)"
+    if kind == "JPEG" and tail != b"\xff\xd9":
+        return "truncated JPEG (no end-of-image marker)"
     return None
 
 

@@ -99,8 +99,7 @@ def shard_epoch_plan(counts, batch_size: int, rank: int, world_size: int, epoch:
     order = np.random.default_rng([seed, epoch]).permutation(len(counts)) if shuffle else np.arange(len(counts))
     first, end = total * rank // world_size, total * (rank + 1) // world_size
     mine = end - first
-    per_rank = -(-total // world_size)
-    slots = -(-per_rank // batch_size) * batch_size
+    slots = shard_batches_per_epoch(total, batch_size, world_size) * batch_size
     parts = max(1, min(lanes, mine))
     bounds = [first + mine * k // parts for k in range(parts + 1)]
     runs = [(bounds[k], bounds[k + 1]) for k in range(parts)]

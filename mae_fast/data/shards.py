@@ -216,9 +216,10 @@ def _split(name: str) -> tuple[str, str]:
 def stream_images(path: str, skip: int = 0):
     """Yield each sample's image in ``path`` as a :class:`ShardImage`, front to back, after the first ``skip``.
 
-    A local shard with an index file beside it is read by the index's offsets (no tar parsing:
-    about 5 us an image instead of 30 us, which matters in the training process at thousands of
-    images per second); any other shard is parsed as a tar stream, skipped images read past.
+    A local shard with an index file beside it is read by the index's offsets, with no tar
+    parsing: measured here, 10 us an image instead of 33 us, which matters in the training process
+    at thousands of images per second. Any other shard is parsed as a tar stream, skipped images
+    read past.
 
     Raises:
         ShardTruncated: the shard ends or breaks before its last member (a shard cut short).
@@ -316,20 +317,8 @@ def read_index_entries(path: str) -> list[tuple[str, int, int, str]] | None:
 
 def read_index(path: str) -> int | None:
     """Images in a local shard according to its DALI index file, or None without a usable one."""
-    idx = _index_path(path)
-    try:
-        with open(idx) as f:
-            header = f.readline().split()
-            if len(header) != 2 or header[0] != INDEX_VERSION:
-                return None
-            count = 0
-            for line in f:
-                fields = line.split()
-                exts = {fields[i].lower() for i in range(0, len(fields), 4)}
-                count += bool(exts & set(IMAGE_MEMBER_EXTENSIONS))
-            return count
-    except (OSError, ValueError, IndexError):
-        return None
+    entries = read_index_entries(path)
+    return None if entries is None else len(entries)
 
 
 def write_index(path: str, entries: list[list[tuple[str, int, int, str]]]) -> None:

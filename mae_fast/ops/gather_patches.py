@@ -44,8 +44,7 @@ def bytes_moved(batch: int, channels: int, height: int, width: int, patch_size: 
     the rows' gradient and writes the whole image gradient (zeros outside the kept patches).
     Both are at the floor.
     """
-    e_in = torch.empty((), dtype=imgs_dtype).element_size()
-    e_out = torch.empty((), dtype=out_dtype or imgs_dtype).element_size()
+    e_in, e_out = imgs_dtype.itemsize, (out_dtype or imgs_dtype).itemsize
     kept = batch * num_kept * channels * patch_size**2
     forward = kept * (e_in + e_out) + batch * num_kept * 8
     num_patches = (height // patch_size) * (width // patch_size)

@@ -42,17 +42,13 @@ def bytes_moved(batch: int, length: int, num_kept: int, dim: int, x_dtype: torch
     writes ``x``'s whole gradient: [B, L, D], zeros where not kept (``gathered``: [B, K, D]).
     Both are at the floor.
     """
-    e_x = _itemsize(x_dtype)
-    e_out = _itemsize(out_dtype or x_dtype)
+    e_x = x_dtype.itemsize
+    e_out = (out_dtype or x_dtype).itemsize
     kept = batch * num_kept * dim
     forward = kept * (e_x + e_out) + batch * num_kept * 8 + (length * dim * 4 if pos else 0)
     grad_rows = kept if gathered else batch * length * dim
     backward = kept * e_out + grad_rows * e_x + batch * num_kept * 8 + (0 if gathered else batch * length * 4)
     return {"forward": forward, "backward": backward, "floor": forward + backward}
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _fake(x, ids_keep, pos_embed):

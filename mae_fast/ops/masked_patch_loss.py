@@ -56,17 +56,13 @@ def bytes_moved(batch: int, num_patches: int, patch_dim: int, num_masked: int, p
     (visible and leading rows as zeros, without reads). ``floor`` is the least any implementation
     moves: one read of the masked patches and one write of the gradient.
     """
-    e_pred, e_img = _itemsize(pred_dtype), _itemsize(imgs_dtype)
+    e_pred, e_img = pred_dtype.itemsize, imgs_dtype.itemsize
     masked = batch * num_masked * patch_dim * (e_pred + e_img)
     rows = batch * num_patches
     forward = masked + rows * 4 * 2  # mask in, per-patch loss out
     backward = masked + batch * (num_patches + pred_offset) * patch_dim * e_pred + rows * 4
     floor = masked + batch * (num_patches + pred_offset) * patch_dim * e_pred
     return {"forward": forward, "backward": backward, "floor": floor}
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _fake(pred, imgs, norm, mask, patch_size, pred_offset, norm_pix, eps):

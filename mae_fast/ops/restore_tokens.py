@@ -31,20 +31,19 @@ def restore_tokens_reference(x_visible: torch.Tensor, ids_restore: torch.Tensor,
 
 
 def bytes_moved(batch: int, length: int, num_kept: int, dim: int, x_dtype: torch.dtype,
-                out_dtype: torch.dtype | None = None, pos: bool = True) -> dict[str, int]:
+                out_dtype: torch.dtype | None = None, pos: bool = True, num_sms: int = 132) -> dict[str, int]:
     """Bytes the kernel backends move per call, by pass (``forward``, ``backward``), and the ``floor``.
 
     Forward reads the visible tokens, the indices, the mask token and the position table once
     (shared by the batch), and writes the [B, L, D] sequence. Backward reads the sequence's
     gradient once and writes the visible tokens' gradient; the mask token's gradient costs one
-    [D] float32 partial sum per thread block, read back by the last block (a few hundred
-    blocks: under 1 MB, counted as ``4 * 132 * D * 4 * 2`` for an H100/H200's 132 SMs).
+    [D] float32 partial sum per thread block (the CUDA kernel runs 4 blocks per SM: ``num_sms``,
+    132 on an H100/H200), written and read back by the last block.
     """
-    e_x = torch.empty((), dtype=x_dtype).element_size()
-    e_out = torch.empty((), dtype=out_dtype or x_dtype).element_size()
+    e_x, e_out = x_dtype.itemsize, (out_dtype or x_dtype).itemsize
     visible, full = batch * num_kept * dim, batch * length * dim
     forward = visible * e_x + full * e_out + batch * length * 8 + (length * dim * 4 if pos else 0) + dim * 4
-    partials = 4 * 132 * dim * 4 * 2
+    partials = 4 * num_sms * dim * 4 * 2
     backward = full * e_out + visible * e_x + batch * length * 8 + partials + dim * 4
     floor = forward + full * e_out + visible * e_x + batch * length * 8 + dim * 4
     return {"forward": forward, "backward": backward, "floor": floor}
