@@ -1,146 +1,207 @@
 #!/usr/bin/env bash
-# The GPU check: everything the CPU machine cannot verify, in one run on one GPU (aim: under 8 minutes).
+# The GPU check: everything the CPU machine cannot verify, in one run on one GPU, within CHECK_BUDGET seconds.
 #
 #   bash bench/gpu_check.sh                 # results in bench/results/<date>-<device>/
-#   RESULTS_DIR=/some/dir RESULTS_ARCHIVE=/some/results.tgz bash bench/gpu_check.sh
+#   bash bench/gpu_check.sh --dry-run       # (or CHECK_DRY=1) every phase's command, GPU-only parts skipped
+#   RESULTS_DIR=/some/dir RESULTS_ARCHIVE=/some/results.tgz CHECK_BUDGET=400 bash bench/gpu_check.sh
 #
-# 1. builds the CUDA extension for this GPU's architecture only (csrc/*.cu; MAE_FAST_CUDA_ARCHS overrides);
-#    wheels in an ignored .whl/ folder, if any, are installed offline first;
-# 2. makes mae_fast importable without network (editable install, or a symlinked package tree);
-# 3. runs the benchmarks at the real MAE shapes: the training step, the loss, the data loaders (the only
-#    measure of the shard loader's GPU aim, so before the limit can cut it off), then the other ops
-#    (BENCH_FILES changes the files; ViT-B/16 and ViT-L/16; the compiled-reference provider only
-#    for the loss's forward+backward, which its target names; set BENCH_FILTER to change), each result also
-#    appended to bench_partial.jsonl as it finishes, the run saved as a pytest-benchmark baseline
-#    (<machine>/0001_gpu_check.json, for --benchmark-compare later);
-# 4. runs the whole test suite natively on the GPU (compiled Triton, CUDA ops, SDPA/FlashAttention, bf16
-#    steps, DALI mixed decoding when DALI is installed), on several workers when pytest-xdist is there;
-# 5. runs the real trainer for 60 steps (ViT-B/16, batch 256, blocks compiled, synthetic images; TRAIN_FLAGS
-#    and TRAIN_STEPS change that) and keeps its log lines (images/s, MFU, peak memory);
-# 6. prints the summary last and writes it, the logs and the raw results to the results folder.
+# Phases, cheapest and most telling first, so that a cut run has measured what matters:
+#   setup       wheels in an ignored .whl/ folder installed offline; mae_fast importable (editable install, or the
+#               checkout itself with mae_fast/kernels linked in); the CUDA extension: a prebuilt mae_fast/_C*.so that
+#               loads is kept, else it is built for this GPU's architecture only (MAE_FAST_CUDA_ARCHS overrides)
+#   selfcheck   python -m mae_fast.info --check: every fused op on every backend against its reference
+#   ops_tests   tests/ops natively (compiled Triton, the CUDA ops), on TEST_WORKERS processes
+#   op_bench    the fused ops at ViT-B/16 and ViT-L/16 (seconds each; the compiled reference only for the
+#               loss's forward+backward, which its target names); BENCH_FILTER (pytest -k) changes the selection
+#   step_bench  the training step, only the cases its targets name (STEP_CASES changes them): compiled bf16 and
+#               Hugging Face on ViT-B/16, then eager and the official code, then ViT-L/16 compiled and FP8
+#   trainer     python -m mae_fast.pretrain, ViT-B/16, batch 256, blocks compiled, synthetic images on the GPU
+#               (TRAIN_FLAGS, TRAIN_STEPS change it); its log lines give images/s, MFU and peak memory
+#   tests       the rest of the test suite natively (attention backends, bf16 training, DALI mixed decoding
+#               when DALI is installed)
+#   data_bench  the data loaders on ImageNet-like JPEGs (the DALI GPU figure needs DALI among the wheels)
+#   summary     bench/summarize.py: tables, every speed target met, MISSED or not measured; the phases table
 #
-# Time: each phase has a limit (BUILD_TIMEOUT 150, BENCH_TIMEOUT 180, TEST_TIMEOUT 150, TRAIN_TIMEOUT 150
-# seconds), and no phase may run past the whole check's budget (CHECK_BUDGET, 460 s, so that the check ends
-# within 8 minutes): a later phase gets what is left. A phase that reaches its limit is interrupted (SIGINT, so pytest still writes its reports)
-# and the check fails, but the later phases still run and everything measured so far is kept.
+# Time: each phase has a limit (<NAME>_TIMEOUT overrides it) and none runs past CHECK_BUDGET (default 420 s, less
+# 15 s kept for the summary): a later phase gets what is left, or is skipped. A phase at its limit is interrupted
+# (SIGINT, so pytest still writes its reports; SIGKILL 15 s later), the check fails, later phases still run, and
+# everything measured so far is kept (each finished benchmark is appended to bench_partial.jsonl). phases.md says
+# for each phase whether it finished, failed, was cut at its limit or was skipped.
+#
+# The dry run (no GPU needed) runs the same phases: pytest phases collect their selection (and fail if it is
+# empty), the self-check and the trainer run on the CPU at their smallest, nothing is built. CI runs it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+DRY=${CHECK_DRY:-0}
+[ "${1:-}" = "--dry-run" ] && DRY=1
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 started=$SECONDS
 exec 3>&1  # the console, for messages from inside redirected commands
 log() { echo "[gpu_check +$((SECONDS - started))s] $*" >&3; }
 have() { $PY -c "import $1" >/dev/null 2>&1; }
-CHECK_BUDGET=${CHECK_BUDGET:-460}
-# run_limited SECONDS command...: at most SECONDS and never past the budget (less 20 s for the summary);
-# SIGINT at the limit, SIGKILL 20 s later; 124 when the limit was reached.
-run_limited() {
-  local limit=$1 left=$((CHECK_BUDGET - (SECONDS - started) - 20)); shift
-  [ "$left" -lt "$limit" ] && limit=$left
-  if [ "$limit" -lt 10 ]; then log "skipped (under 10 s left of its limit or of CHECK_BUDGET=$CHECK_BUDGET): $*"; return 124; fi
-  timeout -s INT -k 20 "$limit" "$@"
-}
+CHECK_BUDGET=${CHECK_BUDGET:-420}
+status=0
 
-device=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_') if torch.cuda.is_available() else 'no_gpu')")
+device=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_') if torch.cuda.is_available() else 'no_gpu')" 2>/dev/null || echo unknown)
 RESULTS_DIR=${RESULTS_DIR:-bench/results/$(date +%Y-%m-%d)-$device}
 mkdir -p "$RESULTS_DIR"
-status=0
-log "device: $device; results in $RESULTS_DIR"
+RESULTS_DIR=$(cd "$RESULTS_DIR" && pwd)
+PHASES="$RESULTS_DIR/phases.md"
+printf '| phase | outcome | seconds | limit |\n|---|---|---:|---:|\n' >"$PHASES"
+[ "$DRY" = 1 ] && log "dry run: GPU-only parts skipped"
+log "device: $device; results in $RESULTS_DIR; budget ${CHECK_BUDGET}s"
+
+# phase NAME LIMIT command...: runs the command (output to NAME.log) for at most LIMIT seconds (NAME_TIMEOUT, in
+# upper case, overrides it) and never past the budget; records the outcome in phases.md.
+phase() {
+  local name=$1 limit=$2; shift 2
+  local var="${name^^}_TIMEOUT"; limit=${!var:-$limit}
+  local left=$((CHECK_BUDGET - (SECONDS - started) - 15)) t0=$SECONDS rc outcome
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 10 ]; then
+    log "$name: SKIPPED (under 10 s left of CHECK_BUDGET=$CHECK_BUDGET)"
+    echo "| $name | SKIPPED: no time left | 0 | - |" >>"$PHASES"; status=1; return 124
+  fi
+  log "$name (limit ${limit}s)"
+  timeout -s INT -k 15 "$limit" "$@" >"$RESULTS_DIR/$name.log" 2>&1
+  rc=$?
+  case $rc in
+    0) outcome="finished" ;;
+    124|137) outcome="CUT at its limit"; status=1 ;;
+    *) outcome="FAILED (exit $rc)"; status=1 ;;
+  esac
+  log "$name: $outcome in $((SECONDS - t0))s (see $name.log)"
+  echo "| $name | $outcome | $((SECONDS - t0)) | $limit |" >>"$PHASES"
+  return $rc
+}
+
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>/dev/null
   $PY -c "import torch, sys; print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', torch.version.cuda)"
   $PY -c "import triton; print('triton', triton.__version__)" 2>/dev/null
+  git rev-parse HEAD 2>/dev/null | sed 's/^/revision /'
 } >"$RESULTS_DIR/environment.txt"
 
-# 1. The CUDA extension, for this GPU only (a fraction of the default build's time).
+# --- setup ---------------------------------------------------------------------------------------------------------
+# Wheels carried in .whl/ (a machine without a registry): installed beside, never over, what is there.
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/mae_fast_site .whl/*.whl \
-    && export PYTHONPATH=/tmp/mae_fast_site${PYTHONPATH:+:$PYTHONPATH}
+    >"$RESULTS_DIR/wheels.log" 2>&1 && export PYTHONPATH=/tmp/mae_fast_site${PYTHONPATH:+:$PYTHONPATH}
 fi
-build_ext() {  # in the current folder
-  MAE_FAST_CUDA_ARCHS=${MAE_FAST_CUDA_ARCHS:-$arch} MAX_JOBS=${MAX_JOBS:-$(nproc)} MAE_FAST_FORCE_CUDA_BUILD=1 \
-    run_limited "${BUILD_TIMEOUT:-150}" $PY setup.py build_ext --inplace
+# mae_fast importable. The editable install maps kernels/ to mae_fast.kernels; without it (an old setuptools cannot
+# read pyproject.toml, say) the checkout itself is imported, with mae_fast/kernels a link to kernels/ (removed at
+# exit), so whichever copy of mae_fast comes first on sys.path is a whole one.
+link_kernels() {
+  [ -e mae_fast/kernels ] || { ln -s ../kernels mae_fast/kernels && trap 'rm -f mae_fast/kernels' EXIT; }
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 }
-if ls csrc/*.cu >/dev/null 2>&1; then
-  arch=$($PY -c "import torch; print('%d%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo 90)
-  log "building the CUDA extension for sm_${MAE_FAST_CUDA_ARCHS:-$arch}"
-  if build_ext >"$RESULTS_DIR/build.log" 2>&1; then
-    :
-  elif grep -q "invalid pyproject.toml config" "$RESULTS_DIR/build.log"; then
-    # setuptools older than 77 rejects pyproject.toml's SPDX license: build from a copy without it.
-    log "this setuptools cannot read pyproject.toml; building from a copy of setup.py and csrc/ alone"
-    stage=$(mktemp -d); cp -r setup.py csrc mae_fast kernels "$stage"/
-    { (cd "$stage" && build_ext) >>"$RESULTS_DIR/build.log" 2>&1 && cp "$stage"/mae_fast/_C*.so mae_fast/; } \
-      || { log "CUDA build FAILED (see build.log)"; status=1; }
+if [ "${CHECK_FORCE_FALLBACK:-0}" = 1 ]; then
+  log "CHECK_FORCE_FALLBACK=1: importing the checkout with mae_fast/kernels linked"; link_kernels
+elif ! $PY -c "import mae_fast.kernels" >/dev/null 2>&1; then
+  if MAE_FAST_SKIP_CUDA_BUILD=1 $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . \
+      >"$RESULTS_DIR/install.log" 2>&1 && $PY -c "import mae_fast.kernels" >/dev/null 2>&1; then
+    log "editable install done"
   else
-    log "CUDA build FAILED (see build.log)"; status=1
+    log "editable install failed (see install.log); importing the checkout with mae_fast/kernels linked"
+    link_kernels
   fi
-else
-  log "no CUDA sources in csrc/: nothing to build"
 fi
-
-# 2. mae_fast importable, offline (after the build, so a symlinked tree holds the extension too).
-if ! MAE_FAST_SKIP_CUDA_BUILD=1 $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$RESULTS_DIR/install.log" 2>&1; then
-  log "editable install failed (see install.log); using a symlinked package tree"
-  site=$(mktemp -d); mkdir -p "$site/mae_fast"
-  for f in mae_fast/*; do ln -s "$PWD/$f" "$site/mae_fast/"; done
-  ln -s "$PWD/kernels" "$site/mae_fast/kernels"
-  export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
+# Imported from outside the checkout, so the result is what every phase's python sees, whatever its working folder.
+(cd /tmp && $PY -c "import mae_fast, mae_fast.kernels; print('mae_fast from', mae_fast.__file__)") \
+  >>"$RESULTS_DIR/environment.txt" 2>&1 || { log "mae_fast cannot be imported (see environment.txt)"; exit 1; }
+# The CUDA extension: kept when a prebuilt one loads, else built for this GPU only (a fraction of the full build).
+# setuptools older than 77 rejects pyproject.toml's SPDX license: then it is built from a copy without that file.
+extension_loads() { $PY -c "import mae_fast._C" >/dev/null 2>&1; }
+if [ "$DRY" = 1 ]; then
+  log "dry run: the CUDA extension is not built"
+elif extension_loads; then
+  log "the prebuilt CUDA extension loads: not rebuilding"
+elif ls csrc/*.cu >/dev/null 2>&1; then
+  arch=$($PY -c "import torch; print('%d%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo 90)
+  build_env=(env MAE_FAST_CUDA_ARCHS="${MAE_FAST_CUDA_ARCHS:-$arch}" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+             MAE_FAST_FORCE_CUDA_BUILD=1)
+  if ! phase build 150 "${build_env[@]}" $PY setup.py build_ext --inplace \
+      && grep -q "invalid pyproject.toml config" "$RESULTS_DIR/build.log"; then
+    stage=$(mktemp -d); mkdir "$stage/mae_fast"; cp -r setup.py csrc kernels "$stage"/
+    cp mae_fast/*.py "$stage/mae_fast/"
+    phase build_staged 150 "${build_env[@]}" bash -c "cd '$stage' && $PY setup.py build_ext --inplace" \
+      && cp "$stage"/mae_fast/_C*.so mae_fast/ && status=0  # the staged build replaces the failed one
+  fi
 fi
-$PY -c "import mae_fast.kernels, mae_fast; print('mae_fast from', mae_fast.__file__)" || exit 1
-$PY -c "import mae_fast.ops.dispatch as d; print('CUDA extension loaded:', d.cuda_extension_loaded())" 2>&1 | tee -a "$RESULTS_DIR/environment.txt"
+$PY -c "import mae_fast.ops.dispatch as d; print('CUDA extension loaded:', d.cuda_extension_loaded())" \
+  2>&1 | tee -a "$RESULTS_DIR/environment.txt" >&3
 
-# 3. Benchmarks at the real shapes, the ones the targets name first (a stopped run keeps what ran).
-bench_order="bench/test_train_step.py bench/test_masked_patch_loss.py bench/test_data_loaders.py
-  bench/test_gather_tokens.py bench/test_restore_tokens.py bench/test_gather_patches.py"
-log "benchmarks"
-rm -f "$RESULTS_DIR/bench_partial.jsonl"
-MAE_FAST_BENCH_JSONL="$RESULTS_DIR/bench_partial.jsonl" run_limited "${BENCH_TIMEOUT:-180}" \
-  $PY -m pytest ${BENCH_FILES:-$bench_order} -q -p no:cacheprovider -o addopts="" \
-  -k "${BENCH_FILTER:-not vit_h14 and (not torch-compile or (masked_patch_loss and forward+backward))}" \
-  --benchmark-json="$RESULTS_DIR/bench.json" --benchmark-storage="file://$(cd "$RESULTS_DIR" && pwd)" \
-  --benchmark-save=gpu_check --benchmark-columns=median,rounds >"$RESULTS_DIR/bench.log" 2>&1 \
-  || { log "benchmarks failed or were stopped (see bench.log)"; status=1; }
-tail -n 3 "$RESULTS_DIR/bench.log"
-
-# 4. The whole test suite, natively.
-log "tests"
+# --- the phases ----------------------------------------------------------------------------------------------------
 workers=(); have xdist && workers=(-n "${TEST_WORKERS:-8}")
-per_test=(); have pytest_timeout && per_test=(--timeout "${TEST_CASE_TIMEOUT:-150}")
-run_limited "${TEST_TIMEOUT:-150}" $PY -m pytest tests -q -p no:cacheprovider -o addopts="" "${workers[@]}" \
-  "${per_test[@]}" -rfE --durations=25 --junitxml="$RESULTS_DIR/tests.xml" >"$RESULTS_DIR/tests.log" 2>&1 \
-  || { log "tests failed or were stopped (see tests.log)"; status=1; }
-grep -E "^(FAILED|ERROR)" "$RESULTS_DIR/tests.log" | head -n 20
-tail -n 2 "$RESULTS_DIR/tests.log"
+per_test=(); have pytest_timeout && per_test=(--timeout "${TEST_CASE_TIMEOUT:-60}")
+collect=(); [ "$DRY" = 1 ] && { collect=(--collect-only); workers=(); per_test=(); }
+pytest_run=($PY -m pytest -p no:cacheprovider -o addopts="" -q "${collect[@]}")
+# A selection that collects nothing is a broken check, not a pass (pytest exits 5 then).
+if have mae_fast.info && $PY -m mae_fast.info --help 2>/dev/null | grep -q -- "--check"; then
+  if [ "$DRY" = 1 ]; then phase selfcheck 60 $PY -m mae_fast.info --check --quick
+  else phase selfcheck 60 $PY -m mae_fast.info --check; fi
+  grep -E "^\|" "$RESULTS_DIR/selfcheck.log" | grep -E "FAIL" >&3
+fi
 
-# 5. The real trainer end to end: ViT-B/16, batch 256, bf16, blocks compiled (--compile_scope blocks), images
-#    made on the GPU (no decoding), so the images/s and MFU it logs are the training loop's own, logging,
-#    schedule and optimizer included (the step benchmark above measures the eager model).
+phase ops_tests 100 "${pytest_run[@]}" tests/ops "${workers[@]}" "${per_test[@]}" -rfE \
+  --junitxml="$RESULTS_DIR/ops_tests.xml"
+grep -E "^(FAILED|ERROR)" "$RESULTS_DIR/ops_tests.log" | head -n 20 >&3
+
+rm -f "$RESULTS_DIR/bench_partial.jsonl"
+export MAE_FAST_BENCH_JSONL="$RESULTS_DIR/bench_partial.jsonl"
+bench_opts=(--benchmark-columns=median,rounds --benchmark-storage="file://$RESULTS_DIR")
+[ "$DRY" = 1 ] && bench_opts+=(--benchmark-disable)
+phase op_bench 100 "${pytest_run[@]}" bench/test_masked_patch_loss.py bench/test_restore_tokens.py \
+  bench/test_gather_tokens.py bench/test_gather_patches.py "${bench_opts[@]}" \
+  -k "${BENCH_FILTER:-not vit_h14 and (not torch-compile or (masked_patch_loss and forward+backward))}" \
+  --benchmark-json="$RESULTS_DIR/op_bench.json" --benchmark-save=op_bench
+
+# The step cases the targets name, in the order they matter; node ids run in the order given.
+step_ids=(); for case in ${STEP_CASES:-mae_vit_base_patch16-mae_fast-compile mae_vit_base_patch16-huggingface \
+    mae_vit_base_patch16-mae_fast mae_vit_base_patch16-official-pytorch mae_vit_large_patch16-mae_fast-compile \
+    mae_vit_large_patch16-mae_fast-fp8 mae_vit_large_patch16-huggingface}; do
+  step_ids+=("bench/test_train_step.py::test_train_step[$case]")
+done
+[ "$DRY" = 1 ] && step_ids=(bench/test_train_step.py)  # the CPU has other (tiny) presets: collect them all
+phase step_bench 150 "${pytest_run[@]}" "${step_ids[@]}" "${bench_opts[@]}" \
+  --benchmark-json="$RESULTS_DIR/step_bench.json" --benchmark-save=step_bench
+
 # The trainer's log lines, out of the progress bar's carriage returns.
-train_lines() { tr '\r' '\n' <"$RESULTS_DIR/train.log" 2>/dev/null | grep -E "^ *step [0-9]+/[0-9]+ " | sed 's/^ *//'; }
-log "trainer: python -m mae_fast.pretrain, ViT-B/16, batch 256, blocks compiled, synthetic data"
+train_lines() { tr '\r' '\n' <"$RESULTS_DIR/trainer.log" 2>/dev/null | grep -E "^ *step [0-9]+/[0-9]+ " | sed 's/^ *//'; }
 train_dir=$(mktemp -d)
 train_flags=${TRAIN_FLAGS:---model mae_vit_base_patch16 --batch_size 256 --input_size 224}
-run_limited "${TRAIN_TIMEOUT:-150}" $PY -m mae_fast.pretrain $train_flags \
-  --norm_pix_loss --compile --compile_scope blocks --data_backend synthetic \
-  --synthetic_samples 20480 --epochs 1 --warmup_epochs 0 --max_steps "${TRAIN_STEPS:-60}" --log_every 20 \
-  --save_last_every 0 --output_dir "$train_dir" \
-  >"$RESULTS_DIR/train.log" 2>&1 || { log "the training run failed or was stopped (see train.log)"; status=1; }
-train_lines
+train_steps=${TRAIN_STEPS:-40}
+train_compile="--compile --compile_scope blocks"
+if [ "$DRY" = 1 ]; then  # no compilation: inductor would take minutes on a CPU
+  train_flags="--model mae_vit_tiny_patch16 --batch_size 4 --input_size 32 --device cpu"; train_steps=2; train_compile=""
+fi
+phase trainer 80 $PY -m mae_fast.pretrain $train_flags --norm_pix_loss $train_compile \
+  --data_backend synthetic --synthetic_samples 20480 --epochs 1 --warmup_epochs 0 --max_steps "$train_steps" \
+  --log_every 10 --save_last_every 0 --output_dir "$train_dir"
+train_lines >&3
 rm -rf "$train_dir"
 
-# 6. The summary, from the full JSON when pytest-benchmark wrote it, else from the lines written as it went.
-if [ -s "$RESULTS_DIR/bench.json" ]; then
-  $PY bench/summarize.py "$RESULTS_DIR/bench.json" >"$RESULTS_DIR/summary.md"
-elif [ -s "$RESULTS_DIR/bench_partial.jsonl" ]; then
-  $PY bench/summarize.py "$RESULTS_DIR/bench_partial.jsonl" >"$RESULTS_DIR/summary.md"
-fi
-if [ -n "$(train_lines)" ]; then
-  { echo "## Training run"; echo
-    echo "\`python -m mae_fast.pretrain $train_flags --compile --compile_scope blocks --data_backend synthetic\`"
+phase tests 150 "${pytest_run[@]}" tests --ignore=tests/ops "${workers[@]}" "${per_test[@]}" -rfE --durations=15 \
+  --junitxml="$RESULTS_DIR/tests.xml"
+grep -E "^(FAILED|ERROR)" "$RESULTS_DIR/tests.log" | head -n 20 >&3
+
+phase data_bench 90 "${pytest_run[@]}" bench/test_data_loaders.py "${bench_opts[@]}" \
+  --benchmark-json="$RESULTS_DIR/data_bench.json" --benchmark-save=data_bench
+
+# --- summary -------------------------------------------------------------------------------------------------------
+results=()
+for f in op_bench step_bench data_bench; do [ -s "$RESULTS_DIR/$f.json" ] && results+=("$RESULTS_DIR/$f.json"); done
+[ -s "$RESULTS_DIR/bench_partial.jsonl" ] && results+=("$RESULTS_DIR/bench_partial.jsonl")
+{ if [ ${#results[@]} -gt 0 ]; then $PY bench/summarize.py "${results[@]}"; else echo "No benchmark results."; echo; fi
+  if [ -n "$(train_lines)" ]; then
+    echo "## Training run"; echo
+    echo "\`python -m mae_fast.pretrain $train_flags --norm_pix_loss $train_compile --data_backend synthetic\`"
     echo "(precision auto: bf16 on a GPU); the first line includes compilation and warm-up."
-    echo; train_lines | sed 's/^/    /'; echo; } >>"$RESULTS_DIR/summary.md"
-fi
-[ -s "$RESULTS_DIR/summary.md" ] && cat "$RESULTS_DIR/summary.md"
+    echo; train_lines | sed 's/^/    /'; echo
+  fi
+  echo "## Phases"; echo; cat "$PHASES"; echo
+} >"$RESULTS_DIR/summary.md" 2>"$RESULTS_DIR/summary.log" || status=1
+cat "$RESULTS_DIR/summary.md" >&3
 if [ -n "${RESULTS_ARCHIVE:-}" ]; then  # everything in one file, to carry off the machine
   tar czf "$RESULTS_ARCHIVE" -C "$RESULTS_DIR" . && log "results packed into $RESULTS_ARCHIVE"
 fi

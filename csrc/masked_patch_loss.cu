@@ -274,8 +274,8 @@ static LossParams loss_params(const at::Tensor& pred, const at::Tensor& imgs, co
 at::Tensor masked_patch_loss_cuda(const at::Tensor& pred, const at::Tensor& imgs, const std::optional<at::Tensor>& norm,
                                   const at::Tensor& mask, int64_t patch_size, int64_t pred_offset, bool norm_pix,
                                   double eps) {
-  const c10::cuda::CUDAGuard guard(pred.device());
   LossParams params = loss_params(pred, imgs, norm, mask, patch_size, pred_offset, norm_pix, eps);
+  const c10::cuda::CUDAGuard guard(pred.device());  // after the checks: pred is known to be a CUDA tensor
   const auto den = mask.sum(at::kFloat);
   auto per_patch = at::empty({imgs.size(0) * params.L}, pred.options().dtype(at::kFloat));
   params.rows = per_patch.numel();
@@ -296,8 +296,8 @@ std::tuple<at::Tensor, at::Tensor> masked_patch_loss_cuda_backward(
     const at::Tensor& pred, const at::Tensor& imgs, const std::optional<at::Tensor>& norm, const at::Tensor& mask,
     const at::Tensor& grad_loss, int64_t patch_size, int64_t pred_offset, bool norm_pix, double eps, bool grad_pred,
     bool grad_imgs) {
-  const c10::cuda::CUDAGuard guard(pred.device());
   LossParams params = loss_params(pred, imgs, norm, mask, patch_size, pred_offset, norm_pix, eps);
+  const c10::cuda::CUDAGuard guard(pred.device());  // after the checks: pred is known to be a CUDA tensor
   TORCH_CHECK(!grad_imgs || imgs.scalar_type() != at::kByte, "uint8 imgs have no gradient");
   const auto den = mask.sum(at::kFloat);
   const auto scale = grad_loss.to(at::kFloat).reshape({1}).contiguous();

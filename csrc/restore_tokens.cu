@@ -1,7 +1,7 @@
 // restore_tokens: out[b, l] = (x_visible[b, r] if r < K else mask_token) + pos[l], r = ids_restore[b, l].
-// Forward writes each output row once. Backward is one kernel that reads each gradient row once: visible rows go to
-// their slot of grad_x_visible (ids_restore is a permutation, so slots never collide), mask-token rows are summed
-// per block and the last block adds the blocks' sums in a fixed order: deterministic, no atomics on data.
+// Forward writes each output row once. Backward reads each gradient row once: visible rows go to their slot of
+// grad_x_visible (ids_restore is a permutation, so slots never collide), mask-token rows are summed per block, and a
+// second small kernel adds the blocks' sums in fixed slices combined in a fixed order: deterministic, no atomics.
 #include "common.cuh"
 #include "ops.h"
 
@@ -42,25 +42,46 @@ __global__ void restore_tokens_fwd_kernel(const T* __restrict__ x, const int64_t
 }
 
 // One pass over the gradient: block g takes the contiguous run of rows [g * per_block, (g + 1) * per_block) of the
-// B * L rows; a thread owns VEC-wide column chunks and walks the block's rows (threadIdx.y interleaved). Visible
-// rows are stored into their slot of grad_x; mask-token rows are summed in registers, then over threadIdx.y in
-// shared memory, into the block's partial sum. The last block to finish (a counter, after a memory fence) adds
-// the partial sums in block order: the mask token's gradient, with no second kernel and no atomics on data.
-// Deterministic for a given grid, which depends only on the shapes and the GPU's SM count.
+// B * L rows; a thread owns VEC-wide column chunks and walks the block's rows (threadIdx.y interleaved), UNROLL rows
+// at a time so that several 16-byte loads are in flight per thread. Visible rows are stored into their slot of
+// grad_x; mask-token rows are summed in registers (in row order), then over threadIdx.y in shared memory (in y
+// order), into the block's partial sum partial[g, :]. restore_tokens_token_sum_kernel then adds the partial sums.
 // VEC > 1 needs D % VEC == 0 and an aligned grad_out (the other buffers are fresh allocations).
+constexpr int kBwdUnroll = 4;
+
 template <typename TG, typename TX, int VEC>
 __global__ void restore_tokens_bwd_kernel(const TG* __restrict__ grad_out, const int64_t* __restrict__ ids,
-                                          TX* __restrict__ grad_x, float* __restrict__ partial,
-                                          unsigned int* __restrict__ done, float* __restrict__ grad_token,
-                                          int64_t rows, int64_t per_block, int64_t K, int64_t L, int64_t D) {
+                                          TX* __restrict__ grad_x, float* __restrict__ partial, int64_t rows,
+                                          int64_t per_block, int64_t K, int64_t L, int64_t D) {
   extern __shared__ float sums[];  // [blockDim.y, D]
   const int64_t first = blockIdx.x * per_block, last = std::min<int64_t>(rows, first + per_block);
+  const int64_t step = blockDim.y;
   for (int64_t q = threadIdx.x; q < D / VEC; q += blockDim.x) {
     const int64_t d = q * VEC;
     float masked_sum[VEC];
 #pragma unroll
     for (int e = 0; e < VEC; ++e) masked_sum[e] = 0.f;
-    for (int64_t row = first + threadIdx.y; row < last; row += blockDim.y) {
+    int64_t row = first + threadIdx.y;
+    for (; row + (kBwdUnroll - 1) * step < last; row += kBwdUnroll * step) {
+      float g[kBwdUnroll][VEC];
+      int64_t r[kBwdUnroll];
+#pragma unroll
+      for (int u = 0; u < kBwdUnroll; ++u) {  // all loads first: kBwdUnroll rows in flight
+        r[u] = ids[row + u * step];
+        load_as_float<TG, VEC>(grad_out + (row + u * step) * D + d, g[u]);
+      }
+#pragma unroll
+      for (int u = 0; u < kBwdUnroll; ++u) {  // then in row order, as the remainder loop below
+        const int64_t b = (row + u * step) / L;
+        if (r[u] >= 0 && r[u] < K) {
+          store_from_float<TX, VEC>(grad_x + (b * K + r[u]) * D + d, g[u]);
+        } else {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) masked_sum[e] += g[u][e];
+        }
+      }
+    }
+    for (; row < last; row += step) {
       const int64_t b = row / L, r = ids[row];
       float g[VEC];
       load_as_float<TG, VEC>(grad_out + row * D + d, g);
@@ -81,17 +102,38 @@ __global__ void restore_tokens_bwd_kernel(const TG* __restrict__ grad_out, const
     for (unsigned y = 0; y < blockDim.y; ++y) total += sums[y * D + d];  // fixed order
     partial[blockIdx.x * D + d] = total;
   }
-  __threadfence();  // this block's partial sums are visible to every block before it is counted as done
-  __shared__ bool is_last;
+}
+
+// The mask token's gradient from the G partial sums [G, D], spread over the GPU: block x takes kSumColumns columns;
+// its threadIdx.y = s adds the fixed slice of partials [s * G / kSumSlices, (s + 1) * G / kSumSlices) in order, and
+// thread y = 0 adds the slices' sums in slice order. The order depends only on G, so the result is deterministic.
+constexpr int kSumColumns = 32, kSumSlices = 16;
+
+__global__ void restore_tokens_token_sum_kernel(const float* __restrict__ partial, float* __restrict__ grad_token,
+                                                int64_t G, int64_t D) {
+  __shared__ float slice_sums[kSumSlices][kSumColumns];
+  const int64_t d = blockIdx.x * (int64_t)kSumColumns + threadIdx.x;
+  const int64_t begin = G * threadIdx.y / kSumSlices, end = G * (threadIdx.y + 1) / kSumSlices;
+  float total = 0.f;
+  if (d < D) {
+    int64_t g = begin;
+    for (; g + 3 < end; g += 4) {  // four independent loads in flight, added in order
+      const float a = partial[g * D + d], b = partial[(g + 1) * D + d], c = partial[(g + 2) * D + d],
+                  e = partial[(g + 3) * D + d];
+      total += a;
+      total += b;
+      total += c;
+      total += e;
+    }
+    for (; g < end; ++g) total += partial[g * D + d];
+  }
+  slice_sums[threadIdx.y][threadIdx.x] = total;
   __syncthreads();
-  if (tid == 0) is_last = atomicAdd(done, 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
-  for (int64_t d = tid; d < D; d += threads) {
-    float total = 0.f;
-    for (unsigned g = 0; g < gridDim.x; ++g) total += __ldcg(partial + g * D + d);  // block order, from L2
-    grad_token[d] = total;
+  if (threadIdx.y == 0 && d < D) {
+    float sum = 0.f;
+#pragma unroll
+    for (int s = 0; s < kSumSlices; ++s) sum += slice_sums[s][threadIdx.x];  // slice order
+    grad_token[d] = sum;
   }
 }
 
@@ -174,8 +216,9 @@ std::tuple<at::Tensor, at::Tensor> restore_tokens_cuda_backward(const at::Tensor
   auto grad_token = at::empty({D}, grad_out.options().dtype(at::kFloat));
   if (B * L == 0 || D == 0) return {grad_x, grad_token.zero_()};
   const int64_t rows = B * L;
-  int sms = 0;
+  int sms = 0, max_shared = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, grad_out.device().index()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlock, grad_out.device().index()));
   auto stream = current_stream();
   MAE_DISPATCH_FLOATS(grad_out.scalar_type(), "restore_tokens_cuda_backward", [&] {
     using TG = scalar_t;
@@ -185,26 +228,29 @@ std::tuple<at::Tensor, at::Tensor> restore_tokens_cuda_backward(const at::Tensor
       const bool vectorized = vectorizable(grad_out, V);
       const int64_t columns = D / (vectorized ? V : 1);
       const int tx = static_cast<int>(std::min<int64_t>(columns, 256));
-      // Rows per thread block along y, as many as the shared sums [ty, D] allow (48 KiB).
+      const auto kernel = vectorized ? restore_tokens_bwd_kernel<TG, TX, V> : restore_tokens_bwd_kernel<TG, TX, 1>;
+      // Rows per thread block along y, as many as the shared sums [ty, D] allow: the device's per-block limit
+      // without opting in (48 KiB), less the kernel's own static shared memory.
+      cudaFuncAttributes attributes{};
+      C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+      const int64_t shared_limit = static_cast<int64_t>(max_shared) - static_cast<int64_t>(attributes.sharedSizeBytes);
+      TORCH_CHECK(D * 4 <= shared_limit, "restore_tokens_cuda_backward handles D up to ", shared_limit / 4,
+                  " on this GPU, got ", D);
       int ty = std::max(1, 256 / tx);
-      while (ty > 1 && static_cast<int64_t>(ty) * D * 4 > 48 * 1024) ty /= 2;
-      TORCH_CHECK(D * 4 <= 48 * 1024, "restore_tokens_cuda_backward handles D up to 12288, got ", D);
-      // Four blocks per SM: full waves, and few enough partial sums for the last block to add.
+      while (ty > 1 && static_cast<int64_t>(ty) * D * 4 > shared_limit) ty /= 2;
+      // Four blocks per SM: full waves; the partial sums they leave are added by a second, small kernel.
       const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(4 * sms, (rows + ty - 1) / ty));
       const int64_t per_block = (rows + blocks - 1) / blocks;
       const int64_t grid_blocks = (rows + per_block - 1) / per_block;
       auto partial = at::empty({grid_blocks, D}, grad_out.options().dtype(at::kFloat));
-      auto done = at::zeros({1}, grad_out.options().dtype(at::kInt));
-      const dim3 block(tx, ty), grid(static_cast<unsigned>(grid_blocks));
       const size_t shared = static_cast<size_t>(ty) * D * sizeof(float);
-      const auto launch = [&](auto kernel) {
-        kernel<<<grid, block, shared, stream>>>(grad_out.data_ptr<TG>(), ids.data_ptr<int64_t>(),
-                                                grad_x.data_ptr<TX>(), partial.data_ptr<float>(),
-                                                reinterpret_cast<unsigned int*>(done.data_ptr<int>()),
-                                                grad_token.data_ptr<float>(), rows, per_block, K, L, D);
-      };
-      if (vectorized) launch(restore_tokens_bwd_kernel<TG, TX, V>);
-      else launch(restore_tokens_bwd_kernel<TG, TX, 1>);
+      kernel<<<dim3(static_cast<unsigned>(grid_blocks)), dim3(tx, ty), shared, stream>>>(
+          grad_out.data_ptr<TG>(), ids.data_ptr<int64_t>(), grad_x.data_ptr<TX>(), partial.data_ptr<float>(), rows,
+          per_block, K, L, D);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      restore_tokens_token_sum_kernel<<<dim3(static_cast<unsigned>((D + kSumColumns - 1) / kSumColumns)),
+                                        dim3(kSumColumns, kSumSlices), 0, stream>>>(
+          partial.data_ptr<float>(), grad_token.data_ptr<float>(), grid_blocks, D);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

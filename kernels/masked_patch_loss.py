@@ -49,11 +49,11 @@ def _masked_rows(pred_ptr, imgs_ptr, norm_ptr, b, l, active, L_OFF, GW, N, C, ep
     pred = tl.load(pred_ptr + (b * s_pb + (l + L_OFF) * s_pl)[:, None] + (n * s_pn)[None, :], mask=m,
                    other=0.0).to(tl.float32)
     rstd = tl.full((t.shape[0],), 1.0, tl.float32)
-    if NORM_PIX:
-        mean = tl.sum(t, axis=1) / N
+    if NORM_PIX:  # IEEE-rounded divides and square root (compiled Triton's `/` and tl.sqrt are approximate)
+        mean = tl.math.div_rn(tl.sum(t, axis=1), N.to(tl.float32))
         centered = tl.where(m, t - mean[:, None], 0.0)
-        var = tl.sum(centered * centered, axis=1) / (N - 1)
-        rstd = 1.0 / tl.sqrt(var + eps)
+        var = tl.math.div_rn(tl.sum(centered * centered, axis=1), (N - 1).to(tl.float32))
+        rstd = tl.math.div_rn(tl.full(var.shape, 1.0, tl.float32), tl.math.sqrt_rn(var + eps))
         t = centered * rstd[:, None]
     diff = tl.where(m, pred - t, 0.0)
     return t, diff, rstd, m
@@ -63,7 +63,7 @@ def _masked_rows(pred_ptr, imgs_ptr, norm_ptr, b, l, active, L_OFF, GW, N, C, ep
 def _row_weight(mask_ptr, den_ptr, b, l, ok, s_mb, s_ml):
     weight = tl.load(mask_ptr + b * s_mb + l * s_ml, mask=ok, other=0.0).to(tl.float32)
     den = tl.load(den_ptr).to(tl.float32)
-    return weight / tl.where(den > 0, den, 1.0)
+    return tl.math.div_rn(weight, tl.where(den > 0, den, 1.0))
 
 
 @triton.jit
@@ -80,7 +80,7 @@ def masked_patch_loss_fwd_kernel(pred_ptr, imgs_ptr, norm_ptr, mask_ptr, den_ptr
     active = row_ok & (weight != 0)
     _, diff, _, _ = _masked_rows(pred_ptr, imgs_ptr, norm_ptr, b, l, active, L_OFF, GW, N, C, eps,
                                  s_pb, s_pl, s_pn, s_b, s_c, s_h, s_w, P, NORM_PIX, U8, BLOCK_N)
-    loss = tl.sum(diff * diff, axis=1) / N
+    loss = tl.math.div_rn(tl.sum(diff * diff, axis=1), N.to(tl.float32))
     tl.store(loss_ptr + rows, loss * weight, mask=row_ok)
 
 
@@ -101,7 +101,7 @@ def masked_patch_loss_bwd_kernel(pred_ptr, imgs_ptr, norm_ptr, mask_ptr, den_ptr
     t, diff, rstd, m = _masked_rows(pred_ptr, imgs_ptr, norm_ptr, b, l, active, L_OFF, GW, N, C, eps,
                                     s_pb, s_pl, s_pn, s_b, s_c, s_h, s_w, P, NORM_PIX, U8, BLOCK_N)
     scale = tl.load(grad_loss_ptr).to(tl.float32)
-    g = diff * (2.0 * weight / N * scale)[:, None]  # d loss / d pred, rounded once below; d / d target = -g
+    g = diff * (tl.math.div_rn(2.0 * weight, N.to(tl.float32)) * scale)[:, None]  # d loss / d pred; d / d target = -g
     n = tl.arange(0, BLOCK_N)
     col_ok = n < N
     if GRAD_PRED:  # contiguous [B, T, N]: every row written, zeros where nothing was read
@@ -111,9 +111,9 @@ def masked_patch_loss_bwd_kernel(pred_ptr, imgs_ptr, norm_ptr, mask_ptr, den_ptr
         g_t = -g
         if NORM_PIX:
             # t = (x - mean) * rstd: dx = rstd * (g_t - mean(g_t) - t * sum(g_t * t) / (N - 1))
-            g_mean = tl.sum(g_t, axis=1) / N
+            g_mean = tl.math.div_rn(tl.sum(g_t, axis=1), N.to(tl.float32))
             g_dot = tl.sum(g_t * t, axis=1)
-            g_t = rstd[:, None] * (g_t - g_mean[:, None] - t * (g_dot / (N - 1))[:, None])
+            g_t = rstd[:, None] * (g_t - g_mean[:, None] - t * tl.math.div_rn(g_dot, (N - 1).to(tl.float32))[:, None])
         g_t = tl.where(m, g_t, 0.0)
         i = n // (P * C)
         j = (n // C) % P

@@ -23,6 +23,22 @@ from mae_fast.errors import BackendUnavailableError  # raised by explicit backen
 BACKENDS = ("auto", "cuda", "triton", "torch")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+#: The patch ops' Triton kernels (``gather_patches``, ``masked_patch_loss``) hold a whole patch row of
+#: p*p*C values, padded to a power of two, in one tile; wider rows would spill registers (and can
+#: keep ptxas busy for minutes), so the rule is: rows whose tile is wider than this go to another
+#: backend (``auto``: CUDA where it fits, else the torch reference). p = 32 with 3 channels (3,072
+#: values, a 4,096 tile) is the widest patch Triton takes.
+TRITON_MAX_TILE = 4096
+
+
+def triton_row_unfit(row_values: int) -> dict[str, str]:
+    """``{"triton": reason}`` when a patch row of ``row_values`` values is too wide for the Triton tile, else ``{}``."""
+    tile = 1 << max(4, (int(row_values) - 1).bit_length())
+    if tile > TRITON_MAX_TILE:
+        return {"triton": f"its kernels take patch rows of at most {TRITON_MAX_TILE} values in one tile "
+                          f"(p*p*C = {row_values} needs {tile})"}
+    return {}
+
 #: op name -> {backend name -> implementation}; each op module registers its own entry.
 REGISTRY: dict[str, dict[str, Callable]] = {}
 

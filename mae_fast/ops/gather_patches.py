@@ -159,11 +159,8 @@ def gather_patches(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, 
         raise TypeError(f"out_dtype must be a float dtype, got {out_dtype}")
     if check_indices:
         _check_index_range("ids_keep", ids_keep, gh * gw)
-    chosen = dispatch.choose("gather_patches", backend, IMPLEMENTATIONS, (imgs, ids_keep), _unfit(out_dtype))
-    return IMPLEMENTATIONS[chosen](imgs, ids_keep, patch_size, mean, std, out_dtype)
-
-
-def _unfit(out_dtype):
+    unfit = dispatch.triton_row_unfit(imgs.shape[1] * patch_size * patch_size)
     if out_dtype == torch.float64:
-        return {b: "it writes float32, float16 or bfloat16 rows, not float64" for b in ("cuda", "triton")}
-    return None
+        unfit.update({b: "it writes float32, float16 or bfloat16 rows, not float64" for b in ("cuda", "triton")})
+    chosen = dispatch.choose("gather_patches", backend, IMPLEMENTATIONS, (imgs, ids_keep), unfit)
+    return IMPLEMENTATIONS[chosen](imgs, ids_keep, patch_size, mean, std, out_dtype)

@@ -194,7 +194,8 @@ def masked_patch_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor
         raise ValueError(f"norm_pix needs at least 2 values per patch, got p*p*C = {N}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps!r}")
-    unfit = {"cuda": f"its kernel handles at most {CUDA_MAX_PATCH_VALUES} values per patch, got {N}"} \
-        if N > CUDA_MAX_PATCH_VALUES else None
+    unfit = dispatch.triton_row_unfit(N)
+    if N > CUDA_MAX_PATCH_VALUES:
+        unfit["cuda"] = f"its kernel handles at most {CUDA_MAX_PATCH_VALUES} values per patch, got {N}"
     chosen = dispatch.choose("masked_patch_loss", backend, IMPLEMENTATIONS, (pred, imgs), unfit)
     return IMPLEMENTATIONS[chosen](pred, imgs, mask, patch_size, bool(norm_pix), float(eps), pred_offset, mean, std)
