@@ -1,4 +1,4 @@
-"""Print the summary of a benchmark run: tables, then each speed target met or missed.
+"""Print the summary of a benchmark run: tables, then every speed target met, MISSED or NOT MEASURED.
 
     python bench/summarize.py FILE [FILE ...]
 
@@ -215,17 +215,21 @@ TARGET_ROW_NAMES = {
     "data_shards_vs_torch_folder_cpu": ("DALI CPU from shards",),
     "data_images_per_sec_gpu": ("DALI from shards",),
 }
-#: What each target needs measured, for the list of targets a run did not judge.
+#: What each target needs measured, and the GPU check's phase that measures it.
 TARGET_NEEDS = {
-    "triton_fraction_of_copy": "the Triton ops' forward and backward at ViT-B/16 or ViT-L/16 on a GPU",
-    "cuda_fraction_of_copy": "the CUDA ops' forward and backward at ViT-B/16 or ViT-L/16 on a GPU",
-    "loss_speedup_vs_eager": "masked_patch_loss forward+backward, Triton and eager torch, at ViT-B/16 or ViT-L/16",
-    "loss_speedup_vs_compile": "masked_patch_loss forward+backward, Triton and torch-compile, at ViT-B/16 or ViT-L/16",
-    "step_speedup_vs_huggingface": "a mae_fast bf16 step and the Hugging Face step on the same preset",
-    "step_mfu": "a mae_fast bf16 step on ViT-B/16 on a GPU with a known peak",
-    "fp8_speedup_vs_compiled_bf16": "the FP8 and compiled bf16 steps on ViT-L/16 (torchao, FP8 tensor cores)",
-    "data_shards_vs_torch_folder_cpu": "DALI from shards (crop decode) and torch from the folder, on a CPU",
-    "data_images_per_sec_gpu": "DALI from shards with mixed decoding on a GPU (DALI installed)",
+    "triton_fraction_of_copy": ("the Triton ops' forward and backward at ViT-B/16 or ViT-L/16 on a GPU", "op_bench"),
+    "cuda_fraction_of_copy": ("the CUDA ops' forward and backward at ViT-B/16 or ViT-L/16 on a GPU", "op_bench"),
+    "loss_speedup_vs_eager": ("masked_patch_loss forward+backward, Triton and eager torch, at ViT-B/16 or ViT-L/16",
+                              "op_bench"),
+    "loss_speedup_vs_compile": ("masked_patch_loss forward+backward, Triton and torch-compile, at ViT-B/16 or "
+                                "ViT-L/16", "op_bench"),
+    "step_speedup_vs_huggingface": ("a mae_fast bf16 step and the Hugging Face step on the same preset", "step_bench"),
+    "step_mfu": ("a mae_fast bf16 step on ViT-B/16 on a GPU whose peak is known", "step_bench"),
+    "fp8_speedup_vs_compiled_bf16": ("the FP8 and compiled bf16 steps on ViT-L/16 (torchao, FP8 tensor cores)",
+                                     "step_bench"),
+    "data_shards_vs_torch_folder_cpu": ("DALI from shards (crop decode) and torch from the folder, on a CPU",
+                                        "data_bench"),
+    "data_images_per_sec_gpu": ("DALI from shards with mixed decoding on a GPU (DALI installed)", "data_bench"),
 }
 
 
@@ -236,8 +240,14 @@ def unjudged(targets: list[tuple[str, str, str, bool]]) -> list[str]:
             if not any(name.startswith(start) for name in names for start in starts)]
 
 
+def verdict_counts(targets: list[tuple[str, str, str, bool]]) -> dict[str, int]:
+    """How many target rows were met and MISSED, and how many targets were NOT MEASURED."""
+    return {"met": sum(met for *_, met in targets), "MISSED": sum(not met for *_, met in targets),
+            "NOT MEASURED": len(unjudged(targets))}
+
+
 def summary(results: dict) -> str:
-    """The whole summary as Markdown."""
+    """The whole summary as Markdown; its last line counts the targets met, MISSED and NOT MEASURED."""
     lines = []
     env = results["benchmarks"][0]["extra_info"] if results.get("benchmarks") else {}
     lines.append(f"# mae_fast benchmarks on {env.get('device', '?')} ({results.get('datetime', '?')[:10]})")
@@ -282,29 +292,29 @@ def summary(results: dict) -> str:
             lines.append(f"| {d.backend} | {d.source} | {d.decode} | {d.image_size} | {fmt(d.images_per_sec, ',.0f')} |")
         lines.append("")
     targets = target_rows(ops, steps) + data_target_rows(data)
+    counts = verdict_counts(targets)
     lines.append("## Targets\n")
-    if targets:
-        lines.append(f"{sum(met for *_, met in targets)} of {len(targets)} met.\n")
-        lines.append("| target | where | measured | |")
-        lines.append("|---|---|---:|---|")
-        for name, where, measured, met in targets:
-            lines.append(f"| {name} | {where} | {measured} | {'met' if met else 'MISSED'} |")
-    else:
-        lines.append(f"None judged: the op targets are stated for {', '.join(TARGET_SHAPES)} and the step targets "
-                     f"for {TARGET_STEP[0]} in {TARGET_STEP[1]} and {TARGET_FP8_STEP[0]} in {TARGET_FP8_STEP[1]}, "
-                     "shapes this run did not measure.")
+    lines.append("Every target of the project: met or MISSED where this run measured it, NOT MEASURED (with the "
+                 "GPU check's phase that measures it) where it did not. The op targets are stated for "
+                 f"{', '.join(TARGET_SHAPES)}, the bf16 step targets for {TARGET_STEP[0]} and the FP8 one for "
+                 f"{TARGET_FP8_STEP[0]}.\n")
+    lines.append("| target | where | measured | |")
+    lines.append("|---|---|---:|---|")
+    for name, where, measured, met in targets:
+        lines.append(f"| {name} | {where} | {measured} | {'met' if met else 'MISSED'} |")
+    for key in unjudged(targets):
+        need, phase = TARGET_NEEDS[key]
+        lines.append(f"| {key} ({TARGETS[key]:g}) | needs {need} | - | NOT MEASURED (phase {phase}) |")
     lines.append("")
-    missing = unjudged(targets)
-    if missing:
-        lines.append("Not measured by this run:\n")
-        lines.extend(f"- {key} ({TARGETS[key]:g}): needs {TARGET_NEEDS[key]}" for key in missing)
-        lines.append("")
+    lines.append(f"Targets: {counts['met']} met, {counts['MISSED']} MISSED, {counts['NOT MEASURED']} of {len(TARGETS)} "
+                 "NOT MEASURED.")
+    lines.append("")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results_files", nargs="+", metavar="FILE",
+    parser.add_argument("results_files", nargs="*", metavar="FILE",
                         help="pytest-benchmark JSON, or the MAE_FAST_BENCH_JSONL lines")
     args = parser.parse_args()
     print(summary(load_all(args.results_files)))

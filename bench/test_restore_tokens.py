@@ -21,7 +21,9 @@ def test_restore_tokens(benchmark, record, shape, provider, mode):
         return {"x_visible": torch.randn(B, K, D, device=DEVICE, dtype=dtype), "ids_restore": ids_restore,
                 "mask_token": torch.randn(D, device=DEVICE), "pos_embed": torch.randn(L, D, device=DEVICE)}
 
-    moved = bytes_moved(B, L, K, D, dtype, torch.float32)
+    # The backward's partial sums scale with the SM count (4 blocks per SM): this GPU's own, not a fixed figure.
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count if DEVICE.type == "cuda" else 132
+    moved = bytes_moved(B, L, K, D, dtype, torch.float32, num_sms=sms)
     run(benchmark, record, "restore_tokens", shape, provider, mode, make_inputs,
         lambda backend, x_visible, ids_restore, mask_token, pos_embed: restore_tokens(
             x_visible, ids_restore, mask_token, pos_embed, backend=backend, check_indices=False,

@@ -84,6 +84,33 @@ def launch_fixed(kernel, grid, *args, **kwargs) -> None:
         kernel[grid](*args, **kwargs)
 
 
+def round_interpreted_bf16_like_the_gpu() -> None:
+    """Make the Triton interpreter round float32 -> bfloat16 to nearest even, as GPUs do (idempotent).
+
+    The interpreter truncates this conversion (its ``_convert_float`` drops the low bits), so an
+    interpreted kernel that writes bfloat16 would be up to one unit in the last place off where the
+    compiled kernel is exact. The test suite and ``python -m mae_fast.info --check --interpret``
+    check the kernels' arithmetic, not the emulator's, so both install this.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter._convert_float
+    if getattr(original, "_mae_fast_rne", False):
+        return
+
+    def convert(data, input_dtype, output_dtype, rounding_mode):
+        if input_dtype == tl.float32 and output_dtype == tl.bfloat16:
+            bits = np.ascontiguousarray(data, dtype=np.float32).view(np.uint32)
+            rounded = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
+            return np.where(np.isnan(data), np.uint16(0x7FC0), rounded)
+        return original(data, input_dtype, output_dtype, rounding_mode)
+
+    convert._mae_fast_rne = True
+    interpreter._convert_float = convert
+
+
 def block(n: int) -> int:
     """The power-of-two tile width covering ``n`` elements (at least 16)."""
     return max(16, triton.next_power_of_2(n))

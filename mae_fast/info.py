@@ -1,14 +1,25 @@
-"""``python -m mae_fast.info``: what mae_fast will run on this machine.
+"""``python -m mae_fast.info``: what mae_fast will run on this machine, and whether it computes right here.
 
-Prints the versions, the device, the backend each fused op and the attention resolve to, and runs
-one masked forward and backward of a small MAE on a random batch to show the model working.
+Without flags: the versions, the device, the backend each fused op and the attention resolve to,
+and one masked forward and backward of a small MAE on a random batch to show the model working.
+
+``--check``: the self-test (:mod:`mae_fast.selfcheck`). On the machine's GPU it runs every fused
+op on every backend that can run (CUDA, Triton) in float32 and bf16 at ViT-B/16's shapes against
+the reference, every attention backend against the math one, DALI's ``mixed`` JPEG decoding of a
+few built-in scenes against PIL's, and one compiled training step against the eager one; one
+table row per check (backend, dtype, max error, tolerance, OK/FAIL/SKIP, time). On a CPU it runs
+what the CPU can (attention, DALI's CPU decoding, the step compiled with ``aot_eager``; Triton in
+the interpreter with ``--interpret``) and lists what it skipped, with the reason. The exit code is
+1 when any check fails, 0 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import platform
+import sys
 import time
 
 import torch
@@ -32,11 +43,45 @@ def op_backends(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
     return {name: dispatch.choose(name, "auto", impls, probe) for name, impls in IMPLEMENTATIONS.items()}
 
 
+def run_self_test(interpret: bool = False, quick: bool = False) -> int:
+    """Print the self-test's table as checks finish; return the exit code (1 if any check failed)."""
+    from mae_fast import selfcheck
+    if interpret:  # the interpreter truncates float32 -> bf16 where GPUs round: check the kernels, not the emulator
+        from mae_fast.kernels._launch import round_interpreted_bf16_like_the_gpu
+        round_interpreted_bf16_like_the_gpu()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"mae_fast {mae_fast.__version__} self-test on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}"
+          f" (torch {torch.__version__}, triton {_version('triton')})")
+    print(selfcheck.TABLE_HEADER, flush=True)
+    start = time.perf_counter()
+    dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
+    results = selfcheck.run_checks(device, dtypes=dtypes, interpret_triton=interpret, step=not quick,
+                                   report=lambda r: print(selfcheck.format_row(r), flush=True))
+    counts = {outcome: sum(r.outcome == outcome for r in results) for outcome in ("OK", "FAIL", "SKIP")}
+    print(f"\n{counts['OK']} OK, {counts['FAIL']} FAIL, {counts['SKIP']} skipped, in "
+          f"{time.perf_counter() - start:.1f} s")
+    return 1 if counts["FAIL"] else 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mae_fast.info", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mae_vit_tiny_patch16", help="preset to run (default: %(default)s)")
     parser.add_argument("--batch_size", type=int, default=8, help="images in the demo batch (default: %(default)s)")
+    parser.add_argument("--check", action="store_true",
+                        help="run the self-test: every fused op, attention backend and decoder against its reference")
+    parser.add_argument("--interpret", action="store_true",
+                        help="with --check on a CPU: also run the Triton kernels in the interpreter (minutes)")
+    parser.add_argument("--quick", action="store_true",
+                        help="with --check: float32 only and no compiled training step")
     args = parser.parse_args(argv)
+    if args.check and args.interpret and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        # Triton decides between compiling and interpreting when triton.language is first imported, which
+        # has happened by now: start again with the interpreter on.
+        os.execve(sys.executable, [sys.executable, "-m", "mae_fast.info", *(sys.argv[1:] if argv is None else argv)],
+                  {**os.environ, "TRITON_INTERPRET": "1"})
+    if args.check:
+        sys.exit(run_self_test(args.interpret, args.quick))
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

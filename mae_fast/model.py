@@ -118,6 +118,7 @@ class MAEViT(nn.Module):
         super().__init__()
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
         self.kernel_backend = check_backend(kernel_backend, "kernel_backend")
+        self.kernel_backends: dict[str, str] = {}  # per-op choices that override kernel_backend
         self.attn_backend = attn_backend
         self.grad_checkpointing = grad_checkpointing
 
@@ -192,10 +193,27 @@ class MAEViT(nn.Module):
         """[B, L, p*p*C] -> [B, C, H, W] on this model's patch grid."""
         return unpatchify(x, self.patch_size, self.patch_embed.grid_size)
 
+    def op_backend(self, op: str) -> str:
+        """The backend the model passes to fused op ``op``: its entry in ``kernel_backends``, else ``kernel_backend``."""
+        return self.kernel_backends.get(op, self.kernel_backend)
+
+    def set_kernel_backends(self, backends: dict[str, str]) -> None:
+        """Run each fused op named in ``backends`` on the backend given there (the trainer's verified choices).
+
+        Raises:
+            ValueError: an unknown op or backend name.
+        """
+        from mae_fast.ops import IMPLEMENTATIONS
+        for op, backend in backends.items():
+            if op not in IMPLEMENTATIONS:
+                raise ValueError(f"unknown fused op {op!r}; the ops are {', '.join(IMPLEMENTATIONS)}")
+            check_backend(backend, f"the backend of {op}")
+        self.kernel_backends = dict(backends)
+
     def random_masking(self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
         """Official ``random_masking`` on a token sequence [B, L, D] -> (x_masked, mask, ids_restore)."""
         from mae_fast.masking import random_masking
-        return random_masking(x, mask_ratio, noise, backend=self.kernel_backend)
+        return random_masking(x, mask_ratio, noise, backend=self.op_backend("gather_tokens"))
 
     def attn_backend_for(self, device: torch.device | str, dtype: torch.dtype) -> str:
         """The attention kernel the model runs for activations on ``device`` in ``dtype``."""
@@ -244,11 +262,12 @@ class MAEViT(nn.Module):
         # Embedding the gathered patches with the conv weight as a matrix equals the conv on them. The rows
         # come out in the dtype the matrix multiply runs in (bf16 under autocast), uint8 images normalized.
         proj = self.patch_embed.proj
-        patches = gather_patches(imgs, ids_keep, self.patch_size, backend=self.kernel_backend, check_indices=False,
+        patches = gather_patches(imgs, ids_keep, self.patch_size, backend=self.op_backend("gather_patches"), check_indices=False,
                                  out_dtype=_matmul_dtype(imgs.device, proj.weight.dtype), **self._pixel_stats(imgs))
         x = F.linear(patches, proj.weight.view(proj.out_channels, -1), proj.bias)
         # The official x + pos_embed (float32 under autocast), positions gathered and added in one pass.
-        x = add_pos_embed(x, ids_keep, self.pos_embed[0, 1:], backend=self.kernel_backend, check_indices=False)
+        x = add_pos_embed(x, ids_keep, self.pos_embed[0, 1:], backend=self.op_backend("add_pos_embed"),
+                          check_indices=False)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)
         x = torch.cat([cls.to(x.dtype), x], dim=1)
         x = self._run_blocks(self.blocks, x)
@@ -264,7 +283,7 @@ class MAEViT(nn.Module):
         # The official concatenation with the float32 mask token promotes to float32 under autocast.
         out_dtype = torch.promote_types(x.dtype, self.mask_token.dtype)
         tokens = restore_tokens(x[:, 1:], ids_restore, self.mask_token, self.decoder_pos_embed[:, 1:],
-                                backend=self.kernel_backend, check_indices=False, out_dtype=out_dtype)
+                                backend=self.op_backend("restore_tokens"), check_indices=False, out_dtype=out_dtype)
         cls = x[:, :1] + self.decoder_pos_embed[:, :1]
         x = torch.cat([cls.to(tokens.dtype), tokens], dim=1)
         x = self._run_blocks(self.decoder_blocks, x)
@@ -279,7 +298,8 @@ class MAEViT(nn.Module):
         """
         offset = pred.shape[1] - self.num_patches
         return masked_patch_loss(pred, imgs, mask, self.patch_size, norm_pix=self.norm_pix_loss,
-                                 backend=self.kernel_backend, pred_offset=max(offset, 0), **self._pixel_stats(imgs))
+                                 backend=self.op_backend("masked_patch_loss"), pred_offset=max(offset, 0),
+                                 **self._pixel_stats(imgs))
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None,
                 return_pred: bool = True):

@@ -45,19 +45,28 @@ from mae_fast.model import MAEViT, create_model
 from mae_fast.monitor import LossStats, LossWatch
 from mae_fast.ops import IMPLEMENTATIONS, dispatch, patchify, unpatchify
 from mae_fast.progress import Progress
+from mae_fast.selfcheck import verify_kernel_backends
 
 logger = logging.getLogger("mae_fast")
 
-# Dense bf16/fp16 tensor-core peaks (FLOP/s) for model FLOP utilization; unknown devices report none.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
-              "RTX 4090": 165e12, "V100": 125e12}
+# Dense bf16/fp16 tensor-core peaks (FLOP/s) from NVIDIA's data sheets, for model FLOP utilization, by the part of
+# the name the driver reports: the first entry the name contains wins, so each variant comes before its family.
+# H100 SXM ("NVIDIA H100 80GB HBM3") and H200: 989; H100 PCIe: 756; H100 NVL and H200 NVL: 835 (1,671 with
+# sparsity). Unknown devices report none.
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H200": 989e12, "H100": 989e12,
+              "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "V100": 125e12}
+
+
+def peak_flops_for(name: str) -> float | None:
+    """The dense bf16 peak of the GPU the driver names ``name``, or None when unknown."""
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
 
 def peak_flops(device: torch.device) -> float | None:
     """The device's dense bf16 peak, or None when unknown (CPUs included)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return peak_flops_for(torch.cuda.get_device_name(device))
 
 
 def lr_at(epoch: float, base_lr: float, min_lr: float, warmup_epochs: float, epochs: int) -> float:
@@ -166,6 +175,10 @@ class MAETrainer:
         self.model: MAEViT = create_model(mcfg.name, img_size=dcfg.input_size, norm_pix_loss=mcfg.norm_pix_loss,
                                           attn_backend=mcfg.attn_backend, kernel_backend=mcfg.kernel_backend,
                                           grad_checkpointing=mcfg.grad_checkpointing).to(self.device)
+        # Verify before trusting: each fused op's backend is checked against its reference on a small probe on
+        # this device (milliseconds); one that does not match is named in a warning and the next one is used.
+        self.model.set_kernel_backends(verify_kernel_backends(self.device, self.autocast_dtype or torch.float32,
+                                                              mcfg.kernel_backend, warn=logger.warning))
         # Batches cross to the device and live there as uint8 pixels (a quarter of float32's bytes); the model's
         # fused ops normalize them as they read them, bit for bit as the loaders would.
         self.loader = build_loader(dcfg, self.dist.rank, self.dist.world_size, self.device, config.seed, train=True,
@@ -261,7 +274,7 @@ class MAETrainer:
         """One paragraph on what runs: model, kernels, attention, data, precision, recipe."""
         dtype = self.autocast_dtype or torch.float32
         probe = [torch.empty(1, device=self.device, dtype=dtype)]
-        kernels = ", ".join(f"{op}={dispatch.choose(op, self.model.kernel_backend, impls, probe)}"
+        kernels = ", ".join(f"{op}={dispatch.choose(op, self.model.op_backend(op), impls, probe)}"
                             for op, impls in IMPLEMENTATIONS.items())
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         return (f"model {self.config.model.name} ({trainable:,} trainable parameters, {self.config.data.input_size}px, "

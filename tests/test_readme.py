@@ -119,3 +119,14 @@ def test_the_shard_commands_run_as_written_on_a_small_folder(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "out" / "checkpoint-last.pth").is_file()
+
+
+def test_the_self_test_table_shown_is_its_format():
+    from mae_fast.selfcheck import TABLE_HEADER
+
+    lines = [line.strip() for line in README.splitlines()]
+    header = lines.index(TABLE_HEADER.splitlines()[0])
+    assert lines[header + 1] == TABLE_HEADER.splitlines()[1]
+    rows = lines[header + 2:lines.index("", header)]
+    assert rows and all(re.fullmatch(r"\| [^|]+ \| \w+ \| \w+ \| [-\d.e]+ \| [-\d.e]+ \| (OK|FAIL|SKIP) \| [\d.]+s \|.*\|",
+                                     row) for row in rows), rows

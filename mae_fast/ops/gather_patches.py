@@ -147,7 +147,8 @@ def gather_patches(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, 
 
     Raises:
         TypeError / ValueError: bad rank, dtype, device, batch mismatch, patch size, index or statistics.
-        BackendUnavailableError: an explicit backend cannot run here.
+        BackendUnavailableError: an explicit backend cannot run here (Triton: patch rows of more than
+            4,096 values, p*p*C, see ``dispatch.TRITON_MAX_TILE``; auto passes over it then).
     """
     check_tensor("imgs", imgs, ndim=4, float_only=not (isinstance(imgs, torch.Tensor) and imgs.dtype == torch.uint8))
     check_tensor("ids_keep", ids_keep, ndim=2, int_only=True)

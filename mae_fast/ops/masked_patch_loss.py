@@ -172,7 +172,8 @@ def masked_patch_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor
 
     Raises:
         TypeError / ValueError: bad rank, dtype, device, shapes, patch size, offset or statistics.
-        BackendUnavailableError: an explicit backend cannot run here.
+        BackendUnavailableError: an explicit backend cannot run here (Triton: patches of more than 4,096
+            values, see ``dispatch.TRITON_MAX_TILE``; CUDA: more than 65,536; auto passes over them then).
     """
     check_tensor("pred", pred, ndim=3, float_only=True)
     check_tensor("imgs", imgs, ndim=4, float_only=imgs.dtype != torch.uint8 if isinstance(imgs, torch.Tensor) else True)

@@ -38,7 +38,8 @@ def bytes_moved(batch: int, length: int, num_kept: int, dim: int, x_dtype: torch
     (shared by the batch), and writes the [B, L, D] sequence. Backward reads the sequence's
     gradient once and writes the visible tokens' gradient; the mask token's gradient costs one
     [D] float32 partial sum per thread block (the CUDA kernel runs 4 blocks per SM: ``num_sms``,
-    132 on an H100/H200), written and read back by the last block.
+    132 on an H100 SXM or H200, 114 on an H100 PCIe), written, then read by a second small kernel
+    that adds them.
     """
     e_x, e_out = x_dtype.itemsize, (out_dtype or x_dtype).itemsize
     visible, full = batch * num_kept * dim, batch * length * dim

@@ -194,3 +194,61 @@ def test_cuda_backward_kernels_take_misaligned_gradients():
                                                [xv, token], full)
         assert torch.equal(grad_x, ref_x)
         torch.testing.assert_close(grad_token, ref_token.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_cuda_restore_tokens_backward_is_exact_and_deterministic():
+    # ViT-B/16's decoder (B 256, L 196, D 512: hundreds of partial sums per column), and a batch smaller than the
+    # grid (fewer partial sums than the summing kernel's slices, some slices empty).
+    torch.manual_seed(0)
+    for B, L, D, ratio in ((256, 196, 512, 0.75), (1, 4, 40, 0.5)):
+        _, ids_restore, _ = sample_mask(B, L, ratio, device="cuda")
+        K = L - int(L * ratio)
+        grad = torch.randn(B, L, D, device="cuda", dtype=torch.bfloat16)
+        first = torch.ops.mae_fast.restore_tokens_cuda_backward(grad, ids_restore, K, torch.bfloat16)
+        again = torch.ops.mae_fast.restore_tokens_cuda_backward(grad, ids_restore, K, torch.bfloat16)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])  # same order, same bits
+        xv = torch.zeros(B, K, D, device="cuda", dtype=torch.float64, requires_grad=True)
+        token = torch.zeros(D, device="cuda", dtype=torch.float64, requires_grad=True)
+        ref_x, ref_token = torch.autograd.grad(restore_tokens(xv, ids_restore, token, None, backend="torch"),
+                                               [xv, token], grad.double())
+        assert torch.equal(first[0].double(), ref_x)  # a copy: exact
+        # A float32 sum of n terms: within n * 2^-24 of the float64 sum of their magnitudes.
+        n = B * (L - K)
+        bound = n * 2.0**-24 * torch.autograd.grad(restore_tokens(xv, ids_restore, token, None, backend="torch"),
+                                                   [token], grad.double().abs())[0]
+        assert ((first[1].double() - ref_token).abs() <= bound + 1e-12).all()
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_cuda_restore_tokens_backward_at_the_shared_memory_limit():
+    # The widest D is the device's per-block shared memory (48 KiB without opting in) in float32 sums; the kernel
+    # has no static shared memory, so D = 12288 launches, and one more vector's width is refused in one line.
+    limit = torch.cuda.get_device_properties(0).shared_memory_per_block // 4
+    _, ids_restore, _ = sample_mask(1, 4, 0.5, device="cuda")
+    grad = torch.randn(1, 4, limit, device="cuda")
+    grad_x, grad_token = torch.ops.mae_fast.restore_tokens_cuda_backward(grad, ids_restore, 2, torch.float32)
+    xv = torch.zeros(1, 2, limit, device="cuda", requires_grad=True)
+    token = torch.zeros(limit, device="cuda", requires_grad=True)
+    ref_x, ref_token = torch.autograd.grad(restore_tokens(xv, ids_restore, token, None, backend="torch"), [xv, token],
+                                           grad)
+    assert torch.equal(grad_x, ref_x)
+    torch.testing.assert_close(grad_token, ref_token)
+    with pytest.raises(RuntimeError, match=f"handles D up to {limit}"):
+        torch.ops.mae_fast.restore_tokens_cuda_backward(torch.randn(1, 4, limit + 4, device="cuda"), ids_restore, 2,
+                                                        torch.float32)
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_cuda_loss_names_a_cpu_pred():
+    # The device guard comes after the checks: a CPU pred with CUDA images is named, not an internal assert.
+    imgs = torch.randn(1, 3, 16, 16, device="cuda")
+    mask = torch.ones(1, 1, device="cuda")
+    for op, extra in ((torch.ops.mae_fast.masked_patch_loss_cuda, ()),
+                      (torch.ops.mae_fast.masked_patch_loss_cuda_backward, (torch.ones((), device="cuda"),))):
+        args = (torch.randn(1, 1, 768), imgs, None, mask, *extra, 16, 0, True, 1e-6)
+        with pytest.raises(RuntimeError, match="pred must be a CUDA tensor, got device cpu"):
+            op(*args, *((True, False) if extra else ()))

@@ -119,3 +119,21 @@ def test_two_runs_of_the_triton_step_are_bitwise_equal():
         runs.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
     assert torch.equal(runs[0][0], runs[1][0])
     assert len(runs[0][1]) > 10 and all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+def test_patch_rows_wider_than_the_tile_go_to_another_backend():
+    # The patch ops keep a whole patch row in one Triton tile: p = 32 (3,072 values, a 4,096 tile) is the widest
+    # Triton takes; p = 64 (12,288 values) is refused by an explicit request and passed over by "auto".
+    from mae_fast.ops import BackendUnavailableError, dispatch, gather_patches, masked_patch_loss, sample_mask
+    assert dispatch.triton_row_unfit(3 * 32 * 32) == {}
+    assert "12288 needs 16384" in dispatch.triton_row_unfit(3 * 64 * 64)["triton"]
+    ids_keep, _, mask = sample_mask(1, 4, 0.5)
+    imgs = torch.randn(1, 3, 128, 128)
+    with pytest.raises(BackendUnavailableError, match="patch rows of at most 4096 values"):
+        gather_patches(imgs, ids_keep, 64, backend="triton")
+    with pytest.raises(BackendUnavailableError, match="patch rows of at most 4096 values"):
+        masked_patch_loss(torch.randn(1, 4, 3 * 64 * 64), imgs, mask, 64, backend="triton")
+    if dispatch._why_not("triton", [imgs]) is None:  # the interpreter, or a GPU: the widest tile runs and is right
+        small = torch.randn(1, 3, 64, 64)
+        torch.testing.assert_close(gather_patches(small, ids_keep, 32, backend="triton"),
+                                   gather_patches(small, ids_keep, 32, backend="torch"), rtol=0, atol=0)

@@ -46,3 +46,7 @@ def test_every_kernel_launch_compiles_for_sm90_and_sm80():
     assert len(expected) == 9, expected  # a new kernel must show up here, and below
     assert set(report["kernels"]) == expected
     assert report["compiled"] >= 2 * 2 * len(expected)  # two architectures, at least two configurations each
+    # The loss rounds its divides and square root as IEEE says (the interpreter's results, and the bf16 gradient's
+    # half-step bound): compiled Triton's `/` and tl.sqrt would give div.full.f32 and sqrt.approx.ftz.f32.
+    for kernel in ("masked_patch_loss_fwd_kernel", "masked_patch_loss_bwd_kernel"):
+        assert set(report["ptx_float_math"][kernel]) == {"div.rn.f32", "sqrt.rn.f32"}, report["ptx_float_math"]

@@ -10,8 +10,11 @@ configurations the benchmarks may opt into (the smallest and the largest tiles a
 
     python tests/ops/triton_aot.py --arch 90 [--arch 80] [--all-configs]
 
-Prints one JSON object: the kernels compiled, the number of compilations, and the failures (kernel,
-configuration, error). Run with ``TRITON_INTERPRET`` unset (the script refuses otherwise).
+Prints one JSON object: the kernels compiled, the number of compilations, the failures (kernel,
+configuration, error), and per kernel the float32 divide, reciprocal and square-root instructions
+its PTX holds (``ptx_float_math``), which show whether it rounds as IEEE says (``div.rn.f32``,
+``sqrt.rn.f32``) or approximately (``div.full.f32``, ``sqrt.approx.f32``, ``rsqrt.approx``).
+Run with ``TRITON_INTERPRET`` unset (the script refuses otherwise).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -36,9 +40,11 @@ from triton.runtime.jit import JITFunction, mangle_type  # noqa: E402
 
 from mae_fast.kernels import gather_patches, gather_tokens, masked_patch_loss, restore_tokens  # noqa: E402
 from mae_fast.ops.sample_mask import sample_mask  # noqa: E402
-from mae_fast.ops.shapes import MAE_SHAPES  # noqa: E402
+from mae_fast.ops.shapes import MAE_SHAPES, OpShape  # noqa: E402
 
 LAUNCHES: list[tuple[JITFunction, list, tuple, dict]] = []
+#: Float32 divides, reciprocals and square roots in PTX, with their rounding modifiers.
+FLOAT_MATH = re.compile(r"\b((?:div|rcp|sqrt|rsqrt)(?:\.[a-z]+)*\.f32)\b")
 
 
 def _record_jit(self, *args, grid, warmup, **kwargs):
@@ -62,7 +68,13 @@ def record_launches(batch: int = 2) -> None:
     os.environ.pop("MAE_FAST_TRITON_AUTOTUNE")
 
 
+#: The widest patch row the Triton kernels take (p = 32 with 3 channels: 3,072 values in a 4,096 tile,
+#: ``dispatch.TRITON_MAX_TILE``); wider ones go to another backend.
+WIDEST = OpShape("p32", 2, 3, 64, 64, 32, 0.75, 64, 64)
+
+
 def _call_launchers(batch: int) -> None:
+    _call_patch_launchers(batch, WIDEST)
     for shape in MAE_SHAPES:
         B, L, P, C = batch, shape.num_patches, shape.patch_size, shape.channels
         K, N = shape.num_kept, shape.patch_dim
@@ -95,6 +107,21 @@ def _call_launchers(batch: int) -> None:
                     for grads in ((True, False), (True, True)) if stats is None else ((True, False),):
                         masked_patch_loss.masked_patch_loss_backward(pred, images, stats, mask, torch.ones(()), P, 1,
                                                                      norm_pix, 1e-6, *grads)
+
+
+def _call_patch_launchers(batch: int, shape: OpShape) -> None:
+    """The patch-row kernels at one shape, in the training path's dtypes only (bf16 rows, uint8 pixels)."""
+    B, L, P, C, K, N = batch, shape.num_patches, shape.patch_size, shape.channels, shape.num_kept, shape.patch_dim
+    ids_keep, _, mask = sample_mask(B, L, shape.mask_ratio)
+    pixels = torch.randint(0, 256, (B, C, shape.height, shape.width), dtype=torch.uint8)
+    norm = torch.ones(2, C)
+    gather_patches.gather_patches_forward(pixels, ids_keep, P, norm, torch.bfloat16)
+    gather_patches.gather_patches_backward(torch.randn(B, K, N, dtype=torch.bfloat16), ids_keep, P, shape.height,
+                                           shape.width, torch.float32)
+    pred = torch.randn(B, 1 + L, N, dtype=torch.bfloat16)
+    masked_patch_loss.masked_patch_loss_forward(pred, pixels, norm, mask, P, 1, True, 1e-6)
+    masked_patch_loss.masked_patch_loss_backward(pred, pixels, norm, mask, torch.ones(()), P, 1, True, 1e-6, True,
+                                                 False)
 
 
 def variants(all_configs: bool):
@@ -135,7 +162,7 @@ def main() -> None:
     args = parser.parse_args()
     record_launches()
     todo = variants(args.all_configs)
-    compiled, failures, kernels = 0, [], set()
+    compiled, failures, kernels, float_math = 0, [], set(), {}
     start = time.perf_counter()
     for arch in args.arch or [90]:
         target = GPUTarget("cuda", arch, 32)
@@ -147,12 +174,14 @@ def main() -> None:
                 assert result.asm.get("cubin"), "no cubin produced"
                 compiled += 1
                 kernels.add(name)
+                float_math.setdefault(name, set()).update(FLOAT_MATH.findall(result.asm.get("ptx", "")))
             except Exception:
                 failures.append({"kernel": name, "arch": arch, "signature": signature,
                                  "constants": {k: repr(v) for k, v in constants.items()}, "options": options,
                                  "error": traceback.format_exc(limit=3)[-2000:]})
     print(json.dumps({"triton": triton.__version__, "launches": len(LAUNCHES), "compiled": compiled,
                       "kernels": sorted(kernels), "failures": failures,
+                      "ptx_float_math": {k: sorted(v) for k, v in sorted(float_math.items())},
                       "seconds": round(time.perf_counter() - start, 1)}))
 
 
