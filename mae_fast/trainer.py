@@ -201,7 +201,10 @@ class MAETrainer:
         self.writer = None
         if self.dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=config.log_dir)
+            try:
+                self.writer = SummaryWriter(log_dir=config.log_dir)
+            except OSError as exc:
+                raise OutputDirError(f"--log_dir {config.log_dir!r} cannot be written: {exc.strerror or exc}") from exc
 
     # ------------------------------------------------------------------ build
 

@@ -59,22 +59,71 @@ def is_shard_spec(path: str) -> bool:
         return True
     p = Path(path).expanduser()
     if p.is_file():
-        return True
+        return p.suffix == ".tar" or is_text_file(p)
     if p.is_dir():
         return any(child.suffix == ".tar" for child in p.iterdir() if child.is_file())
     return False
+
+
+def is_text_file(path: str | os.PathLike, probe: int = 1 << 16) -> bool:
+    """Whether ``path`` reads as UTF-8 text with no NUL byte in its first ``probe`` bytes (a shard list can; an image,
+    a tar or any other binary file cannot)."""
+    try:
+        with open(os.path.expanduser(path), "rb") as f:
+            head = f.read(probe)
+    except OSError:
+        return False
+    if b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return len(head) == probe and exc.start >= probe - 3  # a character cut at the end of the probe
+    return True
 
 
 def _has_braces(path: str) -> bool:
     return bool(re.search(r"\{[^{}]*(\.\.|,)[^{}]*\}", path))
 
 
+#: The most names a brace pattern may expand to (ImageNet-21k in 256 MB shards is about 5,000).
+MAX_PATTERN_NAMES = 1_000_000
+
+
+def brace_count(pattern: str) -> int:
+    """How many names ``pattern`` expands to, counted without expanding it (the product of each group's choices; for
+    a range nested inside another group's ends, an estimate).
+
+    Raises:
+        DataError: a range whose ends are not numbers.
+    """
+    count = 1
+    for body in re.findall(r"\{([^{}]*)\}", pattern):
+        if ".." in body:
+            lo, hi = body.split("..", 1)
+            if not (lo.isdigit() and hi.isdigit()):
+                raise DataError(f"shard pattern {pattern!r}: the range {{{body}}} must run between two numbers")
+            count *= max(0, int(hi) - int(lo) + 1)
+        elif "," in body:
+            count *= body.count(",") + 1
+    return count
+
+
 def expand_braces(pattern: str) -> list[str]:
     """Expand ``{a..b}`` (zero-padded numbers keep their width) and ``{x,y,z}`` in ``pattern``, in order.
 
     Raises:
-        DataError: a range whose ends are not numbers, or that runs backwards.
+        DataError: a range whose ends are not numbers, or that runs backwards; a pattern of more than
+            :data:`MAX_PATTERN_NAMES` names (counted before expanding).
     """
+    count = brace_count(pattern)
+    if count > MAX_PATTERN_NAMES:
+        raise DataError(f"the shard pattern {pattern!r} names {count:,} shards, more than the {MAX_PATTERN_NAMES:,} "
+                        "a shard set may have; check the range")
+    return _expand(pattern)
+
+
+def _expand(pattern: str) -> list[str]:
     match = re.search(r"\{([^{}]*)\}", pattern)
     if not match or not ((".." in match.group(1)) or ("," in match.group(1))):
         return [pattern]
@@ -89,7 +138,7 @@ def expand_braces(pattern: str) -> list[str]:
         choices = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
     else:
         choices = body.split(",")
-    return [expanded for choice in choices for expanded in expand_braces(head + choice + tail)]
+    return [expanded for choice in choices for expanded in _expand(head + choice + tail)]
 
 
 def shard_paths(spec: str) -> list[str]:
@@ -120,8 +169,10 @@ def shard_paths(spec: str) -> list[str]:
     if p.is_file() and p.suffix == ".tar":
         return [str(p)]
     if p.is_file():
+        if not is_text_file(p):
+            raise DataError(f"data path {str(p)!r} is a file that is neither a .tar shard nor a text list of shards")
         paths = []
-        for line in p.read_text().splitlines():
+        for line in p.read_text(errors="replace").splitlines():
             line = line.strip()
             if not line or line.startswith("#"):
                 continue

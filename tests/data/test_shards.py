@@ -41,6 +41,8 @@ def test_brace_patterns_expand_in_order():
         expand_braces("a-{5..2}.tar")
     with pytest.raises(DataError, match="between two numbers"):
         expand_braces("a-{x..y}.tar")
+    with pytest.raises(DataError, match="names 100,000,000 shards, more than the 1,000,000"):  # counted, not expanded
+        expand_braces("a-{0000..9999}-{0000..9999}.tar")
 
 
 def test_shard_sets_by_folder_pattern_list_and_url(tmp_path):
@@ -70,6 +72,10 @@ def test_naming_nothing_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="missing file"):
         (tmp_path / "bad.txt").write_text("nowhere.tar\n")
         shard_paths(str(tmp_path / "bad.txt"))
+    (tmp_path / "image.jpg").write_bytes(jpeg_bytes((1, 2, 3)))
+    assert not is_shard_spec(str(tmp_path / "image.jpg"))  # a file that is no list of shards
+    with pytest.raises(DataError, match="neither a .tar shard nor a text list of shards"):
+        shard_paths(str(tmp_path / "image.jpg"))
     with pytest.raises(DataError, match="holds no images"):
         tar = tmp_path / "noimg" / "a.tar"
         tar.parent.mkdir()
