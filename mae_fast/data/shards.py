@@ -335,7 +335,8 @@ def _tar_images(path: str, skip: int):
 # ---------------------------------------------------------------------------------------------- counting
 
 
-def _index_path(path: str) -> str:
+def index_path(path: str) -> str:
+    """The DALI index file of a shard: ``shard-000000.tar`` -> ``shard-000000.idx``."""
     return path + ".idx" if not path.endswith(".tar") else path[:-4] + ".idx"
 
 
@@ -345,7 +346,7 @@ def read_index_entries(path: str) -> list[tuple[str, int, int, str]] | None:
     None when there is no index file, it is not DALI's v1.2 format, or it is older than the shard
     (the shard was replaced since).
     """
-    idx = _index_path(path)
+    idx = index_path(path)
     try:
         if os.path.getmtime(idx) < os.path.getmtime(os.path.expanduser(path)):
             return None
@@ -372,20 +373,26 @@ def read_index(path: str) -> int | None:
     return None if entries is None else len(entries)
 
 
-def write_index(path: str, entries: list[list[tuple[str, int, int, str]]]) -> None:
+def write_index(path: str, entries: list[list[tuple[str, int, int, str]]],
+                temporary: str | os.PathLike | None = None) -> None:
     """Write DALI's index file for a local shard: one line per sample, ``ext offset size name`` per member.
 
-    Nothing is written when a member name holds whitespace (the format separates fields by it).
+    It is written to ``temporary`` (default: the index's name with ``.tmp-<pid>``) and renamed into place. Nothing is
+    written when a member name holds whitespace (the format separates fields by it).
     """
     if any(any(ch.isspace() for ch in name) for sample in entries for *_, name in sample):
         return
     lines = [f"{INDEX_VERSION} {len(entries)}\n"]
     lines += [" ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in sample) + "\n"
               for sample in entries]
-    tmp = _index_path(path) + f".tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(lines)
-    os.replace(tmp, _index_path(path))
+    tmp = str(temporary) if temporary is not None else index_path(path) + f".tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.writelines(lines)
+        os.replace(tmp, index_path(path))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def scan_shard(path: str) -> tuple[int, list[list[tuple[str, int, int, str]]]]:
