@@ -247,3 +247,49 @@ def test_checkpoint_last_exists_at_every_instant_of_a_rotating_save(tmp_path, mo
     checkpoint_module.save_checkpoint(state(3), tmp_path / LAST, keep_previous_as=tmp_path / PREV)
     assert load_checkpoint(tmp_path / LAST)["step"] == 3 and load_checkpoint(tmp_path / PREV)["step"] == 1
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+class _FullDisk:
+    """A file whose writes fail with ENOSPC once ``room`` bytes are written (torch.save's writer calls ``write``)."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_a_disk_filling_up_inside_torch_save_is_one_line_and_keeps_the_earlier_checkpoints(tmp_path, monkeypatch,
+                                                                                           capsys):
+    data = write_images(tmp_path / "data", 16)
+    out = tmp_path / "out"
+    opened = {"n": 0}
+
+    def filling_disk(path, mode="r", *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)
+        if "w" not in mode:
+            return f
+        opened["n"] += 1
+        return _FullDisk(f, 1 << 40 if opened["n"] < 3 else 4096)  # the third save runs out of space mid-file
+
+    monkeypatch.setattr(checkpoint_module, "open", filling_disk, raising=False)
+    assert main(tiny_args(data, out, "--epochs", "5", "--save_last_every", "1", "--log_every", "100")) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    [line] = error_lines(err)
+    assert "No space left on device" in line and str(out) in line and "intact" in line
+    monkeypatch.delattr(checkpoint_module, "open")
+    assert load_checkpoint(out / LAST)["step"] == 2 and load_checkpoint(out / PREV)["step"] == 1
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
