@@ -269,18 +269,56 @@ def stream_images(path: str, skip: int = 0):
 
     A local shard with an index file beside it is read by the index's offsets, with no tar
     parsing: measured here, 10 us an image instead of 33 us, which matters in the training process
-    at thousands of images per second. Any other shard is parsed as a tar stream, skipped images
-    read past.
+    at thousands of images per second. Each member's tar header (the 512 bytes before its data, read
+    in the same call; checking it measured 3 us) must name the member and size the index gives; at the first that does not
+    (an index left from a shard since replaced), the index is dropped for that shard, with one
+    warning, and the shard read as a tar stream from that image on. Any other shard is parsed as a
+    tar stream, skipped images read past.
 
     Raises:
         ShardTruncated: the shard ends or breaks before its last member (a shard cut short).
         DataError: the shard cannot be opened.
     """
-    entries = None if is_remote(path) else read_index_entries(path)
+    entries = None if is_remote(path) or _stale_key(path) in _STALE_INDEXES else read_index_entries(path)
     if entries is not None:
         yield from _indexed_images(path, entries, skip)
     else:
         yield from _tar_images(path, skip)
+
+
+#: Shards (path, size, mtime) whose index file was found not to fit them; read as tar streams from then on.
+_STALE_INDEXES: set[tuple[str, int, int]] = set()
+
+
+def _stale_key(path: str) -> tuple[str, int, int]:
+    try:
+        stat = os.stat(os.path.expanduser(path))
+    except OSError:
+        return path, -1, -1
+    return path, stat.st_size, stat.st_mtime_ns
+
+
+def _header_mismatch(header: bytes, name: str, length: int) -> str | None:
+    """Why the tar header block before a member's data does not describe ``name`` of ``length`` bytes, or None.
+
+    Parsed by hand (name, POSIX prefix, size): measured 3 us, against 31 us for ``tarfile.TarInfo.frombuf``.
+    """
+    field = header[:100].split(b"\0", 1)[0]
+    if header[257:263] == b"ustar\x00":  # POSIX: a long name's start is in the prefix field
+        prefix = header[345:500].split(b"\0", 1)[0]
+        if prefix:
+            field = prefix + b"/" + field
+    size_field = header[124:136]
+    try:
+        size = tarfile.nti(size_field)
+    except tarfile.InvalidHeaderError:
+        size = -1
+    wanted = name.encode("utf-8", "surrogateescape")
+    # A name too long for the fields is kept in an extended header before this one; the field holds its start.
+    named = field == wanted or (len(wanted) > 99 and len(field) >= 90 and wanted.startswith(field[:90]))
+    if not named or size != length:
+        return f"the tar header there names {field[:100].decode('utf-8', 'replace')!r} of {size} bytes"
+    return None
 
 
 def _indexed_images(path: str, entries: list[tuple[str, int, int, str]], skip: int):
@@ -290,15 +328,26 @@ def _indexed_images(path: str, entries: list[tuple[str, int, int, str]], skip: i
     except OSError as exc:
         raise DataError(f"cannot open shard {path!r}: {exc}") from exc
     try:
-        size = os.fstat(fd).st_size
         for count, (key, offset, length, name) in enumerate(entries[skip:], start=skip):
-            data = os.pread(fd, length, offset) if offset + length <= size else b""
+            block = os.pread(fd, length + 512, offset - 512) if offset >= 512 else b""
+            mismatch = "no room for a tar header before it" if offset < 512 else \
+                _header_mismatch(block[:512], name, length) if len(block) >= 512 else None  # else: past the end
+            if mismatch is not None:
+                _STALE_INDEXES.add(_stale_key(path))
+                logger.warning("the index file %s does not fit shard %r (at offset %d it names %s, but %s); the index "
+                               "is dropped and the shard read in order (remove the index file, and it is written "
+                               "again when the set is next counted)", index_path(local), path, offset, name, mismatch)
+                break
+            data = block[512:]
             if len(data) != length:
                 raise ShardTruncated(f"shard {path!r} is cut short or damaged after {count} images "
                                      f"({name} lies past its end)", count)
             yield ShardImage(key, f"{path}#{name}", data)
+        else:
+            return
     finally:
         os.close(fd)
+    yield from _tar_images(path, count)
 
 
 def _tar_images(path: str, skip: int):

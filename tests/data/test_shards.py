@@ -235,3 +235,35 @@ def test_dali_pipeline_is_built_once_per_run(tmp_path):
         assert len(list(ld.epoch(epoch))) == len(ld)
     list(ld.epoch(3, start=1))
     assert ld.builds == 1
+
+
+def test_a_stale_index_is_caught_by_the_tar_headers_and_the_shard_read_in_order(tmp_path, caplog):
+    import os
+
+    (path,) = write_shards(tmp_path / "set", [4], extras=True)
+    load_shard_set(str(tmp_path / "set"))  # writes shard-000000.idx for this content
+    (other,) = write_shards(tmp_path / "other", [6], extras=False)  # other members at other offsets
+    os.replace(other, path)  # the shard replaced; its old index stays, newer than the shard
+    idx = tmp_path / "set" / "shard-000000.idx"
+    os.utime(idx, (os.path.getmtime(path) + 10,) * 2)
+    expected = [im.data for im in stream_images(f"pipe:cat {path}")]  # read as a stream: no index
+    with caplog.at_level(logging.WARNING, logger="mae_fast"):
+        assert [im.data for im in stream_images(str(path))] == expected
+        assert [im.data for im in stream_images(str(path), skip=2)] == expected[2:]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and str(path) in warnings[0] and "index" in warnings[0]
+    assert [im.key for im in stream_images(str(path))] == [f"s{i:06d}" for i in range(6)]
+
+
+def test_an_index_matching_its_shard_is_read_by_offsets(tmp_path, monkeypatch):
+    import io
+
+    from PIL import Image
+
+    import mae_fast.data.shards as shards
+
+    (path,) = write_shards(tmp_path, [5], extras=True)
+    load_shard_set(str(tmp_path))
+    monkeypatch.setattr(shards, "_tar_images", lambda *a, **k: pytest.fail("read as a tar stream"))
+    pixels = [Image.open(io.BytesIO(im.data)).getpixel((5, 5)) for im in stream_images(str(path), skip=1)]
+    assert [color_number(rgb) for rgb in pixels] == [1, 2, 3, 4]
