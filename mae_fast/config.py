@@ -116,6 +116,9 @@ class DataConfig:
     process may use, shared among the node's ranks, at most 10)."""
     verify_images: str = "header"
     """--verify_images: check files before training by a cheap header check ("header") or a full decode ("decode")."""
+    shard_timeout: float = 600.0
+    """--shard_timeout: seconds a pipe: command or URL shard may send nothing, at its start or mid-shard, before
+    its read counts as failed (it is tried again a few times, with waits, then the run stops with a checkpoint)."""
     synthetic_samples: int = 12800
     """--synthetic_samples: images per epoch for the synthetic backend."""
     builtin_count: int = 1024
@@ -134,6 +137,9 @@ class DataConfig:
             self.num_workers = default_num_workers()
         _non_negative_int("num_workers", self.num_workers)
         _positive_int("synthetic_samples", self.synthetic_samples)
+        _non_negative("shard_timeout", self.shard_timeout)
+        if self.shard_timeout <= 0:
+            raise _error("shard_timeout", self.shard_timeout, "must be a positive number of seconds")
         from mae_fast.data.shards import MAX_PATTERN_NAMES, _has_braces, brace_count, is_shard_spec
         from mae_fast.errors import DataError
 

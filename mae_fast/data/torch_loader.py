@@ -190,7 +190,7 @@ class ShardBatches(torch.utils.data.Sampler):
             if fallback is None:  # a batch of padding only (a rank past, or without, images of its own): any image
                 from mae_fast.data.shards import stream_images
 
-                images_of_first = stream_images(self.shard_set.paths[0])
+                images_of_first = stream_images(self.shard_set.paths[0], timeout=self.shard_set.timeout)
                 first = next(images_of_first)
                 images_of_first.close()
                 fallback = (first.data, int(plan.seeds[0]), first.name)

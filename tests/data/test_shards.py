@@ -111,7 +111,10 @@ def test_counts_come_from_the_manifest_the_index_or_one_read(tmp_path, caplog):
     assert "differ from manifest.json" in caplog.text
 
 
-def test_urls_and_commands_that_fail_name_the_shard(tmp_path):
+def test_urls_and_commands_that_fail_name_the_shard(tmp_path, monkeypatch):
+    import mae_fast.data.shards as shards
+
+    monkeypatch.setattr(shards, "RETRY_DELAYS", (0.0,))  # tried twice, at once
     with pytest.raises(DataError, match="cannot open shard 'http://127.0.0.1:9/a.tar'"):
         list(stream_images("http://127.0.0.1:9/a.tar"))
     with pytest.raises(DataError, match="the command exited with status 1"):
