@@ -115,7 +115,10 @@ class DataConfig:
     """--num_workers: DataLoader workers (torch backend) or DALI threads per process (default: the cores this
     process may use, shared among the node's ranks, at most 10)."""
     verify_images: str = "header"
-    """--verify_images: check files before training by a cheap header check ("header") or a full decode ("decode")."""
+    """--verify_images: check an image folder's files before training by a cheap header check ("header") or a full
+    decode ("decode"). Shard members are checked as they are read: by their header, or with "decode" (DALI backend)
+    by a full CPU decode before DALI gets them; the torch backend decodes every member anyway and marks those that
+    fail, and DALI, when it fails on a batch, decodes its members on the CPU and leaves out those that fail."""
     shard_timeout: float = 600.0
     """--shard_timeout: seconds a pipe: command or URL shard may send nothing, at its start or mid-shard, before
     its read counts as failed (it is tried again a few times, with waits, then the run stops with a checkpoint)."""

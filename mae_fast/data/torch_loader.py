@@ -228,10 +228,10 @@ class TorchShardLoader:
         for step, (images, errors) in enumerate(self.loader):
             indices, valid = self.batches.issued[step]
             idx = torch.tensor(indices, dtype=torch.int64)
-            bad = [error for error in errors if error is not None]
+            bad = [error for slot, error in enumerate(errors) if error is not None and valid[slot]]
             for slot, error in enumerate(errors):
                 if error is not None and valid[slot]:
-                    idx[slot] = -1
+                    idx[slot] = -1  # padding slots (copies of another image) are marked already, and not named
             if bad:
                 logger.warning("left out %d image(s) that do not decode (the slots are marked invalid): %s", len(bad),
                                "; ".join(sorted(set(bad))[:3]))

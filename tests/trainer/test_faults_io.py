@@ -104,3 +104,30 @@ def test_a_shard_command_that_keeps_failing_stops_the_run_with_a_checkpoint_and_
     assert main(resume[3:]) == 0
     epochs = [json.loads(entry)["epoch"] for entry in (tmp_path / "out" / "log.txt").read_text().splitlines()]
     assert epochs == [0, 1, 2]
+
+
+def test_a_shard_member_dali_cannot_decode_does_not_stop_the_run(tmp_path, capsys):
+    import io
+    import tarfile
+
+    import pytest
+
+    from mae_fast.data import dali_unavailable_reason
+
+    if dali_unavailable_reason():
+        pytest.skip(dali_unavailable_reason())
+    images = sorted(write_images(tmp_path / "images", 12).glob("*.jpg"))
+    (tmp_path / "set").mkdir()
+    with tarfile.open(tmp_path / "set" / "shard-000000.tar", "w") as tar:
+        for i, path in enumerate(images):
+            data = bytearray(path.read_bytes())
+            if i == 10:  # its start and end markers intact, its tables zeroed: only a decode finds it
+                data[20:200] = bytes(180)
+            info = tarfile.TarInfo(f"s{i:06d}.jpg")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(bytes(data)))
+    out = tmp_path / "out"
+    assert main(tiny_args(tmp_path / "set", out, "--data_backend", "dali", "--epochs", "2")) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and not error_lines(err)
+    assert load_checkpoint(out / LAST)["epoch"] == 1
