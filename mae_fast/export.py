@@ -28,6 +28,7 @@ file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from mae_fast.errors import CheckpointError, ConfigError, MaeFastError
+from mae_fast.errors import CheckpointError, ConfigError, MaeFastError, OutputDirError
 from mae_fast.model import MODELS, PRESETS, MAEViT, create_model
 
 TARGETS = ("timm", "hf", "safetensors")
@@ -320,6 +321,34 @@ def _give_new_file_modes(path: Path) -> None:
         os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
 
 
+@contextlib.contextmanager
+def _write_errors(out: Path):
+    """An OSError while writing OUT (a full disk, a read-only folder) as one line; what was at OUT stays."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputDirError(f"cannot write {str(out)!r}: {exc.strerror or exc}; what was there is left as it "
+                             "was") from exc
+
+
+def _write_file(tensors: dict, out: Path, tmp: Path, to: str, preset: str, size) -> None:
+    """Write a file export to ``tmp`` beside ``out``, give it the umask's mode, rename it over ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if out.suffix == ".safetensors" or to == "safetensors":
+            from safetensors.torch import save_file
+
+            save_file(tensors, str(tmp), metadata={"format": "pt", "mae_fast_preset": preset,
+                                                   "img_size": json.dumps(list(size))})
+        else:
+            torch.save(tensors, tmp)
+        _give_new_file_modes(tmp)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def _swap_in(staging: Path, target: Path) -> None:
     """Put the complete ``staging`` at ``target``, replacing what is there; the old one is removed only after."""
     if not target.exists():
@@ -341,6 +370,7 @@ def export(checkpoint, to: str, out, model_name: str | None = None, img_size=Non
     Raises:
         ConfigError: a bad target, preset, image size, a missing library (naming the extra) or an existing OUT.
         CheckpointError: the checkpoint cannot be read or does not fit.
+        OutputDirError: OUT cannot be written (a full disk, a read-only folder); what was there is left as it was.
     """
     if to not in TARGETS:
         raise ConfigError(f"--to: must be one of {', '.join(TARGETS)}, got {to!r}")
@@ -360,36 +390,25 @@ def export(checkpoint, to: str, out, model_name: str | None = None, img_size=Non
                                   "timm or safetensors")
         hf = hf_model(model)
         target = Path(os.path.abspath(out))
-        target.parent.mkdir(parents=True, exist_ok=True)
         staging = target.with_name(f".{target.name}.export-tmp-{os.getpid()}")
-        try:
-            hf.save_pretrained(staging)
-            _give_new_file_modes(staging)
-            _swap_in(staging, target)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging)
+        with _write_errors(out):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                hf.save_pretrained(staging)
+                _give_new_file_modes(staging)
+                _swap_in(staging, target)
+            finally:
+                if staging.exists():
+                    shutil.rmtree(staging)
         return (f"wrote {out}: transformers.ViTMAEForPreTraining.from_pretrained({str(out)!r}) ({preset}, "
                 f"{size[0]}x{size[1]})")
     if to == "timm" or not has_decoder:
         tensors = timm_state(model)
     else:
         tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.export-tmp-{os.getpid()}")
-    try:
-        if out.suffix == ".safetensors" or to == "safetensors":
-            from safetensors.torch import save_file
-
-            save_file(tensors, str(tmp), metadata={"format": "pt", "mae_fast_preset": preset,
-                                                   "img_size": json.dumps(list(size))})
-        else:
-            torch.save(tensors, tmp)
-        _give_new_file_modes(tmp)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with _write_errors(out):
+        _write_file(tensors, out, tmp, to, preset, size)
     if to == "timm":
         return (f"wrote {out}: loads with strict=True into {timm_call(preset, size, 'mean')} (mean pooling, as "
                 f"extract_features(pool='mean')) or global_pool='token' (pool='cls')")

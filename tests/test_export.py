@@ -222,3 +222,14 @@ def test_exported_files_get_the_mode_the_umask_gives_a_new_file(tmp_path, capsys
     for path in written:
         expected = (0o777 if path.is_dir() else 0o666) & ~umask
         assert path.stat().st_mode & 0o777 == expected, (path, oct(path.stat().st_mode & 0o777))
+
+
+@pytest.mark.parametrize("target", ["timm", "hf"])
+def test_an_out_that_cannot_be_written_is_one_line(tmp_path, capsys, target):
+    if target == "hf":
+        pytest.importorskip("transformers")
+    ckpt = save_official(trained_like(32), tmp_path / "ckpt.pth")
+    (tmp_path / "a_file").write_text("not a folder")
+    code, _, err = run([ckpt, tmp_path / "a_file" / "out", "--to", target], capsys)
+    [line] = [line for line in err.splitlines() if "error:" in line]
+    assert code == 1 and "cannot write" in line and str(tmp_path / "a_file") in line and "Traceback" not in err

@@ -353,8 +353,9 @@ def stream_images(path: str, skip: int = 0, timeout: float = DEFAULT_SHARD_TIMEO
 def _remote_images(path: str, skip: int, timeout: float):
     done = skip
     for attempt in range(len(RETRY_DELAYS) + 1):
+        images = _tar_images(path, done, timeout)
         try:
-            for image in _tar_images(path, done, timeout):
+            for image in images:
                 done += 1
                 yield image
             return
@@ -365,6 +366,8 @@ def _remote_images(path: str, skip: int, timeout: float):
             logger.warning("%s; retrying in %g s (attempt %d of %d), after the %d image(s) already read", exc, delay,
                            attempt + 2, len(RETRY_DELAYS) + 1, done)
             time.sleep(delay)
+        finally:
+            images.close()  # stops the command at once when the reader stops early
 
 
 #: Shards (path, size, mtime) whose index file was found not to fit them; read as tar streams from then on.
