@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -296,15 +297,18 @@ def _is_file_export(path: Path) -> bool:
         if 0 < length < 1 << 24:
             try:
                 header = json.loads(f.read(length))
-                return "mae_fast_preset" in header.get("__metadata__", {})
-            except (ValueError, AttributeError, UnicodeDecodeError):
+                return "mae_fast_preset" in (header.get("__metadata__") or {})
+            except (ValueError, AttributeError, TypeError):
                 pass
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with warnings.catch_warnings():  # torch warns about what it then refuses to load
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # not a torch file, or one holding more than tensors: not an export
         return False
     return isinstance(state, dict) and bool(state) and all(
-        isinstance(k, str) and k.startswith(_ENCODER_PREFIXES) and isinstance(v, torch.Tensor) for k, v in state.items())
+        isinstance(k, str) and k.startswith(_ENCODER_PREFIXES) and isinstance(v, torch.Tensor)
+        for k, v in state.items())
 
 
 def _umask() -> int:

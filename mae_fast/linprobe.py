@@ -8,13 +8,13 @@ The features of the training and validation images (``--data_path`` in ImageNet 
 extracted once, without masking (``MAEViT.extract_features``, ``--pool mean|cls``, resize and
 center crop), and cached in ``--output_dir``: a later run with the same checkpoint file, images and
 settings reuses them. The cache is written atomically with its shapes and a SHA-256 of its tensors;
-one that does not match them, the image counts, or holds non-finite values is extracted again
-(with one warning), and one holding objects other than tensors is refused. Non-finite features or
-a head that becomes non-finite stop the probe with one line naming the checkpoint. Then the official probe head, BatchNorm without affine parameters followed
-by a Linear layer (weights ``trunc_normal(std=0.01)``), is trained on them: ``--epochs`` (default
-90) with linear warmup (10) and a cosine schedule, ``lr = blr x batch / 256`` (``--blr`` 0.1,
-``--batch_size`` 1024). It reports top-1/top-5 on the validation set and writes ``head.pth`` and
-``results.json``.
+one that does not match them, the image counts, or holds non-finite values is extracted again (with
+one warning), and one holding objects other than tensors is refused. Non-finite features or a head
+that becomes non-finite stop the probe with one line naming the checkpoint. Then the official probe
+head, BatchNorm without affine parameters followed by a Linear layer (weights
+``trunc_normal(std=0.01)``), is trained on them: ``--epochs`` (default 90) with linear warmup (10)
+and a cosine schedule, ``lr = blr x batch / 256`` (``--blr`` 0.1, ``--batch_size`` 1024). It
+reports top-1/top-5 on the validation set and writes ``head.pth`` and ``results.json``.
 
 Two deliberate differences from the official ``main_linprobe.py``: the features are computed once
 on center crops, so the head sees no random-crop augmentation, and the head trains with SGD

@@ -37,9 +37,9 @@ from mae_fast.checkpoint import (LAST, PREV, check_writable, find_checkpoints, f
 from mae_fast.config import RunConfig
 from mae_fast.data import build_eval_loader, build_loader
 from mae_fast.data.builtin import builtin_image_dir
+from mae_fast.data.shards import ShardReadError
 from mae_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, normalize
 from mae_fast.distributed import all_reduce_sum, setup_distributed
-from mae_fast.data.shards import ShardReadError
 from mae_fast.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputDirError, TrainingStopped
 from mae_fast.fp8 import convert_to_fp8, fp8_unavailable_reason, precompute_fsdp_scales
 from mae_fast.knn import KnnMonitor
