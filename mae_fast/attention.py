@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mae_fast.errors import BackendUnavailableError
+
 ATTN_BACKENDS = ("auto", "flash_attn", "sdpa", "math")
 
 
@@ -59,7 +61,7 @@ def check_attn_backend(backend: str) -> str:
     if backend == "flash_attn":
         reason = flash_attn_unavailable_reason()
         if reason:
-            raise RuntimeError(f"attn_backend='flash_attn' cannot run: {reason}")
+            raise BackendUnavailableError(f"attn_backend='flash_attn' cannot run: {reason}")
     return backend
 
 
@@ -67,14 +69,15 @@ def resolve_attn_backend(backend: str, device: torch.device, dtype: torch.dtype,
     """The concrete backend that ``backend`` means for inputs on ``device`` in ``dtype``.
 
     Raises:
-        RuntimeError: ``backend="flash_attn"`` and FlashAttention cannot run on these inputs.
+        BackendUnavailableError: ``backend="flash_attn"`` and FlashAttention cannot run on these inputs (a
+            ``RuntimeError``).
     """
     if backend == "auto":
         return "flash_attn" if flash_attn_unavailable_reason(device, dtype, head_dim) is None else "sdpa"
     if backend == "flash_attn":
         reason = flash_attn_unavailable_reason(device, dtype, head_dim)
         if reason:
-            raise RuntimeError(f"attn_backend='flash_attn' cannot run: {reason}")
+            raise BackendUnavailableError(f"attn_backend='flash_attn' cannot run: {reason}")
     return backend
 
 

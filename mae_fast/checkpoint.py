@@ -99,7 +99,13 @@ def save_checkpoint(state: dict, path: str | os.PathLike, keep_previous_as: str 
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
-                torch.save({**state, "format": FORMAT}, f)
+                try:
+                    torch.save({**state, "format": FORMAT}, f)
+                except RuntimeError as exc:
+                    cause = _os_error_behind(exc)
+                    if cause is None:
+                        raise
+                    raise cause from None
                 f.flush()
                 os.fsync(f.fileno())
             if keep_previous_as is not None and path.exists():
@@ -112,6 +118,15 @@ def save_checkpoint(state: dict, path: str | os.PathLike, keep_previous_as: str 
             if tmp.exists():
                 tmp.unlink()
     return path
+
+
+def _os_error_behind(exc: BaseException) -> OSError | None:
+    """The OSError behind a RuntimeError of torch.save's zip writer (a full disk, say), or None: the writer reports a
+    failed ``write`` of the file as "unexpected pos ...", with the OSError only as its context."""
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    return cause
 
 
 def _keep_copy(path: Path, keep: Path) -> None:

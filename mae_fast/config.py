@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 
-from mae_fast.attention import ATTN_BACKENDS
+from mae_fast.attention import ATTN_BACKENDS, flash_attn_unavailable_reason
 from mae_fast.errors import ConfigError
 from mae_fast.fp8 import FP8_RECIPES
 from mae_fast.ops.dispatch import BACKENDS
@@ -58,6 +58,37 @@ def default_num_workers() -> int:
     return max(1, min(10, cores // local_ranks))
 
 
+def _check_creatable(flag: str, path) -> None:
+    """Refuse a folder that cannot be created: the nearest part of ``path`` that exists is a file, or a folder this
+    process cannot write into. Nothing is created."""
+    existing = os.path.abspath(os.path.expanduser(str(path)))
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise _error(flag, path, f"cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise _error(flag, path, f"cannot be created: the folder {existing} is not writable")
+
+
+def _check_patches_kept_and_masked(input_size: int, patch: int, mask_ratio: float) -> None:
+    """Refuse an image size and mask ratio that leave no visible patch or no masked one (nothing to encode or nothing
+    to reconstruct); the count is the masking's own, ``int(L * (1 - mask_ratio))``."""
+    from mae_fast.ops.sample_mask import num_kept
+
+    patches = (input_size // patch) ** 2
+    if patches < 2:
+        raise _error("input_size", input_size, f"{input_size} px gives {patches} patch of {patch} px; MAE needs at "
+                     f"least two (one kept, one masked): use {2 * patch} or more")
+    kept = num_kept(patches, mask_ratio)
+    if not 1 <= kept < patches:
+        largest = math.floor((1 - 1 / patches) * 1000) / 1000
+        while num_kept(patches, largest) < 1:  # 1 - 1/L itself can keep 0 (int(5 x 0.19999...))
+            largest = round(largest - 0.001, 3)
+        raise _error("mask_ratio", mask_ratio, f"keeps int({patches} x (1 - {mask_ratio:g})) = {kept} of the {patches} "
+                     f"patches at --input_size {input_size}; at least one must stay visible: use at most "
+                     f"{largest:g} here, or a larger --input_size")
+
+
 def _choice(flag: str, value, choices) -> None:
     if value not in choices:
         raise _error(flag, value, f"must be one of {', '.join(map(str, choices))}")
@@ -84,7 +115,13 @@ class DataConfig:
     """--num_workers: DataLoader workers (torch backend) or DALI threads per process (default: the cores this
     process may use, shared among the node's ranks, at most 10)."""
     verify_images: str = "header"
-    """--verify_images: check files before training by a cheap header check ("header") or a full decode ("decode")."""
+    """--verify_images: check an image folder's files before training by a cheap header check ("header") or a full
+    decode ("decode"). Shard members are checked as they are read: by their header, or with "decode" (DALI backend)
+    by a full CPU decode before DALI gets them; the torch backend decodes every member anyway and marks those that
+    fail, and DALI, when it fails on a batch, decodes its members on the CPU and leaves out those that fail."""
+    shard_timeout: float = 600.0
+    """--shard_timeout: seconds a pipe: command or URL shard may send nothing, at its start or mid-shard, before
+    its read counts as failed (it is tried again a few times, with waits, then the run stops with a checkpoint)."""
     synthetic_samples: int = 12800
     """--synthetic_samples: images per epoch for the synthetic backend."""
     builtin_count: int = 1024
@@ -103,10 +140,27 @@ class DataConfig:
             self.num_workers = default_num_workers()
         _non_negative_int("num_workers", self.num_workers)
         _positive_int("synthetic_samples", self.synthetic_samples)
-        from mae_fast.data.shards import is_shard_spec
+        _non_negative("shard_timeout", self.shard_timeout)
+        if self.shard_timeout <= 0:
+            raise _error("shard_timeout", self.shard_timeout, "must be a positive number of seconds")
+        from mae_fast.data.shards import MAX_PATTERN_NAMES, _has_braces, brace_count, is_shard_spec
+        from mae_fast.errors import DataError
 
         for flag, path in (("data_path", self.data_path), ("val_path", self.val_path)):
-            if path is not None and not os.path.isdir(os.path.expanduser(path)) and not is_shard_spec(path):
+            if path is None:
+                continue
+            if _has_braces(str(path)):
+                try:
+                    count = brace_count(str(path))
+                except DataError as exc:
+                    raise _error(flag, path, str(exc)) from None
+                if count > MAX_PATTERN_NAMES:
+                    raise _error(flag, path, f"the brace pattern names {count:,} shards, more than the "
+                                 f"{MAX_PATTERN_NAMES:,} a shard set may have; check the range")
+            if os.path.isfile(os.path.expanduser(path)) and not is_shard_spec(path):
+                raise _error(flag, path, "is a file that is neither a .tar shard nor a text list of shards (one path "
+                             "or URL per line); for image files give the folder that holds them")
+            if not os.path.isdir(os.path.expanduser(path)) and not is_shard_spec(path):
                 raise _error(flag, path, "is neither an existing folder nor a shard set (.tar files, a brace pattern, "
                              "a list file, or pipe:/http(s) URLs)")
 
@@ -138,6 +192,11 @@ class ModelConfig:
             raise _error("mask_ratio", self.mask_ratio, "must be in (0, 1): with no patch removed the loss is 0 and "
                          "nothing trains; the official value is 0.75")
         _choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
+        if self.attn_backend == "flash_attn":
+            reason = flash_attn_unavailable_reason()
+            if reason:
+                raise _error("attn_backend", self.attn_backend, f"flash_attn cannot run: {reason}; or use "
+                             "--attn_backend auto or sdpa")
         _choice("kernel_backend", self.kernel_backend, BACKENDS)
 
 
@@ -283,6 +342,7 @@ class RunConfig:
             valid = f"{below} or {above}" if below else str(above)
             raise _error("input_size", self.data.input_size, f"must be a multiple of the patch size {patch} of "
                          f"--model {self.model.name}, for example {valid}")
+        _check_patches_kept_and_masked(self.data.input_size, patch, self.model.mask_ratio)
         _positive_int("accum_iter", self.accum_iter)
         _choice("precision", self.precision, PRECISIONS)
         _choice("fp8_recipe", self.fp8_recipe, FP8_RECIPES)
@@ -314,6 +374,8 @@ class RunConfig:
         _choice("device", self.device, ("auto", "cuda", "cpu"))
         if self.log_dir is None:
             self.log_dir = self.output_dir
+        else:
+            _check_creatable("log_dir", self.log_dir)
 
     def derive_accumulation(self, world_size: int) -> None:
         """With --global_batch, set --accum_iter to global_batch / (batch_size x world_size).

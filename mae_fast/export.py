@@ -18,23 +18,28 @@ or the shapes of its weights); ``--model`` checks it.
 
 ``--img_size`` exports for another image size: the position embeddings are resized bicubically,
 as ``load_pretrained`` and the official fine-tuning code do. An existing OUT is refused unless
-``--force``.
+``--force``, which replaces only an earlier export: a ``hf`` folder holding nothing but what
+``save_pretrained`` writes, a state dict of encoder tensors, or a safetensors file mae_fast wrote;
+never the working folder or one above it, the checkpoint or a folder holding it. The new export is
+written beside OUT first and then swapped in. Exported files get the mode the umask gives a new
+file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import shutil
 import sys
-import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
-from mae_fast.errors import CheckpointError, ConfigError, MaeFastError
+from mae_fast.errors import CheckpointError, ConfigError, MaeFastError, OutputDirError
 from mae_fast.model import MODELS, PRESETS, MAEViT, create_model
 
 TARGETS = ("timm", "hf", "safetensors")
@@ -234,10 +239,133 @@ def hf_model(model: MAEViT, mask_ratio: float = 0.75):
     return hf.eval()
 
 
+#: The files ``save_pretrained`` writes into a Hugging Face folder (weights in one file or in numbered shards).
+_HF_FILES = re.compile(r"config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors"
+                       r"|model\.safetensors\.index\.json")
+
+
 def _refuse_existing(out: Path, force: bool) -> None:
     if out.exists() and not force:
         raise ConfigError(f"OUT: {str(out)!r} exists; nothing was overwritten (pass --force to replace it), "
                           f"got {str(out)!r}")
+
+
+def _refuse_unless_an_export(out: Path, to: str, checkpoint) -> None:
+    """With --force, an existing OUT is replaced only when an earlier export wrote it.
+
+    Raises:
+        ConfigError: OUT is the working folder or one above it, the checkpoint or a folder holding it, of the other
+            kind (a folder for a file target, a file for ``hf``), or holds anything an export does not write.
+    """
+    target, ckpt, cwd = Path(os.path.abspath(out)), Path(os.path.abspath(checkpoint)), Path.cwd()
+
+    def refuse(why: str):
+        return ConfigError(f"OUT: {str(out)!r} {why}; --force replaces only an earlier export and nothing was "
+                           f"changed, got {str(out)!r}")
+
+    if target == cwd or target in cwd.parents:
+        raise refuse("is the working folder or a folder above it")
+    if target == ckpt or (out.exists() and ckpt.exists() and os.path.samefile(out, ckpt)):
+        raise refuse("is the checkpoint")
+    if target in ckpt.parents:
+        raise refuse("holds the checkpoint")
+    if to == "hf":
+        if not out.is_dir():
+            raise refuse("is a file; --to hf writes a folder")
+        strangers = sorted(p.name for p in out.iterdir() if not (p.is_file() and _HF_FILES.fullmatch(p.name)))
+        if strangers or not _is_hf_mae_config(out / "config.json"):
+            raise refuse(f"holds files an export did not write (for example {(strangers or ['config.json'])[0]!r})")
+    elif out.is_dir():
+        raise refuse(f"is a folder; --to {to} writes a file (for example {str(out / 'encoder.pth')!r})")
+    elif not _is_file_export(out):
+        raise refuse("is not an export of mae_fast (a state dict of encoder tensors, or safetensors mae_fast wrote)")
+
+
+def _is_hf_mae_config(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("model_type") == "vit_mae"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _is_file_export(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file whose metadata names a mae_fast preset, or a torch file holding only
+    tensors under the encoder's official names (what ``--to timm`` writes)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if 0 < length < 1 << 24:
+            try:
+                header = json.loads(f.read(length))
+                return "mae_fast_preset" in (header.get("__metadata__") or {})
+            except (ValueError, AttributeError, TypeError):
+                pass
+    try:
+        with warnings.catch_warnings():  # torch warns about what it then refuses to load
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a torch file, or one holding more than tensors: not an export
+        return False
+    return isinstance(state, dict) and bool(state) and all(
+        isinstance(k, str) and k.startswith(_ENCODER_PREFIXES) and isinstance(v, torch.Tensor)
+        for k, v in state.items())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _give_new_file_modes(path: Path) -> None:
+    """The mode the umask gives a new file or folder, on ``path`` and everything under it (temporary files and
+    folders are created private, and some writers keep that)."""
+    mask = _umask()
+    for item in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
+@contextlib.contextmanager
+def _write_errors(out: Path):
+    """An OSError while writing OUT (a full disk, a read-only folder) as one line; what was at OUT stays."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputDirError(f"cannot write {str(out)!r}: {exc.strerror or exc}; what was there is left as it "
+                             "was") from exc
+
+
+def _write_file(tensors: dict, out: Path, tmp: Path, to: str, preset: str, size) -> None:
+    """Write a file export to ``tmp`` beside ``out``, give it the umask's mode, rename it over ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if out.suffix == ".safetensors" or to == "safetensors":
+            from safetensors.torch import save_file
+
+            save_file(tensors, str(tmp), metadata={"format": "pt", "mae_fast_preset": preset,
+                                                   "img_size": json.dumps(list(size))})
+        else:
+            torch.save(tensors, tmp)
+        _give_new_file_modes(tmp)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Put the complete ``staging`` at ``target``, replacing what is there; the old one is removed only after."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    old = target.with_name(f".{target.name}.export-old-{os.getpid()}")
+    os.replace(target, old)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
 def export(checkpoint, to: str, out, model_name: str | None = None, img_size=None, force: bool = False) -> str:
@@ -246,11 +374,14 @@ def export(checkpoint, to: str, out, model_name: str | None = None, img_size=Non
     Raises:
         ConfigError: a bad target, preset, image size, a missing library (naming the extra) or an existing OUT.
         CheckpointError: the checkpoint cannot be read or does not fit.
+        OutputDirError: OUT cannot be written (a full disk, a read-only folder); what was there is left as it was.
     """
     if to not in TARGETS:
         raise ConfigError(f"--to: must be one of {', '.join(TARGETS)}, got {to!r}")
     out = Path(out)
     _refuse_existing(out, force)
+    if out.exists():
+        _refuse_unless_an_export(out, to, checkpoint)
     if to == "safetensors" or (to == "timm" and out.suffix == ".safetensors"):
         _library("safetensors", "export")
     state, named = read_state(checkpoint)
@@ -262,31 +393,26 @@ def export(checkpoint, to: str, out, model_name: str | None = None, img_size=Non
             raise CheckpointError("--to hf: the checkpoint has no decoder (an encoder-only release); export it --to "
                                   "timm or safetensors")
         hf = hf_model(model)
-        with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
-            hf.save_pretrained(tmp)
-            if out.exists():
-                shutil.rmtree(out) if out.is_dir() else out.unlink()
-            shutil.copytree(tmp, out)
+        target = Path(os.path.abspath(out))
+        staging = target.with_name(f".{target.name}.export-tmp-{os.getpid()}")
+        with _write_errors(out):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                hf.save_pretrained(staging)
+                _give_new_file_modes(staging)
+                _swap_in(staging, target)
+            finally:
+                if staging.exists():
+                    shutil.rmtree(staging)
         return (f"wrote {out}: transformers.ViTMAEForPreTraining.from_pretrained({str(out)!r}) ({preset}, "
                 f"{size[0]}x{size[1]})")
     if to == "timm" or not has_decoder:
         tensors = timm_state(model)
     else:
         tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        if out.suffix == ".safetensors" or to == "safetensors":
-            from safetensors.torch import save_file
-
-            save_file(tensors, str(tmp), metadata={"format": "pt", "mae_fast_preset": preset,
-                                                   "img_size": json.dumps(list(size))})
-        else:
-            torch.save(tensors, tmp)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    tmp = out.with_name(f".{out.name}.export-tmp-{os.getpid()}")
+    with _write_errors(out):
+        _write_file(tensors, out, tmp, to, preset, size)
     if to == "timm":
         return (f"wrote {out}: loads with strict=True into {timm_call(preset, size, 'mean')} (mean pooling, as "
                 f"extract_features(pool='mean')) or global_pool='token' (pool='cls')")

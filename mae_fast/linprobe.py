@@ -7,11 +7,14 @@ The features of the training and validation images (``--data_path`` in ImageNet 
 ``train/<class>/``, ``val/<class>/``; ``--val_path`` for a separate validation folder) are
 extracted once, without masking (``MAEViT.extract_features``, ``--pool mean|cls``, resize and
 center crop), and cached in ``--output_dir``: a later run with the same checkpoint file, images and
-settings reuses them. Then the official probe head, BatchNorm without affine parameters followed
-by a Linear layer (weights ``trunc_normal(std=0.01)``), is trained on them: ``--epochs`` (default
-90) with linear warmup (10) and a cosine schedule, ``lr = blr x batch / 256`` (``--blr`` 0.1,
-``--batch_size`` 1024). It reports top-1/top-5 on the validation set and writes ``head.pth`` and
-``results.json``.
+settings reuses them. The cache is written atomically with its shapes and a SHA-256 of its tensors;
+one that does not match them, the image counts, or holds non-finite values is extracted again (with
+one warning), and one holding objects other than tensors is refused. Non-finite features or a head
+that becomes non-finite stop the probe with one line naming the checkpoint. Then the official probe
+head, BatchNorm without affine parameters followed by a Linear layer (weights
+``trunc_normal(std=0.01)``), is trained on them: ``--epochs`` (default 90) with linear warmup (10)
+and a cosine schedule, ``lr = blr x batch / 256`` (``--blr`` 0.1, ``--batch_size`` 1024). It
+reports top-1/top-5 on the validation set and writes ``head.pth`` and ``results.json``.
 
 Two deliberate differences from the official ``main_linprobe.py``: the features are computed once
 on center crops, so the head sees no random-crop augmentation, and the head trains with SGD
@@ -36,10 +39,13 @@ import torch
 from torch import nn
 
 from mae_fast.config import DataConfig, default_num_workers
-from mae_fast.errors import ConfigError, DataError, MaeFastError
+from mae_fast.errors import CheckpointError, ConfigError, DataError, MaeFastError, NonFiniteLossError
 from mae_fast.knn import top_k_accuracy
 
 logger = logging.getLogger("mae_fast")
+
+#: The layout of the feature cache: ``train`` and ``val`` tensors, their ``shapes`` and ``checksum``.
+CACHE_VERSION = 2
 
 
 def probe_head(dim: int, num_classes: int) -> nn.Sequential:
@@ -59,9 +65,74 @@ def cache_key(checkpoint: Path, files: list[str], settings: dict) -> str:
     return digest.hexdigest()[:16]
 
 
+def feature_checksum(features: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the ``train`` and ``val`` tensors' bytes, in that order."""
+    digest = hashlib.sha256()
+    for split in ("train", "val"):
+        digest.update(features[split].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_features(features: dict[str, torch.Tensor], cache: Path) -> None:
+    """Write the feature cache atomically (a temporary file beside it, then a rename) with its shapes and checksum."""
+    tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
+    try:
+        torch.save({"version": CACHE_VERSION, "train": features["train"], "val": features["val"],
+                    "shapes": {split: list(features[split].shape) for split in ("train", "val")},
+                    "checksum": feature_checksum(features)}, tmp)
+        os.replace(tmp, cache)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_features(cache: Path, rows: dict[str, int]) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """The cached features, or None and why they cannot be used: unreadable, another layout, shapes other than the
+    recorded ones or than ``rows`` (images per split), a checksum that does not match, non-finite values.
+
+    Raises:
+        CheckpointError: the file holds objects other than tensors (a pickle); it is refused, not loaded.
+    """
+    import pickle
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # torch warns about a pickle protocol before refusing the pickle
+            warnings.simplefilter("ignore", UserWarning)
+            stored = torch.load(cache, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        with open(cache, "rb") as f:
+            head = f.read(2)
+        if "GLOBAL" in str(exc) or head[:1] == b"\x80":  # a pickle (a torch cache is a zip archive)
+            raise CheckpointError(f"the feature cache {str(cache)!r} holds a pickle of objects other than tensors; "
+                                  "refusing to load it (nothing in it ran). Remove it to extract the features "
+                                  "again") from None
+        return None, f"it cannot be read ({type(exc).__name__})"
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        return None, f"it cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    if not isinstance(stored, dict) or stored.get("version") != CACHE_VERSION:
+        return None, "it is of another layout"
+    features = {split: stored.get(split) for split in ("train", "val")}
+    if not all(isinstance(t, torch.Tensor) and t.ndim == 2 and t.is_floating_point() for t in features.values()):
+        return None, "it does not hold two feature matrices"
+    shapes = {split: list(t.shape) for split, t in features.items()}
+    if stored.get("shapes") != shapes:
+        return None, f"its shapes {shapes} are not the recorded {stored.get('shapes')}"
+    if any(features[split].shape[0] != rows[split] for split in rows) or shapes["train"][1] != shapes["val"][1]:
+        return None, f"its shapes {shapes} do not fit {rows['train']} training and {rows['val']} validation images"
+    if stored.get("checksum") != feature_checksum(features):
+        return None, "its checksum does not match"
+    if not all(bool(torch.isfinite(t).all()) for t in features.values()):
+        return None, "it holds non-finite values"
+    return features, ""
+
+
 def train_head(train_x, train_y, val_x, val_y, num_classes: int, epochs: int = 90, warmup_epochs: int = 10,
                batch_size: int = 1024, blr: float = 0.1, seed: int = 0) -> tuple[nn.Sequential, dict]:
-    """Train the probe head on features; returns the head (eval mode) and ``top1``, ``top5`` on the validation set."""
+    """Train the probe head on features; returns the head (eval mode) and ``top1``, ``top5`` on the validation set.
+
+    Raises:
+        NonFiniteLossError: the loss or the head became NaN or infinite (the epoch is named).
+    """
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     head = probe_head(train_x.shape[1], num_classes)
@@ -84,9 +155,14 @@ def train_head(train_x, train_y, val_x, val_y, num_classes: int, epochs: int = 9
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"the probe head became non-finite (loss {loss.item()}) at epoch "
+                                         f"{epoch + 1}/{epochs}, lr {lr * scale:g}; a lower --blr may train")
     head.eval()
     with torch.no_grad():
         logits = head(val_x)
+    if not all(bool(torch.isfinite(t).all()) for t in (*head.state_dict().values(), logits)):
+        raise NonFiniteLossError(f"the probe head became non-finite after {epochs} epochs; a lower --blr may train")
     return head, {"top1": top_k_accuracy(logits, val_y, 1), "top5": top_k_accuracy(logits, val_y, 5)}
 
 
@@ -133,6 +209,10 @@ def run(args: argparse.Namespace) -> dict | None:
     for flag in ("epochs", "batch_size", "input_size", "extract_batch_size"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag}: must be a positive integer, got {getattr(args, flag)}")
+    if args.warmup_epochs < 0:
+        raise ConfigError(f"--warmup_epochs: must be an integer >= 0, got {args.warmup_epochs}")
+    if not (math.isfinite(args.blr) and args.blr > 0):
+        raise ConfigError(f"--blr: must be a finite number > 0 (the official value is 0.1), got {args.blr}")
     dist_info = setup_distributed(args.device)
     device = dist_info.device
     if args.val_path is None and not (Path(args.data_path) / "val").is_dir():
@@ -155,11 +235,15 @@ def run(args: argparse.Namespace) -> dict | None:
     out.mkdir(parents=True, exist_ok=True)
     settings = {"preset": preset, "pool": args.pool, "input_size": args.input_size}
     cache = out / f"features-{cache_key(checkpoint, train_files + val_files, settings)}.pt"
+    features = None
     if cache.is_file():
-        features = torch.load(cache, weights_only=True)
+        features, why = load_features(cache, {"train": len(train_files), "val": len(val_files)})
         if dist_info.is_main:
-            logger.info("reusing the features in %s", cache)
-    else:
+            if features is not None:
+                logger.info("reusing the features in %s", cache)
+            else:
+                logger.warning("the feature cache %s does not match (%s); extracting the features again", cache, why)
+    if features is None:
         data = DataConfig(data_path=None, backend=args.data_backend, input_size=args.input_size,
                           batch_size=args.extract_batch_size,
                           num_workers=args.num_workers if args.num_workers is not None else default_num_workers())
@@ -169,14 +253,23 @@ def run(args: argparse.Namespace) -> dict | None:
         for split, files in (("train", train_files), ("val", val_files)):
             loader = build_eval_loader(data, files, dist_info.rank, dist_info.world_size, device, args.seed)
             features[split] = extract_features(model, loader, len(files), device, autocast, args.pool).cpu()
+        for split, values in features.items():
+            bad = int((~torch.isfinite(values)).any(dim=1).sum())
+            if bad:
+                raise CheckpointError(f"checkpoint {str(checkpoint)!r} gives non-finite features (NaN or inf) for "
+                                      f"{bad} of {values.shape[0]} {split} images; its weights are not usable for a "
+                                      "probe (nothing was cached)")
         if dist_info.is_main:
-            torch.save(features, cache)
+            save_features(features, cache)
             logger.info("extracted %d + %d features in %.1f s into %s", len(train_files), len(val_files),
                         time.perf_counter() - started, cache)
     if not dist_info.is_main:
         return None
-    head, metrics = train_head(features["train"], train_labels, features["val"], val_labels, len(classes),
-                               args.epochs, args.warmup_epochs, args.batch_size, args.blr, args.seed)
+    try:
+        head, metrics = train_head(features["train"], train_labels, features["val"], val_labels, len(classes),
+                                   args.epochs, args.warmup_epochs, args.batch_size, args.blr, args.seed)
+    except NonFiniteLossError as exc:
+        raise NonFiniteLossError(f"{exc} (features of checkpoint {str(checkpoint)!r}); no result was written") from exc
     torch.save({"head": head.state_dict(), "classes": classes, "pool": args.pool, "preset": preset}, out / "head.pth")
     results = {"top1": metrics["top1"], "top5": metrics["top5"], "checkpoint": str(checkpoint), "preset": preset,
                "pool": args.pool, "input_size": args.input_size, "classes": len(classes),

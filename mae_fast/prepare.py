@@ -14,6 +14,13 @@ temporary name and renamed once complete, so no partial shard ever carries a fin
 and re-running the same command finishes the job: shards the manifest lists are kept when their
 checksum still matches, and the work resumes after the last of them.
 
+``prepare`` removes or overwrites only what it can prove it wrote: the files its manifest names
+(the manifest records each shard's name before the shard is written) and its own temporaries
+(``.<name>.prepare.tmp-<pid>``) whose process is no longer running. DST must be empty, new, or
+hold only those; any other file is refused with an error naming it, before anything is touched. A
+full disk stops it with one line naming the folder; the complete shards stay, and the same
+command finishes the job once there is room.
+
 Why 256: a 224-pixel random-resized crop of a 256-pixel image keeps most of the detail the crop
 needs (a crop of 20 % of the area is upsampled either way), while decoding gets cheaper. Measured
 on the 2-core CPU machine: DALI decoded the 341x256 prepared images at 3,000 images/s (0.67 ms an
@@ -38,12 +45,32 @@ from pathlib import Path
 import numpy as np
 
 from mae_fast.data.files import find_images, open_rgb
-from mae_fast.data.shards import MANIFEST_NAME, scan_shard, write_index
+from mae_fast.data.shards import MANIFEST_NAME, index_path, scan_shard, write_index
 from mae_fast.errors import ConfigError, DataError, MaeFastError, OutputDirError
 
 logger = logging.getLogger("mae_fast")
 
 MANIFEST_VERSION = 1
+SKIPPED_NAME = "skipped.txt"
+#: prepare's temporary files: ``.<final name>.prepare.tmp-<pid of the process writing it>``.
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.prepare\.tmp-(?P<pid>\d+)")
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.prepare.tmp-{os.getpid()}")
+
+
+def _running(pid: int) -> bool:
+    """Whether a process other than this one runs with ``pid``."""
+    if pid == os.getpid():
+        return False  # a temporary with this process's id predates it (a pid reused after a kill)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, owned by another user
+        return True
+    return True
 
 
 def parse_size(text: str) -> int:
@@ -94,7 +121,7 @@ class ShardWriter:
 
     def __init__(self, path: Path):
         self.path, self.count = path, 0
-        self.tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+        self.tmp = _temporary(path)
         self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
 
     @property
@@ -113,21 +140,68 @@ class ShardWriter:
             os.fsync(f.fileno())
         os.replace(self.tmp, self.path)
         _, entries = scan_shard(str(self.path))
-        write_index(str(self.path), entries)
+        index = Path(index_path(str(self.path)))
+        write_index(str(self.path), entries, temporary=_temporary(index))
         return {"name": self.path.name, "count": self.count, "bytes": self.path.stat().st_size,
                 "sha256": _sha256(self.path)}
 
     def abandon(self) -> None:
         try:
             self.tar.close()
+        except OSError:  # the disk that stopped the shard may refuse its closing blocks too
+            pass
         finally:
             self.tmp.unlink(missing_ok=True)
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = _temporary(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _write_manifest(dst: Path, manifest: dict) -> None:
-    tmp = dst / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, dst / MANIFEST_NAME)
+    _write_atomically(dst / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+
+
+def _own_files(manifest: dict | None) -> set[str]:
+    """The names in DST that a manifest of prepare's proves it wrote."""
+    if manifest is None:
+        return set()
+    names = {MANIFEST_NAME}
+    shards = [record.get("name") for record in manifest.get("shards", []) if isinstance(record, dict)]
+    for name in [*shards, manifest.get("writing")]:
+        if isinstance(name, str) and name:
+            names |= {name, Path(index_path(name)).name}
+    if manifest.get("skipped"):
+        names.add(SKIPPED_NAME)
+    return names
+
+
+def _clear_destination(out: Path, manifest: dict | None) -> None:
+    """Remove prepare's temporaries left by a process that no longer runs; refuse anything else prepare did not write.
+
+    Raises:
+        ConfigError: ``out`` holds a file that neither the manifest nor prepare's temporary naming accounts for, or a
+            temporary of a prepare that is still running; nothing has been changed then.
+    """
+    own, stale = _own_files(manifest), []
+    for path in sorted(out.iterdir()):
+        if path.name in own:
+            continue
+        temporary = _TEMPORARY.fullmatch(path.name)
+        if temporary is None or not path.is_file():
+            raise ConfigError(f"{str(out)!r} holds files prepare did not write (for example {path.name!r}); nothing "
+                              "was changed: give an empty or new folder, or move them out")
+        if _running(int(temporary["pid"])):
+            raise ConfigError(f"{str(out)!r} is being written by another prepare (process {temporary['pid']}, "
+                              f"{path.name!r}); wait for it to end, or remove that file if no prepare runs")
+        stale.append(path)
+    for path in stale:
+        path.unlink(missing_ok=True)
 
 
 def _kept_shards(dst: Path, manifest: dict) -> list[dict]:
@@ -167,51 +241,56 @@ def prepare(src: str, dst: str, max_side: int = 256, quality: int = 90, shard_si
     out = Path(os.path.expanduser(dst))
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
     except OSError as exc:
         raise OutputDirError(f"cannot write to the output folder {str(out)!r}: {exc.strerror or exc}") from exc
-    for stale in out.glob("*.tmp-*"):
-        stale.unlink(missing_ok=True)
 
     digest = _files_digest(files)
     manifest = {"version": MANIFEST_VERSION, "source": source, "settings": settings, "files_digest": digest,
-                "images": 0, "shards": [], "skipped": [], "complete": False}
+                "images": 0, "shards": [], "skipped": [], "complete": False, "writing": None}
+    old = None
     if (out / MANIFEST_NAME).is_file():
         try:
             old = json.loads((out / MANIFEST_NAME).read_text())
         except ValueError as exc:
             raise ConfigError(f"{out / MANIFEST_NAME} is not readable JSON ({exc}); remove it to start over") from exc
-        if old.get("source") != source or old.get("settings") != settings or old.get("files_digest") != digest:
+        if not isinstance(old, dict) or "settings" not in old or "shards" not in old:
+            raise ConfigError(f"{out / MANIFEST_NAME} is not a manifest of prepare; give an empty or new folder")
+        started = bool(old.get("shards"))  # a manifest without shards holds nothing worth keeping
+        if started and (old.get("source") != source or old.get("settings") != settings
+                        or old.get("files_digest") != digest):
             raise ConfigError(f"{str(out)!r} holds a shard set prepared from another source, other settings or "
                               f"another set of files ({old.get('source')!r}, {old.get('settings')}); use an empty "
                               "folder, or remove its manifest.json to start over")
-        if old.get("complete"):
+        if started and old.get("complete"):
             logger.info("prepare: %s is complete (%d images in %d shards); nothing to do", out, old["images"],
                         len(old["shards"]))
             return old
-        manifest["shards"] = _kept_shards(out, old)
-        manifest["skipped"] = [s for s in old.get("skipped", []) if s["index"] < _end(manifest["shards"])]
-    start = _end(manifest["shards"])
-    for record in list(out.glob("shard-*.tar")):  # shards past the kept ones are rewritten
-        if record.name not in {s["name"] for s in manifest["shards"]}:
-            record.unlink()
-            record.with_suffix(".idx").unlink(missing_ok=True)
-    if start:
-        logger.info("prepare: keeping %d complete shard(s) (%d images); resuming at image %d of %d",
-                    len(manifest["shards"]), sum(s["count"] for s in manifest["shards"]), start, len(files))
-    else:
-        logger.info("prepare: %d images from %s into %s (shorter side <= %d px, JPEG quality %d, shards of "
-                    "about %.0f MB, %d workers)", len(files), source, out, max_side, quality, shard_size / 2**20,
-                    workers)
+    _clear_destination(out, old)
 
-    writer, first = None, start
-    began, last_log, done = time.monotonic(), time.monotonic(), 0
-    work = ((path, max_side, quality) for path in files[start:])
-    ctx = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
-    pool = ctx.Pool(workers) if workers > 1 else None
+    writer, first = None, 0
+    pool = None
     try:
+        if old is not None and old.get("shards"):
+            manifest["shards"] = _kept_shards(out, old)
+            manifest["skipped"] = [s for s in old.get("skipped", []) if s["index"] < _end(manifest["shards"])]
+        kept = {s["name"] for s in manifest["shards"]}
+        kept |= {Path(index_path(name)).name for name in kept}
+        for name in sorted(_own_files(old) - kept - {MANIFEST_NAME}):  # what the old manifest named past the kept
+            (out / name).unlink(missing_ok=True)
+        _write_manifest(out, manifest)  # from here on the manifest names everything prepare writes
+        start = _end(manifest["shards"])
+        if start:
+            logger.info("prepare: keeping %d complete shard(s) (%d images); resuming at image %d of %d",
+                        len(manifest["shards"]), sum(s["count"] for s in manifest["shards"]), start, len(files))
+        else:
+            logger.info("prepare: %d images from %s into %s (shorter side <= %d px, JPEG quality %d, shards of "
+                        "about %.0f MB, %d workers)", len(files), source, out, max_side, quality, shard_size / 2**20,
+                        workers)
+
+        began, last_log, done = time.monotonic(), time.monotonic(), 0
+        work = ((path, max_side, quality) for path in files[start:])
+        ctx = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
+        pool = ctx.Pool(workers) if workers > 1 else None
         results = pool.imap(encode, work, chunksize=8) if pool else map(encode, work)
         for i, (path, data, why) in enumerate(results, start=start):
             if data is None:
@@ -219,12 +298,16 @@ def prepare(src: str, dst: str, max_side: int = 256, quality: int = 90, shard_si
                 logger.warning("prepare: left out %s (%s)", path, why)
             else:
                 if writer is None:
-                    writer, first = ShardWriter(out / f"shard-{len(manifest['shards']):06d}.tar"), i
+                    name = f"shard-{len(manifest['shards']):06d}.tar"
+                    manifest["writing"] = name  # recorded before any byte of it is written
+                    _write_manifest(out, manifest)
+                    writer, first = ShardWriter(out / name), i
                 writer.add(f"{i:09d}", data)
                 if writer.size >= shard_size:
                     manifest["shards"].append(dict(writer.finish(), first=first, end=i + 1))
                     writer = None
                     manifest["images"] = sum(s["count"] for s in manifest["shards"])
+                    manifest["writing"] = None
                     _write_manifest(out, manifest)
             done += 1
             now = time.monotonic()
@@ -237,6 +320,22 @@ def prepare(src: str, dst: str, max_side: int = 256, quality: int = 90, shard_si
         if writer is not None:
             manifest["shards"].append(dict(writer.finish(), first=first, end=len(files)))
             writer = None
+        manifest["images"] = sum(s["count"] for s in manifest["shards"])
+        manifest["writing"] = None
+        if not manifest["images"]:
+            _write_manifest(out, manifest)
+            raise DataError(f"none of the {len(files)} images in {source!r} could be read; see the warnings above")
+        manifest["complete"] = True
+        if manifest["skipped"]:
+            _write_atomically(out / SKIPPED_NAME,
+                              "".join(f"{s['path']}\t{s['reason']}\n" for s in manifest["skipped"]))
+        _write_manifest(out, manifest)
+    except OSError as exc:
+        if writer is not None:
+            writer.abandon()
+        raise OutputDirError(f"cannot write to the output folder {str(out)!r}: {exc.strerror or exc}; its "
+                             f"{len(manifest['shards'])} complete shard(s) are kept: make room and run the same "
+                             "command again to finish") from exc
     except BaseException:
         if writer is not None:
             writer.abandon()
@@ -245,15 +344,9 @@ def prepare(src: str, dst: str, max_side: int = 256, quality: int = 90, shard_si
         if pool:
             pool.terminate()
             pool.join()
-    manifest["images"] = sum(s["count"] for s in manifest["shards"])
-    if not manifest["images"]:
-        raise DataError(f"none of the {len(files)} images in {source!r} could be read; see the warnings above")
-    manifest["complete"] = True
-    _write_manifest(out, manifest)
     if manifest["skipped"]:
-        (out / "skipped.txt").write_text("".join(f"{s['path']}\t{s['reason']}\n" for s in manifest["skipped"]))
         logger.warning("prepare: %d unreadable file(s) left out; listed in %s", len(manifest["skipped"]),
-                       out / "skipped.txt")
+                       out / SKIPPED_NAME)
     logger.info("prepare: done: %d images in %d shards (%.1f MB) in %s", manifest["images"], len(manifest["shards"]),
                 sum(s["bytes"] for s in manifest["shards"]) / 2**20, _duration(time.monotonic() - began))
     return manifest

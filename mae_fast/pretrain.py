@@ -37,12 +37,12 @@ FLAGS = {
     "knn_every": ("run", "knn_every"), "knn_train_path": ("run", "knn_train_path"),
     "knn_train_size": ("run", "knn_train_size"), "knn_pool": ("run", "knn_pool"),
     "device": ("run", "device"), "verify_images": ("data", "verify_images"),
-    "synthetic_samples": ("data", "synthetic_samples"),
+    "synthetic_samples": ("data", "synthetic_samples"), "shard_timeout": ("data", "shard_timeout"),
 }
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig}
 BOOL_FLAGS = {"norm_pix_loss", "compile", "fsdp", "grad_checkpointing", "fp8_emulate"}
 FLOAT_FLAGS = {"mask_ratio", "weight_decay", "lr", "blr", "min_lr", "warmup_epochs", "loss_spike_factor",
-               "dist_timeout"}
+               "dist_timeout", "shard_timeout"}
 STR_FLAGS = {"model", "data_path", "val_path", "output_dir", "log_dir", "resume", "data_backend", "attn_backend",
              "kernel_backend", "precision", "fp8_recipe", "compile_scope", "optimizer", "device", "verify_images",
              "knn_train_path", "knn_pool"}

@@ -13,7 +13,8 @@ and checkpoint steps: the loss stays on the device in between.
 Checkpoints and faults: the rolling ``checkpoint-last.pth`` keeps the one before it as
 ``checkpoint-prev.pth`` while the loss was in its normal range (:mod:`mae_fast.monitor`); every
 checkpoint records the loss statistics at save time. When the run stops (a NaN/inf loss, Ctrl-C),
-it names the newest checkpoint written before the loss left its normal range.
+it names the newest checkpoint written before the loss left its normal range; when a remote shard
+keeps failing, it writes ``checkpoint-last.pth`` where it stood (one rank) and names it.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ from mae_fast.checkpoint import (LAST, PREV, check_writable, find_checkpoints, f
 from mae_fast.config import RunConfig
 from mae_fast.data import build_eval_loader, build_loader
 from mae_fast.data.builtin import builtin_image_dir
+from mae_fast.data.shards import ShardReadError
 from mae_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, normalize
 from mae_fast.distributed import all_reduce_sum, setup_distributed
-from mae_fast.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputDirError
+from mae_fast.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputDirError, TrainingStopped
 from mae_fast.fp8 import convert_to_fp8, fp8_unavailable_reason, precompute_fsdp_scales
 from mae_fast.knn import KnnMonitor
 from mae_fast.model import MAEViT, create_model
@@ -214,7 +216,10 @@ class MAETrainer:
         self.writer = None
         if self.dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=config.log_dir)
+            try:
+                self.writer = SummaryWriter(log_dir=config.log_dir)
+            except OSError as exc:
+                raise OutputDirError(f"--log_dir {config.log_dir!r} cannot be written: {exc.strerror or exc}") from exc
 
     # ------------------------------------------------------------------ build
 
@@ -309,11 +314,24 @@ class MAETrainer:
                     self.save(LAST)
                     break
                 stats = self.end_epoch(stats)
+        except ShardReadError as exc:
+            raise self._stopped_by_data(exc) from exc
         finally:
             self.progress.close()
             if self.writer is not None:
                 self.writer.flush()
         return stats
+
+    def _stopped_by_data(self, exc: ShardReadError) -> TrainingStopped:
+        """A remote shard that kept failing stops the run as other faults do: with a checkpoint of where it stood (one
+        rank writes it now; with several, the others are not at a save, so the newest good one is named)."""
+        self.progress.close()
+        if self.step_in_epoch < len(self.loader):  # a partial accumulation group is replayed on resume
+            self.step_in_epoch -= self.step_in_epoch % self.config.accum_iter
+        checkpoint = self.save(LAST) if self.dist.world_size == 1 else self.good_checkpoint()
+        return TrainingStopped(f"{exc}; stopped at step {self.step} (epoch {self.epoch + 1}/{self.config.epochs}); "
+                               f"{'saved' if self.dist.world_size == 1 else 'the newest good checkpoint is'} "
+                               f"{checkpoint or 'none'}", checkpoint=checkpoint)
 
     def train_one_epoch(self) -> dict:
         """One epoch from ``step_in_epoch`` on; returns the statistics of its last log line."""

@@ -125,7 +125,8 @@ def test_bad_input_is_one_line_and_nothing_is_overwritten(tmp_path, capsys):
     existing.write_text("keep me")
     code, _, err = run([ckpt, existing, "--to", "safetensors"], capsys)
     assert code == 2 and "exists; nothing was overwritten (pass --force" in err and existing.read_text() == "keep me"
-    assert run([ckpt, existing, "--to", "safetensors", "--force"], capsys)[0] == 0
+    code, _, err = run([ckpt, existing, "--to", "safetensors", "--force"], capsys)
+    assert code == 2 and "is not an export of mae_fast" in err and existing.read_text() == "keep me"
     code, _, err = run([tmp_path / "missing.pth", tmp_path / "y.pth", "--to", "timm"], capsys)
     assert code == 2 and "does not exist" in err
     code, _, err = run([ckpt, tmp_path / "hf", "--to", "hf", "--img_size", "32", "48"], capsys)
@@ -144,3 +145,91 @@ def test_a_missing_library_names_the_extra(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     code, _, err = run([save_official(trained_like(32), tmp_path / "ckpt.pth"), tmp_path / "hf", "--to", "hf"], capsys)
     assert code == 2 and "pip install 'mae_fast[export]'" in err
+
+
+def folder_state(folder):
+    return sorted((str(p.relative_to(folder)), p.read_bytes() if p.is_file() else None) for p in folder.rglob("*"))
+
+
+def test_force_never_replaces_the_working_folder_a_folder_above_the_checkpoint_or_other_files(tmp_path, capsys,
+                                                                                            monkeypatch):
+    pytest.importorskip("transformers")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("keep me")
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    ckpt = save_official(trained_like(32), tmp_path / "runs" / "a" / "ckpt.pth")
+    others = tmp_path / "others"
+    others.mkdir()
+    (others / "config.json").write_text("{}")
+    (others / "notes.txt").write_text("keep me too")
+    monkeypatch.chdir(work)
+    before = folder_state(tmp_path)
+    for out, to, expected in ((".", "hf", "the working folder"), (tmp_path, "hf", "a folder above it"),
+                              (tmp_path / "runs", "hf", "holds the checkpoint"),
+                              (others, "hf", "holds files an export did not write"),
+                              (others, "timm", "is a folder; --to timm writes a file"),
+                              (ckpt, "timm", "is the checkpoint"), (work / "notes.txt", "safetensors",
+                                                                     "is not an export of mae_fast"),
+                              (work / "notes.txt", "hf", "is a file; --to hf writes a folder")):
+        code, _, err = run([ckpt, out, "--to", to, "--force"], capsys)
+        assert code == 2 and expected in err, (out, to, err)
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert folder_state(tmp_path) == before  # nothing removed, nothing written
+
+
+def test_force_swaps_a_previous_export_for_the_new_one(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    first, second = trained_like(32, seed=0), trained_like(32, seed=1)
+    for target, name in (("hf", "hf"), ("timm", "encoder.pth"), ("safetensors", "weights.safetensors"),
+                         ("timm", "encoder.safetensors")):
+        out = tmp_path / name
+        assert run([save_official(first, tmp_path / "a.pth"), out, "--to", target], capsys)[0] == 0
+        code, _, err = run([save_official(second, tmp_path / "b.pth"), out, "--to", target, "--force"], capsys)
+        assert code == 0, err
+        if target == "hf":
+            loaded = transformers.ViTMAEForPreTraining.from_pretrained(out).state_dict()
+            weight = loaded["vit.embeddings.patch_embeddings.projection.weight"]
+        elif out.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            weight = load_file(str(out))["patch_embed.proj.weight"]
+        else:
+            weight = torch.load(out, weights_only=True)["patch_embed.proj.weight"]
+        assert torch.equal(weight, second.state_dict()["patch_embed.proj.weight"]), target
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pth", "b.pth", "encoder.pth", "encoder.safetensors",
+                                                          "hf", "weights.safetensors"]  # no temporaries left
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_exported_files_get_the_mode_the_umask_gives_a_new_file(tmp_path, capsys, umask):
+    import os
+
+    pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    ckpt = save_official(trained_like(32), tmp_path / "ckpt.pth")
+    previous = os.umask(umask)
+    try:
+        for target, name in (("hf", "hf"), ("timm", "encoder.pth"), ("timm", "encoder.safetensors"),
+                             ("safetensors", "weights.safetensors")):
+            assert run([ckpt, tmp_path / "out" / name, "--to", target], capsys)[0] == 0
+            assert run([ckpt, tmp_path / "out" / name, "--to", target, "--force"], capsys)[0] == 0
+    finally:
+        os.umask(previous)
+    written = [tmp_path / "out", *(tmp_path / "out").rglob("*")]
+    assert len(written) >= 6
+    for path in written:
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert path.stat().st_mode & 0o777 == expected, (path, oct(path.stat().st_mode & 0o777))
+
+
+@pytest.mark.parametrize("target", ["timm", "hf"])
+def test_an_out_that_cannot_be_written_is_one_line(tmp_path, capsys, target):
+    if target == "hf":
+        pytest.importorskip("transformers")
+    ckpt = save_official(trained_like(32), tmp_path / "ckpt.pth")
+    (tmp_path / "a_file").write_text("not a folder")
+    code, _, err = run([ckpt, tmp_path / "a_file" / "out", "--to", target], capsys)
+    [line] = [line for line in err.splitlines() if "error:" in line]
+    assert code == 1 and "cannot write" in line and str(tmp_path / "a_file") in line and "Traceback" not in err

@@ -82,10 +82,12 @@ def build_loader(config: DataConfig, rank: int, world_size: int, device: torch.d
             raise ConfigError("a validation loader needs --val_path")
         path = config.val_path
     if is_shard_spec(str(path)):
-        shard_set = load_shard_set(str(path), workers=max(1, config.num_workers))
-        cls = DaliLoader if backend == "dali" else TorchShardLoader
-        return cls(shard_set, config.input_size, config.batch_size, rank, world_size, device, seed, config.num_workers,
-                   train=train, dtype=dtype)
+        shard_set = load_shard_set(str(path), workers=max(1, config.num_workers), timeout=config.shard_timeout)
+        if backend == "dali":  # the torch backend decodes every member anyway: a bad one is marked then
+            return DaliLoader(shard_set, config.input_size, config.batch_size, rank, world_size, device, seed,
+                              config.num_workers, train=train, dtype=dtype, verify=config.verify_images)
+        return TorchShardLoader(shard_set, config.input_size, config.batch_size, rank, world_size, device, seed,
+                                config.num_workers, train=train, dtype=dtype)
     split = "train" if train else "val"
     files = usable_images(path, split=split, verify=config.verify_images, workers=max(1, config.num_workers),
                           backend=backend)

@@ -9,15 +9,23 @@ CHW uint8 pixels (``dtype=torch.uint8``: the model's fused ops normalize them) o
 ImageNet-normalized floats. Decoding runs ``PREFETCH_DEPTH`` batches ahead of the training step.
 The nvJPEG hardware decoder's share (``hw_decoder_load``) is left at DALI's default: it has not
 been measured here (no GPU); the GPU check's loader benchmark is where to tune it.
+
+A shard set cannot be checked up front, so its members are checked as they are read (by their
+header, or with ``verify="decode"`` by a full decode on the CPU), and a member that still fails in
+DALI does not stop the run: when the pipeline raises, the members of the batches in flight are
+decoded on the CPU, the ones that fail are left out (their slots hold a copy of another image and
+are marked -1, as the torch loader marks them) and named in one warning, and the batches run again
+on a new pipeline. Image folders are checked before training instead (``--verify_images``).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import torch
 
-from mae_fast.data.files import encoded_problem
+from mae_fast.data import files as image_checks
 from mae_fast.data.sampler import batches_per_epoch, epoch_indices, shard_batches_per_epoch
 from mae_fast.errors import BackendUnavailableError, DataError
 from mae_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RATIO, SCALE
@@ -97,7 +105,7 @@ class DaliLoader:
 
     def __init__(self, files, size: int, batch_size: int, rank: int, world_size: int, device: torch.device,
                  seed: int, num_workers: int, train: bool = True, dtype: torch.dtype = torch.float32,
-                 crop_decode: bool = True):
+                 crop_decode: bool = True, verify: str = "header"):
         reason = dali_unavailable_reason()
         if reason:
             raise BackendUnavailableError(f"data backend 'dali' cannot run: {reason}")
@@ -109,6 +117,9 @@ class DaliLoader:
         self.rank, self.world_size, self.seed, self.train = rank, world_size, seed, train
         self.device, self.dtype, self.num_threads = torch.device(device), dtype, num_workers
         self.crop_decode = crop_decode
+        if verify not in ("header", "decode"):
+            raise ValueError(f"verify must be 'header' or 'decode', got {verify!r}")
+        self.verify = verify  # how shard members are checked as they are read
         self.num_samples = self.shard_set.num_samples if self.shard_set else len(files)
         self.pipeline, self.primed = None, False
         self.builds = 0  # pipelines built (one per run)
@@ -137,20 +148,19 @@ class DaliLoader:
 
             batches = ShardBatches(self.shard_set, B, self.rank, self.world_size, self.seed, shuffle=self.train)
             batches.set_epoch(epoch, start)
+            check = image_checks.encoded_problem if self.verify == "header" else image_checks.decoded_problem
             for step, items in enumerate(batches):
                 indices, valid = batches.issued[step]
-                arrays, names, idx = [], [], torch.tensor(indices, dtype=torch.int64)
-                fallback = next((k for k, ok in enumerate(valid)
-                                 if ok and encoded_problem(items[k][0], "dali") is None), None)
-                for slot, (data, _, name) in enumerate(items):
-                    problem = encoded_problem(data, "dali")
-                    if problem is not None:  # DALI cannot skip an image mid-batch: replace it, mark it, name it
-                        logger.warning("left out %s (%s); its slot is marked invalid", name, problem)
-                        if fallback is None:
-                            raise DataError(f"no image of batch {step} of epoch {epoch} decodes ({name}: {problem})")
-                        data, idx[slot] = items[fallback][0], -1
-                    arrays.append(np.frombuffer(data, dtype=np.uint8))
-                    names.append(name)
+                problems = {}  # each member checked once: padding slots repeat another slot's bytes
+                for data, _, name in items:
+                    if name not in problems:
+                        problems[name] = check(data, "dali")
+                arrays = [np.frombuffer(data, dtype=np.uint8) for data, _, _ in items]
+                names = [name for _, _, name in items]
+                idx = torch.tensor(indices, dtype=torch.int64)
+                bad = {slot: problems[name] for slot, name in enumerate(names) if problems[name] is not None}
+                if bad:
+                    self._leave_out(arrays, names, idx, bad, f"batch {step} of epoch {epoch}")
                 yield arrays, names, idx
             return
         indices, valid, _ = epoch_indices(self.num_samples, B, self.rank, self.world_size, epoch, self.seed,
@@ -162,59 +172,102 @@ class DaliLoader:
             idx[~torch.from_numpy(valid[step * B:(step + 1) * B].copy())] = -1
             yield [np.fromfile(name, dtype=np.uint8) for name in names], names, idx
 
+    @staticmethod
+    def _leave_out(arrays, names, idx, bad: dict[int, str], where: str) -> None:
+        """Replace the members of ``bad`` (slot -> why) by a copy of a good one of the batch, mark them -1, name them.
+
+        Raises:
+            DataError: no member of the batch decodes.
+        """
+        good = next((slot for slot in range(len(arrays)) if slot not in bad), None)
+        first = min(bad)
+        if good is None:
+            raise DataError(f"no image of {where} decodes ({names[first]}: {bad[first]})")
+        named = {names[slot]: why for slot, why in bad.items() if idx[slot] >= 0}
+        for slot in bad:  # DALI cannot skip an image mid-batch: replace it, mark it
+            arrays[slot], idx[slot] = arrays[good], -1
+        if named:
+            logger.warning("left out %d image(s) that do not decode (their slots are marked invalid): %s", len(named),
+                           "; ".join(f"{name} ({why})" for name, why in list(named.items())[:5]))
+
+    def _without_undecodable(self, batch, where: str):
+        """``batch`` with the members that fail a CPU decode left out (see :meth:`_leave_out`), and whether any did."""
+        arrays, names, idx = list(batch[0]), list(batch[1]), batch[2].clone()
+        problems = {}
+        for array, name in zip(arrays, names):
+            if name not in problems:
+                problems[name] = image_checks.decoded_problem(array.tobytes(), "dali")
+        bad = {slot: problems[name] for slot, name in enumerate(names) if problems[name] is not None}
+        if bad:
+            self._leave_out(arrays, names, idx, bad, where)
+        return (arrays, names, idx), bool(bad)
+
+    def _feed(self, pipeline, batches, pending: list) -> None:
+        """Keep ``PREFETCH_DEPTH`` batches in flight; ``pending`` lists them, oldest first (None: a filler to drop)."""
+        if not self.primed:
+            # DALI's first schedule_run runs PREFETCH_DEPTH iterations at once: feed that many batches first
+            # (repeating the last one as fillers whose outputs are dropped when the epoch has fewer).
+            fed = [b for b in (next(batches, None) for _ in range(PREFETCH_DEPTH)) if b is not None]
+            if not fed:
+                return
+            for k in range(PREFETCH_DEPTH):
+                batch = fed[min(k, len(fed) - 1)]
+                pipeline.feed_input("encoded", batch[0])
+                pending.append(batch if k < len(fed) else None)
+            pipeline.schedule_run()
+            self.primed = True
+            return
+        while len(pending) < PREFETCH_DEPTH:
+            batch = next(batches, None)
+            if batch is None:
+                return
+            pipeline.feed_input("encoded", batch[0])
+            pipeline.schedule_run()
+            pending.append(batch)
+
     def epoch(self, epoch: int, start: int = 0):
-        """Yield ``(images [B, 3, S, S] on device in dtype, indices [B] int64 with -1 for padding)``,
-        from batch ``start`` of ``epoch`` on."""
+        """Yield ``(images [B, 3, S, S] on device in dtype, indices [B] int64 with -1 for padding and left-out
+        images)``, from batch ``start`` of ``epoch`` on.
+
+        Raises:
+            DataError: DALI failed on a file of an image folder, or on a batch of shard members that all decode on
+                the CPU; or no member of a batch decodes.
+        """
         pipeline = self._build()
         batches = self._batches(epoch, start)
-        pending = []  # (names, indices) of the batches scheduled, oldest first; None: a filler to drop
-
-        def schedule() -> None:
-            if not self.primed:
-                # DALI's first schedule_run runs PREFETCH_DEPTH iterations at once: feed that many batches first
-                # (repeating the last one as fillers whose outputs are dropped when the epoch has fewer).
-                fed = [b for b in (next(batches, None) for _ in range(PREFETCH_DEPTH)) if b is not None]
-                if not fed:
-                    return
-                for k in range(PREFETCH_DEPTH):
-                    arrays, names, idx = fed[min(k, len(fed) - 1)]
-                    pipeline.feed_input("encoded", arrays)
-                    pending.append((names, idx) if k < len(fed) else None)
-                pipeline.schedule_run()
-                self.primed = True
-                return
-            batch = next(batches, None)
-            if batch is not None:
-                arrays, names, idx = batch
-                pipeline.feed_input("encoded", arrays)
-                pipeline.schedule_run()
-                pending.append((names, idx))
-
-        schedule()
-        if self.primed:
-            for _ in range(PREFETCH_DEPTH - len(pending)):
-                schedule()
+        pending = []  # the batches fed, (arrays, names, indices), oldest first; None: a filler to drop
+        self._feed(pipeline, batches, pending)
         step = start
         while pending:
             entry = pending.pop(0)
             try:
                 (out,) = pipeline.outputs()
             except RuntimeError as exc:
-                first_line = next((line for line in str(exc).splitlines() if line.strip()), "")
                 self.pipeline, self.primed = None, False  # a failed pipeline is not reused
-                names = entry[0] if entry else []
-                raise DataError(f"DALI failed at batch {step} of epoch {epoch}: one of {names} could not be "
-                                f"decoded ({first_line.strip()}); remove or replace it, or check the data with "
-                                "--verify_images decode") from exc
+                in_flight = [b for b in [entry, *pending] if b is not None]
+                checked = [self._without_undecodable(b, f"batch {step + k} of epoch {epoch}")
+                           for k, b in enumerate(in_flight)] if self.shard_set else []
+                if not any(changed for _, changed in checked):  # an image folder is checked before training
+                    first_line = next((line for line in str(exc).splitlines() if line.strip()), "")
+                    names = entry[1] if entry else []
+                    how = ("though each decodes on the CPU; remove or replace it" if self.shard_set else
+                           "remove or replace it, or check the data with --verify_images decode")
+                    raise DataError(f"DALI failed at batch {step} of epoch {epoch}: one of {names} could not be "
+                                    f"decoded ({first_line.strip()}); {how}") from exc
+                # The batches in flight again, without the members that fail, on a new pipeline.
+                batches = itertools.chain([batch for batch, _ in checked], batches)
+                pending.clear()
+                pipeline = self._build()
+                self._feed(pipeline, batches, pending)
+                continue
             if entry is None:  # a filler
                 pipeline.release_outputs()
                 continue
-            names, idx = entry
             images = self._to_torch(out)
             pipeline.release_outputs()
-            schedule()
+            self._feed(pipeline, batches, pending)
             step += 1
-            yield images.to(self.dtype) if self.dtype != torch.uint8 else images, idx
+            yield images.to(self.dtype) if self.dtype != torch.uint8 else images, entry[2]
 
     def _to_torch(self, out) -> torch.Tensor:
         if self.device.type != "cuda":

@@ -98,6 +98,21 @@ def encoded_problem(data: bytes, backend: str = "torch") -> str | None:
     return signature_problem(bytes(data[:16]), bytes(data[-2:]), backend)
 
 
+def decoded_problem(data: bytes, backend: str = "torch") -> str | None:
+    """:func:`decode_problem` for an image already in memory (a shard member): the header check, then a full decode
+    with PIL."""
+    import io
+
+    problem = encoded_problem(data, backend)
+    if problem:
+        return problem
+    try:
+        open_rgb(io.BytesIO(bytes(data))).load()
+    except Exception as exc:
+        return f"cannot be decoded ({type(exc).__name__}: {exc})"
+    return None
+
+
 def signature_problem(head: bytes, tail: bytes, backend: str) -> str | None:
     """Why an image whose first bytes are ``head`` and last two ``tail`` is not one ``backend`` reads, or None."""
     kind = image_format(head)

@@ -4,7 +4,11 @@ A shard set is named by ``--data_path`` as a folder of ``.tar`` files, a brace p
 (``train-{000000..000127}.tar``), a text file listing shard paths or URLs (one per line; relative
 paths are relative to the list), or one shard. A shard is a local file, an ``http(s)://`` URL or a
 ``pipe:COMMAND`` whose standard output is the tar (``pipe:aws s3 cp s3://bucket/train-000000.tar -``),
-so shards can stream from object storage.
+so shards can stream from object storage. A command or URL that sends nothing for ``timeout``
+seconds (``--shard_timeout``), at its start or in the middle, is stopped; a command that exits with
+a non-zero status, even after a complete tar, has failed. A failed read of a remote shard is tried
+again after :data:`RETRY_DELAYS` (continuing after the images already read), then raises
+:class:`ShardReadError`.
 
 A sample is the group of members that share a name up to the first dot of the file name
 (WebDataset's rule); its image is its ``jpg``, ``jpeg``, ``png`` or ``webp`` member, and every
@@ -25,8 +29,10 @@ import json
 import logging
 import os
 import re
+import select
 import subprocess
 import tarfile
+import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +46,10 @@ logger = logging.getLogger("mae_fast")
 #: The members that hold a sample's image (compared case-insensitively).
 IMAGE_MEMBER_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 MANIFEST_NAME = "manifest.json"
+#: Seconds a command or URL may send nothing, at its start or in the middle of a shard (``--shard_timeout``).
+DEFAULT_SHARD_TIMEOUT = 600.0
+#: Waits before each new try of a remote shard whose read failed (then :class:`ShardReadError`).
+RETRY_DELAYS = (5.0, 20.0, 60.0)
 INDEX_VERSION = "v1.2"  # DALI's webdataset index format (its wds2idx writes the same)
 
 
@@ -59,22 +69,71 @@ def is_shard_spec(path: str) -> bool:
         return True
     p = Path(path).expanduser()
     if p.is_file():
-        return True
+        return p.suffix == ".tar" or is_text_file(p)
     if p.is_dir():
         return any(child.suffix == ".tar" for child in p.iterdir() if child.is_file())
     return False
+
+
+def is_text_file(path: str | os.PathLike, probe: int = 1 << 16) -> bool:
+    """Whether ``path`` reads as UTF-8 text with no NUL byte in its first ``probe`` bytes (a shard list can; an image,
+    a tar or any other binary file cannot)."""
+    try:
+        with open(os.path.expanduser(path), "rb") as f:
+            head = f.read(probe)
+    except OSError:
+        return False
+    if b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return len(head) == probe and exc.start >= probe - 3  # a character cut at the end of the probe
+    return True
 
 
 def _has_braces(path: str) -> bool:
     return bool(re.search(r"\{[^{}]*(\.\.|,)[^{}]*\}", path))
 
 
+#: The most names a brace pattern may expand to (ImageNet-21k in 256 MB shards is about 5,000).
+MAX_PATTERN_NAMES = 1_000_000
+
+
+def brace_count(pattern: str) -> int:
+    """How many names ``pattern`` expands to, counted without expanding it (the product of each group's choices; for
+    a range nested inside another group's ends, an estimate).
+
+    Raises:
+        DataError: a range whose ends are not numbers.
+    """
+    count = 1
+    for body in re.findall(r"\{([^{}]*)\}", pattern):
+        if ".." in body:
+            lo, hi = body.split("..", 1)
+            if not (lo.isdigit() and hi.isdigit()):
+                raise DataError(f"shard pattern {pattern!r}: the range {{{body}}} must run between two numbers")
+            count *= max(0, int(hi) - int(lo) + 1)
+        elif "," in body:
+            count *= body.count(",") + 1
+    return count
+
+
 def expand_braces(pattern: str) -> list[str]:
     """Expand ``{a..b}`` (zero-padded numbers keep their width) and ``{x,y,z}`` in ``pattern``, in order.
 
     Raises:
-        DataError: a range whose ends are not numbers, or that runs backwards.
+        DataError: a range whose ends are not numbers, or that runs backwards; a pattern of more than
+            :data:`MAX_PATTERN_NAMES` names (counted before expanding).
     """
+    count = brace_count(pattern)
+    if count > MAX_PATTERN_NAMES:
+        raise DataError(f"the shard pattern {pattern!r} names {count:,} shards, more than the {MAX_PATTERN_NAMES:,} "
+                        "a shard set may have; check the range")
+    return _expand(pattern)
+
+
+def _expand(pattern: str) -> list[str]:
     match = re.search(r"\{([^{}]*)\}", pattern)
     if not match or not ((".." in match.group(1)) or ("," in match.group(1))):
         return [pattern]
@@ -89,7 +148,7 @@ def expand_braces(pattern: str) -> list[str]:
         choices = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
     else:
         choices = body.split(",")
-    return [expanded for choice in choices for expanded in expand_braces(head + choice + tail)]
+    return [expanded for choice in choices for expanded in _expand(head + choice + tail)]
 
 
 def shard_paths(spec: str) -> list[str]:
@@ -120,8 +179,10 @@ def shard_paths(spec: str) -> list[str]:
     if p.is_file() and p.suffix == ".tar":
         return [str(p)]
     if p.is_file():
+        if not is_text_file(p):
+            raise DataError(f"data path {str(p)!r} is a file that is neither a .tar shard nor a text list of shards")
         paths = []
-        for line in p.read_text().splitlines():
+        for line in p.read_text(errors="replace").splitlines():
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
@@ -141,50 +202,96 @@ def shard_paths(spec: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def open_shard(path: str):
+class ShardReadError(DataError):
+    """A remote shard (a ``pipe:`` command or a URL) could not be read: it failed to open, exited with a non-zero
+    status, or sent nothing for the time limit; raised once its retries are spent."""
+
+
+def open_shard(path: str, timeout: float = DEFAULT_SHARD_TIMEOUT):
     """A binary stream of the shard's bytes: a local file, an HTTP(S) response, or a command's output.
 
     Raises:
-        DataError: the file, URL or command cannot be opened.
+        ShardReadError: the URL or command cannot be opened.
+        DataError: the local file cannot be opened.
     """
     try:
         if path.startswith("pipe:"):
-            proc = subprocess.Popen(path[len("pipe:"):], shell=True, stdout=subprocess.PIPE,  # nosec B602
-                                    stderr=subprocess.PIPE, bufsize=1 << 20)
-            return _CommandStream(proc, path)
+            errors = tempfile.TemporaryFile()  # not a pipe: a command writing much there cannot block on it
+            try:
+                proc = subprocess.Popen(path[len("pipe:"):], shell=True, stdout=subprocess.PIPE,  # nosec B602
+                                        stderr=errors, bufsize=0)
+            except BaseException:
+                errors.close()
+                raise
+            return _CommandStream(proc, path, errors, timeout)
         if path.startswith(("http://", "https://")):
-            return urllib.request.urlopen(path, timeout=60)  # nosec B310
+            return urllib.request.urlopen(path, timeout=timeout)  # nosec B310
+    except OSError as exc:
+        raise ShardReadError(f"cannot open shard {path!r}: {exc}") from exc
+    try:
         return open(os.path.expanduser(path), "rb", buffering=1 << 20)
     except OSError as exc:
         raise DataError(f"cannot open shard {path!r}: {exc}") from exc
 
 
 class _CommandStream(io.RawIOBase):
-    """A ``pipe:`` command's standard output; closing it (or reaching its end) checks the exit status."""
+    """A ``pipe:`` command's standard output, read with a time limit for each wait (the first bytes, and any silence
+    after); :meth:`finish` reads it to its end and checks the exit status, :meth:`close` stops the command."""
 
-    def __init__(self, proc: subprocess.Popen, path: str):
-        self.proc, self.path = proc, path
+    def __init__(self, proc: subprocess.Popen, path: str, errors, timeout: float):
+        self.proc, self.path, self.errors, self.timeout = proc, path, errors, timeout
+        self.received = 0
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        n = self.proc.stdout.readinto(buffer)
+        fd = self.proc.stdout.fileno()
+        ready, _, _ = select.select([fd], [], [], self.timeout)
+        if not ready:
+            self._stop()
+            what = "sent nothing" if not self.received else f"went silent after {self.received} bytes"
+            raise ShardReadError(f"shard {self.path!r}: the command {what} for {self.timeout:g} s (--shard_timeout)")
+        data = os.read(fd, len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        self.received += n
         if n == 0:
             self._check()
         return n
 
-    def _check(self) -> None:
-        code = self.proc.wait()
-        if code != 0:
-            err = self.proc.stderr.read().decode(errors="replace").strip().splitlines()
-            raise DataError(f"shard {self.path!r}: the command exited with status {code}"
-                            f"{': ' + err[-1] if err else ''}")
+    def finish(self) -> None:
+        """Read what the command still sends after the tar (its padding) and check how it exited.
 
-    def close(self) -> None:
+        Raises:
+            ShardReadError: the command exited with a non-zero status, or went silent.
+        """
+        buffer = bytearray(1 << 16)
+        while self.readinto(buffer):
+            pass
+
+    def _check(self) -> None:
+        try:
+            code = self.proc.wait(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            self._stop()
+            raise ShardReadError(f"shard {self.path!r}: the command closed its output but did not exit within "
+                                 f"{self.timeout:g} s (--shard_timeout)") from None
+        if code != 0:
+            self.errors.seek(0)
+            err = self.errors.read()[-4096:].decode(errors="replace").strip().splitlines()
+            raise ShardReadError(f"shard {self.path!r}: the command exited with status {code}"
+                                 f"{': ' + err[-1] if err else ''}")
+
+    def _stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+    def close(self) -> None:
+        self._stop()
+        self.proc.stdout.close()
+        self.errors.close()
         super().close()
 
 
@@ -213,23 +320,89 @@ def _split(name: str) -> tuple[str, str]:
     return name[:len(name) - len(base) + dot], base[dot + 1:].lower()
 
 
-def stream_images(path: str, skip: int = 0):
+def stream_images(path: str, skip: int = 0, timeout: float = DEFAULT_SHARD_TIMEOUT):
     """Yield each sample's image in ``path`` as a :class:`ShardImage`, front to back, after the first ``skip``.
+
+    A remote shard (a command, a URL) whose read fails is opened again after each of
+    :data:`RETRY_DELAYS` (with one warning each) and read on after the images already yielded; a
+    command or URL sending nothing for ``timeout`` seconds counts as failed.
 
     A local shard with an index file beside it is read by the index's offsets, with no tar
     parsing: measured here, 10 us an image instead of 33 us, which matters in the training process
-    at thousands of images per second. Any other shard is parsed as a tar stream, skipped images
-    read past.
+    at thousands of images per second. Each member's tar header (the 512 bytes before its data,
+    read in the same call; checking it measured 3 us) must name the member and size the index
+    gives; at the first that does not (an index left from a shard since replaced), the index is
+    dropped for that shard, with one warning, and the shard read as a tar stream from that image
+    on. Any other shard is parsed as a tar stream, skipped images read past.
 
     Raises:
         ShardTruncated: the shard ends or breaks before its last member (a shard cut short).
-        DataError: the shard cannot be opened.
+        ShardReadError: a remote shard kept failing (the message gives the last failure and the tries).
+        DataError: a local shard cannot be opened.
     """
-    entries = None if is_remote(path) else read_index_entries(path)
+    if is_remote(path):
+        yield from _remote_images(path, skip, timeout)
+        return
+    entries = None if _stale_key(path) in _STALE_INDEXES else read_index_entries(path)
     if entries is not None:
         yield from _indexed_images(path, entries, skip)
     else:
         yield from _tar_images(path, skip)
+
+
+def _remote_images(path: str, skip: int, timeout: float):
+    done = skip
+    for attempt in range(len(RETRY_DELAYS) + 1):
+        images = _tar_images(path, done, timeout)
+        try:
+            for image in images:
+                done += 1
+                yield image
+            return
+        except ShardReadError as exc:
+            if attempt == len(RETRY_DELAYS):
+                raise ShardReadError(f"{exc} ({attempt + 1} attempts)") from exc
+            delay = RETRY_DELAYS[attempt]
+            logger.warning("%s; retrying in %g s (attempt %d of %d), after the %d image(s) already read", exc, delay,
+                           attempt + 2, len(RETRY_DELAYS) + 1, done)
+            time.sleep(delay)
+        finally:
+            images.close()  # stops the command at once when the reader stops early
+
+
+#: Shards (path, size, mtime) whose index file was found not to fit them; read as tar streams from then on.
+_STALE_INDEXES: set[tuple[str, int, int]] = set()
+
+
+def _stale_key(path: str) -> tuple[str, int, int]:
+    try:
+        stat = os.stat(os.path.expanduser(path))
+    except OSError:
+        return path, -1, -1
+    return path, stat.st_size, stat.st_mtime_ns
+
+
+def _header_mismatch(header: bytes, name: str, length: int) -> str | None:
+    """Why the tar header block before a member's data does not describe ``name`` of ``length`` bytes, or None.
+
+    Parsed by hand (name, POSIX prefix, size): measured 3 us, against 31 us for ``tarfile.TarInfo.frombuf``.
+    """
+    field = header[:100].split(b"\0", 1)[0]
+    if header[257:263] == b"ustar\x00":  # POSIX: a long name's start is in the prefix field
+        prefix = header[345:500].split(b"\0", 1)[0]
+        if prefix:
+            field = prefix + b"/" + field
+    size_field = header[124:136]
+    try:
+        size = tarfile.nti(size_field)
+    except tarfile.InvalidHeaderError:
+        size = -1
+    wanted = name.encode("utf-8", "surrogateescape")
+    # A name too long for the fields is kept in an extended header before this one; the field holds its start.
+    named = field == wanted or (len(wanted) > 99 and len(field) >= 90 and wanted.startswith(field[:90]))
+    if not named or size != length:
+        return f"the tar header there names {field[:100].decode('utf-8', 'replace')!r} of {size} bytes"
+    return None
 
 
 def _indexed_images(path: str, entries: list[tuple[str, int, int, str]], skip: int):
@@ -239,19 +412,30 @@ def _indexed_images(path: str, entries: list[tuple[str, int, int, str]], skip: i
     except OSError as exc:
         raise DataError(f"cannot open shard {path!r}: {exc}") from exc
     try:
-        size = os.fstat(fd).st_size
         for count, (key, offset, length, name) in enumerate(entries[skip:], start=skip):
-            data = os.pread(fd, length, offset) if offset + length <= size else b""
+            block = os.pread(fd, length + 512, offset - 512) if offset >= 512 else b""
+            mismatch = "no room for a tar header before it" if offset < 512 else \
+                _header_mismatch(block[:512], name, length) if len(block) >= 512 else None  # else: past the end
+            if mismatch is not None:
+                _STALE_INDEXES.add(_stale_key(path))
+                logger.warning("the index file %s does not fit shard %r (at offset %d it names %s, but %s); the index "
+                               "is dropped and the shard read in order (remove the index file, and it is written "
+                               "again when the set is next counted)", index_path(local), path, offset, name, mismatch)
+                break
+            data = block[512:]
             if len(data) != length:
                 raise ShardTruncated(f"shard {path!r} is cut short or damaged after {count} images "
                                      f"({name} lies past its end)", count)
             yield ShardImage(key, f"{path}#{name}", data)
+        else:
+            return
     finally:
         os.close(fd)
+    yield from _tar_images(path, count)
 
 
-def _tar_images(path: str, skip: int):
-    stream = open_shard(path)
+def _tar_images(path: str, skip: int, timeout: float = DEFAULT_SHARD_TIMEOUT):
+    stream = open_shard(path, timeout)
     count = 0
     try:
         try:
@@ -274,6 +458,8 @@ def _tar_images(path: str, skip: int):
                         raise tarfile.ReadError(f"member {member.name} is cut short")
                     count += 1
                     yield ShardImage(key, f"{path}#{member.name}", data)
+            if isinstance(stream, _CommandStream):
+                stream.finish()  # a complete tar from a command that then failed is a failure too
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise ShardTruncated(f"shard {path!r} is cut short or damaged after {count} images "
                                  f"({type(exc).__name__}: {exc})", count) from exc
@@ -284,7 +470,8 @@ def _tar_images(path: str, skip: int):
 # ---------------------------------------------------------------------------------------------- counting
 
 
-def _index_path(path: str) -> str:
+def index_path(path: str) -> str:
+    """The DALI index file of a shard: ``shard-000000.tar`` -> ``shard-000000.idx``."""
     return path + ".idx" if not path.endswith(".tar") else path[:-4] + ".idx"
 
 
@@ -294,7 +481,7 @@ def read_index_entries(path: str) -> list[tuple[str, int, int, str]] | None:
     None when there is no index file, it is not DALI's v1.2 format, or it is older than the shard
     (the shard was replaced since).
     """
-    idx = _index_path(path)
+    idx = index_path(path)
     try:
         if os.path.getmtime(idx) < os.path.getmtime(os.path.expanduser(path)):
             return None
@@ -321,30 +508,37 @@ def read_index(path: str) -> int | None:
     return None if entries is None else len(entries)
 
 
-def write_index(path: str, entries: list[list[tuple[str, int, int, str]]]) -> None:
+def write_index(path: str, entries: list[list[tuple[str, int, int, str]]],
+                temporary: str | os.PathLike | None = None) -> None:
     """Write DALI's index file for a local shard: one line per sample, ``ext offset size name`` per member.
 
-    Nothing is written when a member name holds whitespace (the format separates fields by it).
+    It is written to ``temporary`` (default: the index's name with ``.tmp-<pid>``) and renamed into place. Nothing is
+    written when a member name holds whitespace (the format separates fields by it).
     """
     if any(any(ch.isspace() for ch in name) for sample in entries for *_, name in sample):
         return
     lines = [f"{INDEX_VERSION} {len(entries)}\n"]
     lines += [" ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in sample) + "\n"
               for sample in entries]
-    tmp = _index_path(path) + f".tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(lines)
-    os.replace(tmp, _index_path(path))
+    tmp = str(temporary) if temporary is not None else index_path(path) + f".tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.writelines(lines)
+        os.replace(tmp, index_path(path))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
-def scan_shard(path: str) -> tuple[int, list[list[tuple[str, int, int, str]]]]:
+def scan_shard(path: str, timeout: float = DEFAULT_SHARD_TIMEOUT) -> tuple[int, list[list[tuple[str, int, int, str]]]]:
     """Read a shard once: its image count and (local shards) its members for an index file.
 
     Raises:
         ShardTruncated: the shard is cut short.
+        ShardReadError: a remote shard kept failing.
     """
     if is_remote(path):
-        return sum(1 for _ in stream_images(path)), []
+        return sum(1 for _ in stream_images(path, timeout=timeout)), []
     entries, images, last_key = [], 0, None
     try:
         with tarfile.open(os.path.expanduser(path), mode="r:") as tar:
@@ -387,20 +581,24 @@ class ShardSet:
 
     paths: list[str]
     counts: list[int]
+    timeout: float = DEFAULT_SHARD_TIMEOUT
+    """Seconds a remote shard may send nothing (``--shard_timeout``)."""
 
     @property
     def num_samples(self) -> int:
         return sum(self.counts)
 
 
-def load_shard_set(spec: str, workers: int = 8) -> ShardSet:
+def load_shard_set(spec: str, workers: int = 8, timeout: float = DEFAULT_SHARD_TIMEOUT) -> ShardSet:
     """Find the shards of ``spec`` and count their images (manifest, index files, or one read).
 
     Local shards whose size differs from the manifest's record are read again and named in a
-    warning (a copy cut short, or a shard replaced).
+    warning (a copy cut short, or a shard replaced). ``timeout``: seconds a remote shard may send
+    nothing (kept in the set for its reads).
 
     Raises:
         DataError: no shards, or no images in any of them.
+        ShardReadError: a remote shard kept failing while it was counted.
     """
     paths = shard_paths(spec)
     manifest = read_manifest(paths)
@@ -430,7 +628,7 @@ def load_shard_set(spec: str, workers: int = 8) -> ShardSet:
 
         def count(i: int) -> int:
             try:
-                images, entries = scan_shard(paths[i])
+                images, entries = scan_shard(paths[i], timeout)
             except ShardTruncated as exc:
                 damaged.append(str(exc))
                 return exc.images
@@ -454,7 +652,7 @@ def load_shard_set(spec: str, workers: int = 8) -> ShardSet:
     if empty:
         logger.warning("%d shard(s) hold no images and are left out: %s", len(empty), ", ".join(empty[:5]))
     kept = [(p, int(c)) for p, c in zip(paths, counts) if c]
-    return ShardSet([p for p, _ in kept], [c for _, c in kept])
+    return ShardSet([p for p, _ in kept], [c for _, c in kept], timeout)
 
 
 # ---------------------------------------------------------------------------------------------- an epoch's images
@@ -499,7 +697,7 @@ def _lane(shard_set: ShardSet, plan, cum, set_cum, first: int, end: int):
         path, expected = shard_set.paths[shard], int(plan.counts[s])
         member = position - int(cum[s])
         stop = min(end, int(cum[s + 1]))
-        images = stream_images(path, skip=member)
+        images = stream_images(path, skip=member, timeout=shard_set.timeout)
         try:
             for image in images:
                 yield position, int(set_cum[shard]) + member, image

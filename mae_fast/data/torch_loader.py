@@ -190,7 +190,7 @@ class ShardBatches(torch.utils.data.Sampler):
             if fallback is None:  # a batch of padding only (a rank past, or without, images of its own): any image
                 from mae_fast.data.shards import stream_images
 
-                images_of_first = stream_images(self.shard_set.paths[0])
+                images_of_first = stream_images(self.shard_set.paths[0], timeout=self.shard_set.timeout)
                 first = next(images_of_first)
                 images_of_first.close()
                 fallback = (first.data, int(plan.seeds[0]), first.name)
@@ -228,10 +228,10 @@ class TorchShardLoader:
         for step, (images, errors) in enumerate(self.loader):
             indices, valid = self.batches.issued[step]
             idx = torch.tensor(indices, dtype=torch.int64)
-            bad = [error for error in errors if error is not None]
+            bad = [error for slot, error in enumerate(errors) if error is not None and valid[slot]]
             for slot, error in enumerate(errors):
                 if error is not None and valid[slot]:
-                    idx[slot] = -1
+                    idx[slot] = -1  # padding slots (copies of another image) are marked already, and not named
             if bad:
                 logger.warning("left out %d image(s) that do not decode (the slots are marked invalid): %s", len(bad),
                                "; ".join(sorted(set(bad))[:3]))

@@ -115,3 +115,147 @@ def test_mistakes_end_in_one_line(tmp_path, capsys):
     with pytest.raises(ConfigError, match="--quality must be an integer in"):
         prep.prepare(str(src), str(tmp_path / "z"), quality=0)
     assert prep.parse_size("256MB") == 256 << 20 and prep.parse_size("1.5GiB") == 3 << 29
+
+
+def folder_state(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_folder_holding_files_prepare_did_not_write_is_refused_and_left_as_it_was(tmp_path, capsys):
+    src = write_source(tmp_path / "src", count=6)
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "shard-000000.tar").write_bytes(b"someone's shard")
+    (dst / "shard-000005.tar").write_bytes(b"another")
+    (dst / "notes.tmp-1").write_text("not a temporary of prepare")
+    before = folder_state(dst)
+    assert prep.main([str(src), str(dst), "--max_side", "32", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "holds files prepare did not write" in err and any(name in err for name in before)
+    assert folder_state(dst) == before  # nothing removed, nothing overwritten
+
+
+def test_beside_its_own_set_prepare_touches_only_what_its_manifest_names(tmp_path, capsys, monkeypatch):
+    src = write_source(tmp_path / "src")
+    dst = tmp_path / "dst"
+    real_encode = prep.encode
+    calls = {"n": 0}
+
+    def stop_at_20(item):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise KeyboardInterrupt
+        return real_encode(item)
+
+    monkeypatch.setattr(prep, "encode", stop_at_20)
+    with pytest.raises(KeyboardInterrupt):
+        prep.prepare(str(src), str(dst), max_side=48, shard_size=10_000, workers=1)
+    monkeypatch.setattr(prep, "encode", real_encode)
+    listed = json.loads((dst / "manifest.json").read_text())["shards"]
+    foreign = dst / f"shard-{len(listed) + 1:06d}.tar"  # where the resumed run would write next
+    foreign.write_bytes(b"not written by prepare")
+    (dst / "notes.txt").write_text("mine")
+    before = folder_state(dst)
+    assert prep.main([str(src), str(dst), "--max_side", "48", "--shard_size", "10000", "--workers", "1"]) == 2
+    assert "holds files prepare did not write" in capsys.readouterr().err
+    assert folder_state(dst) == before
+    foreign.unlink()
+    (dst / "notes.txt").unlink()
+    assert prep.prepare(str(src), str(dst), max_side=48, shard_size=10_000, workers=1)["complete"]
+
+
+def test_temporaries_of_a_killed_run_are_removed_and_a_live_ones_refused(tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+
+    src = write_source(tmp_path / "src", count=6)
+    fresh = tmp_path / "fresh"
+    prep.prepare(str(src), str(fresh), max_side=32, workers=1)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    stale = dst / f".shard-000000.tar.prepare.tmp-{int(dead.stdout)}"  # a kill -9 in the first shard
+    stale.write_bytes(b"half a shard")
+    assert prep.prepare(str(src), str(dst), max_side=32, workers=1)["complete"]
+    assert not stale.exists() and shard_bytes(dst) == shard_bytes(fresh)
+    other = tmp_path / "other"
+    other.mkdir()
+    live = other / f".shard-000000.tar.prepare.tmp-{os.getppid()}"  # a running process: another prepare's
+    live.write_bytes(b"being written")
+    assert prep.main([str(src), str(other), "--max_side", "32", "--workers", "1"]) == 2
+    assert f"process {os.getppid()}" in capsys.readouterr().err and live.read_bytes() == b"being written"
+
+
+def test_a_kill_between_a_shards_rename_and_the_manifest_update_resumes(tmp_path, monkeypatch):
+    src = write_source(tmp_path / "src")
+    fresh = tmp_path / "fresh"
+    prep.prepare(str(src), str(fresh), max_side=48, shard_size=10_000, workers=1)
+    dst = tmp_path / "dst"
+    real_finish = prep.ShardWriter.finish
+    finished = {"n": 0}
+
+    def killed_after_the_rename(self):
+        record = real_finish(self)
+        finished["n"] += 1
+        if finished["n"] == 2:
+            raise KeyboardInterrupt  # the shard has its final name; the manifest does not list it yet
+        return record
+
+    monkeypatch.setattr(prep.ShardWriter, "finish", killed_after_the_rename)
+    with pytest.raises(KeyboardInterrupt):
+        prep.prepare(str(src), str(dst), max_side=48, shard_size=10_000, workers=1)
+    assert len(json.loads((dst / "manifest.json").read_text())["shards"]) == 1 and (dst / "shard-000001.tar").exists()
+    monkeypatch.setattr(prep.ShardWriter, "finish", real_finish)
+    assert prep.prepare(str(src), str(dst), max_side=48, shard_size=10_000, workers=1)["complete"]
+    assert shard_bytes(dst) == shard_bytes(fresh)
+
+
+class FullDisk:
+    """A file whose writes fail with ENOSPC once ``room`` bytes are written (a disk filling up)."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        import errno
+        import os
+
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def test_a_full_disk_is_one_line_keeps_the_complete_shards_and_resumes(tmp_path, capsys, monkeypatch):
+    src = write_source(tmp_path / "src")
+    fresh = tmp_path / "fresh"
+    prep.prepare(str(src), str(fresh), max_side=48, shard_size=10_000, workers=1)
+    dst = tmp_path / "dst"
+    real_open = tarfile.open
+    opened = {"n": 0}
+
+    def filling(name=None, mode="r", **kwargs):
+        if not mode.startswith("w"):  # shards read back (to index them) open as usual
+            return real_open(name, mode, **kwargs)
+        opened["n"] += 1
+        room = 1 << 30 if opened["n"] < 3 else 5_000  # the third shard runs out of space at its write
+        return real_open(fileobj=FullDisk(open(name, "wb"), room), mode=mode, **kwargs)
+
+    monkeypatch.setattr(prep.tarfile, "open", filling)
+    assert prep.main([str(src), str(dst), "--max_side", "48", "--shard_size", "10000", "--workers", "1"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "No space left on device" in err and str(dst) in err
+    manifest = json.loads((dst / "manifest.json").read_text())
+    assert len(manifest["shards"]) == 2 and not manifest["complete"]
+    for record in manifest["shards"]:  # the complete shards are intact
+        assert prep._sha256(dst / record["name"]) == record["sha256"]
+    assert not [p for p in dst.iterdir() if ".tmp-" in p.name]
+    monkeypatch.setattr(prep.tarfile, "open", real_open)
+    assert prep.main([str(src), str(dst), "--max_side", "48", "--shard_size", "10000", "--workers", "1"]) == 0
+    assert shard_bytes(dst) == shard_bytes(fresh)

@@ -41,6 +41,8 @@ def test_brace_patterns_expand_in_order():
         expand_braces("a-{5..2}.tar")
     with pytest.raises(DataError, match="between two numbers"):
         expand_braces("a-{x..y}.tar")
+    with pytest.raises(DataError, match="names 100,000,000 shards, more than the 1,000,000"):  # counted, not expanded
+        expand_braces("a-{0000..9999}-{0000..9999}.tar")
 
 
 def test_shard_sets_by_folder_pattern_list_and_url(tmp_path):
@@ -70,6 +72,10 @@ def test_naming_nothing_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="missing file"):
         (tmp_path / "bad.txt").write_text("nowhere.tar\n")
         shard_paths(str(tmp_path / "bad.txt"))
+    (tmp_path / "image.jpg").write_bytes(jpeg_bytes((1, 2, 3)))
+    assert not is_shard_spec(str(tmp_path / "image.jpg"))  # a file that is no list of shards
+    with pytest.raises(DataError, match="neither a .tar shard nor a text list of shards"):
+        shard_paths(str(tmp_path / "image.jpg"))
     with pytest.raises(DataError, match="holds no images"):
         tar = tmp_path / "noimg" / "a.tar"
         tar.parent.mkdir()
@@ -105,7 +111,10 @@ def test_counts_come_from_the_manifest_the_index_or_one_read(tmp_path, caplog):
     assert "differ from manifest.json" in caplog.text
 
 
-def test_urls_and_commands_that_fail_name_the_shard(tmp_path):
+def test_urls_and_commands_that_fail_name_the_shard(tmp_path, monkeypatch):
+    import mae_fast.data.shards as shards
+
+    monkeypatch.setattr(shards, "RETRY_DELAYS", (0.0,))  # tried twice, at once
     with pytest.raises(DataError, match="cannot open shard 'http://127.0.0.1:9/a.tar'"):
         list(stream_images("http://127.0.0.1:9/a.tar"))
     with pytest.raises(DataError, match="the command exited with status 1"):
@@ -229,3 +238,35 @@ def test_dali_pipeline_is_built_once_per_run(tmp_path):
         assert len(list(ld.epoch(epoch))) == len(ld)
     list(ld.epoch(3, start=1))
     assert ld.builds == 1
+
+
+def test_a_stale_index_is_caught_by_the_tar_headers_and_the_shard_read_in_order(tmp_path, caplog):
+    import os
+
+    (path,) = write_shards(tmp_path / "set", [4], extras=True)
+    load_shard_set(str(tmp_path / "set"))  # writes shard-000000.idx for this content
+    (other,) = write_shards(tmp_path / "other", [6], extras=False)  # other members at other offsets
+    os.replace(other, path)  # the shard replaced; its old index stays, newer than the shard
+    idx = tmp_path / "set" / "shard-000000.idx"
+    os.utime(idx, (os.path.getmtime(path) + 10,) * 2)
+    expected = [im.data for im in stream_images(f"pipe:cat {path}")]  # read as a stream: no index
+    with caplog.at_level(logging.WARNING, logger="mae_fast"):
+        assert [im.data for im in stream_images(str(path))] == expected
+        assert [im.data for im in stream_images(str(path), skip=2)] == expected[2:]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and str(path) in warnings[0] and "index" in warnings[0]
+    assert [im.key for im in stream_images(str(path))] == [f"s{i:06d}" for i in range(6)]
+
+
+def test_an_index_matching_its_shard_is_read_by_offsets(tmp_path, monkeypatch):
+    import io
+
+    from PIL import Image
+
+    import mae_fast.data.shards as shards
+
+    (path,) = write_shards(tmp_path, [5], extras=True)
+    load_shard_set(str(tmp_path))
+    monkeypatch.setattr(shards, "_tar_images", lambda *a, **k: pytest.fail("read as a tar stream"))
+    pixels = [Image.open(io.BytesIO(im.data)).getpixel((5, 5)) for im in stream_images(str(path), skip=1)]
+    assert [color_number(rgb) for rgb in pixels] == [1, 2, 3, 4]

@@ -66,3 +66,59 @@ def test_dataclasses_validate_on_their_own():
         OptimConfig(optimizer="sgd")
     with pytest.raises(ValueError, match="--epochs"):
         RunConfig(epochs=0)
+
+
+def _flag_case(tmp_path, case):
+    """argv for each flag value that once ended in a traceback or a hang, and the words its one line must hold."""
+    from PIL import Image
+
+    image = tmp_path / "some.jpg"
+    Image.new("RGB", (40, 40)).save(image)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("a file, not a folder\n")
+    return {
+        "data_path_image": (["--data_path", str(image)], "--data_path: is a file that is neither a .tar shard nor"),
+        "val_path_image": (["--val_path", str(image)], "--val_path: is a file that is neither a .tar shard nor"),
+        "log_dir_under_a_file": (["--log_dir", str(a_file / "tb")], f"--log_dir: cannot be created: {a_file}"),
+        "huge_brace_pattern": (["--data_path", str(tmp_path / "s-{000000000..099999999}.tar")],
+                               "--data_path: the brace pattern names 100,000,000 shards"),
+        "huge_nested_braces": (["--data_path", "pipe:cat /s-{0000..9999}-{0000..9999}.tar"],
+                               "--data_path: the brace pattern names 100,000,000 shards"),
+        "mask_ratio_keeps_nothing": (["--mask_ratio", "0.99", "--input_size", "32"],
+                                     r"--mask_ratio: keeps int(4 x (1 - 0.99)) = 0 of the 4 patches"),
+        "one_patch": (["--input_size", "16"], "--input_size: 16 px gives 1 patch of 16 px"),
+    }[case]
+
+
+@pytest.mark.parametrize("case", ["data_path_image", "val_path_image", "log_dir_under_a_file", "huge_brace_pattern",
+                                  "huge_nested_braces", "mask_ratio_keeps_nothing", "one_patch"])
+def test_flags_that_gave_a_traceback_or_hung_are_one_line(tmp_path, capsys, case):
+    import re
+
+    argv, message = _flag_case(tmp_path, case)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config_from_args(argv)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_flash_attn_without_the_package_is_one_line(capsys, monkeypatch):
+    import sys
+
+    import mae_fast.attention as attention
+
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # not importable, whether installed or not
+    monkeypatch.setattr(attention, "_FLASH_ATTN", {})
+    with pytest.raises(ValueError, match="--attn_backend: flash_attn cannot run: the flash_attn package is not "
+                                         "importable .*use --attn_backend auto or sdpa, got 'flash_attn'"):
+        config_from_args(["--attn_backend", "flash_attn"])
+    assert main(["--attn_backend", "flash_attn"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("mae_fast.pretrain: error: --attn_backend")
+
+
+def test_a_mask_ratio_that_keeps_one_patch_and_masks_one_trains():
+    cfg = config_from_args(["--mask_ratio", "0.75", "--input_size", "32"])  # 1 of 4 kept
+    assert cfg.model.mask_ratio == 0.75
+    config_from_args(["--mask_ratio", "0.5", "--input_size", "32"])

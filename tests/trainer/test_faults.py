@@ -247,3 +247,4 @@ def test_checkpoint_last_exists_at_every_instant_of_a_rotating_save(tmp_path, mo
     checkpoint_module.save_checkpoint(state(3), tmp_path / LAST, keep_previous_as=tmp_path / PREV)
     assert load_checkpoint(tmp_path / LAST)["step"] == 3 and load_checkpoint(tmp_path / PREV)["step"] == 1
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+

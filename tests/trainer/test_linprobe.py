@@ -103,3 +103,138 @@ def test_torchrun_extracts_on_every_rank_and_gives_the_same_probe(tmp_path):
         torch.testing.assert_close(two[split], one[split], rtol=1e-5, atol=1e-6)
     assert json.loads((tmp_path / "two" / "results.json").read_text())["top1"] == \
         json.loads((tmp_path / "one" / "results.json").read_text())["top1"]
+
+
+def counting_extraction(monkeypatch) -> list:
+    calls = []
+    real = mae_fast.knn.extract_features
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(mae_fast.knn, "extract_features", counting)
+    return calls
+
+
+def test_the_feature_cache_is_written_atomically(tmp_path, monkeypatch):
+    data = colored_classes(tmp_path / "data", per_class=2)
+    out = tmp_path / "probe"
+    ckpt = checkpoint(tmp_path)
+    real_save = torch.save
+
+    def killed_while_writing(obj, f, *a, **k):
+        with open(f, "wb") as handle:
+            handle.write(b"PK\x03\x04 half a cache")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        main(args(data, ckpt, out))
+    assert not list(out.glob("features-*")) and not list(out.glob(".features-*"))  # no cache, no temporary
+    monkeypatch.setattr(torch, "save", real_save)
+    assert main(args(data, ckpt, out)) == 0
+
+
+@pytest.mark.parametrize("damage", ["truncated", "too_few_rows", "nan_features", "checksum", "old_format"])
+def test_a_cache_that_does_not_match_is_recomputed_with_one_warning(tmp_path, monkeypatch, caplog, damage):
+    import logging
+
+    data = colored_classes(tmp_path / "data", per_class=2)
+    out = tmp_path / "probe"
+    calls = counting_extraction(monkeypatch)
+    ckpt = checkpoint(tmp_path)
+    assert main(args(data, ckpt, out)) == 0 and len(calls) == 2
+    (cache,) = out.glob("features-*.pt")
+    good = cache.read_bytes()
+    stored = torch.load(cache, weights_only=True)
+    if damage == "truncated":  # a kill while an older version wrote it to its final name
+        cache.write_bytes(good[: len(good) // 2])
+    elif damage == "old_format":
+        torch.save({"train": stored["train"], "val": stored["val"]}, cache)
+    else:
+        features = {split: stored[split].clone() for split in ("train", "val")}
+        if damage == "too_few_rows":
+            features["train"] = features["train"][:2]
+        elif damage == "nan_features":
+            features["val"][0, 0] = float("nan")
+        else:
+            features["train"][1, 3] += 1.0
+        keep = "checksum" if damage == "checksum" else None
+        rewritten = dict(stored, **features)
+        if keep is None:  # consistent shapes and checksum, wrong content for these images
+            from mae_fast.linprobe import feature_checksum
+
+            rewritten["shapes"] = {split: list(t.shape) for split, t in features.items()}
+            rewritten["checksum"] = feature_checksum(features)
+        torch.save(rewritten, cache)
+    with caplog.at_level(logging.WARNING, logger="mae_fast"):
+        assert main(args(data, ckpt, out)) == 0
+    assert len(calls) == 4  # extracted again
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and str(cache) in warnings[0] and "extracting the features again" in warnings[0]
+    assert torch.equal(torch.load(cache, weights_only=True)["train"], stored["train"])
+
+
+def test_a_pickle_in_the_cache_is_refused_with_one_line(tmp_path, monkeypatch, capsys):
+    import os
+    import pickle
+
+    data = colored_classes(tmp_path / "data", per_class=2)
+    out = tmp_path / "probe"
+    ckpt = checkpoint(tmp_path)
+    assert main(args(data, ckpt, out)) == 0
+    (cache,) = out.glob("features-*.pt")
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    for payload in (pickle.dumps(Payload(), protocol=2), pickle.dumps(Payload(), protocol=4)):
+        cache.write_bytes(payload)
+        capsys.readouterr()
+        assert main(args(data, ckpt, out)) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err and str(cache) in err and "refusing" in err
+        assert not marker.exists() and cache.read_bytes() == payload  # nothing ran; the file is left for a look
+
+
+def test_non_finite_features_stop_with_one_line_naming_the_checkpoint(tmp_path, capsys):
+    data = colored_classes(tmp_path / "data", per_class=2)
+    torch.manual_seed(0)
+    model = create_model("mae_vit_tiny_patch16", img_size=32)
+    with torch.no_grad():
+        model.norm.weight[0] = float("nan")
+    ckpt = tmp_path / "nan.pth"
+    torch.save({"model": model.state_dict()}, ckpt)
+    assert main(args(data, ckpt, tmp_path / "probe")) == 2
+    captured = capsys.readouterr()
+    assert "top-1" not in captured.out
+    assert captured.err.count("\n") == 1 and "non-finite features" in captured.err and str(ckpt) in captured.err
+    assert not (tmp_path / "probe" / "results.json").exists() and not list((tmp_path / "probe").glob("features-*"))
+
+
+def test_a_head_that_diverges_stops_with_one_line_naming_the_checkpoint(tmp_path, capsys):
+    data = colored_classes(tmp_path / "data", per_class=2)
+    ckpt = checkpoint(tmp_path)
+    assert main(args(data, ckpt, tmp_path / "probe", "--blr", "1e38")) == 1
+    captured = capsys.readouterr()
+    assert "top-1" not in captured.out and captured.err.count("\n") == 1
+    assert "the probe head became non-finite" in captured.err and str(ckpt) in captured.err
+    assert not (tmp_path / "probe" / "results.json").exists()
+
+
+@pytest.mark.parametrize("flag,value,message", [("--blr", "nan", r"--blr: must be a finite number > 0 .*got nan"),
+                                                ("--blr", "inf", r"--blr: must be a finite number > 0 .*got inf"),
+                                                ("--blr", "-1", r"--blr: must be a finite number > 0 .*got -1.0"),
+                                                ("--warmup_epochs", "-5",
+                                                 "--warmup_epochs: must be an integer >= 0, got -5")])
+def test_schedule_flags_that_cannot_train_are_refused(tmp_path, capsys, monkeypatch, flag, value, message):
+    import re
+
+    data = colored_classes(tmp_path / "data", per_class=2)
+    calls = counting_extraction(monkeypatch)
+    assert main(args(data, checkpoint(tmp_path), tmp_path / "probe", flag, value)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err) and not calls  # before any work
