@@ -16,7 +16,7 @@ from mae_fast.checkpoint import CheckpointError, load_checkpoint
 from mae_fast.errors import ConfigError
 from mae_fast.pretrain import config_from_args, main
 from mae_fast.trainer import MAETrainer, NonFiniteLossError
-from helpers import tiny_args, write_images
+from helpers import STEP_FUSED_OPS, fused_op_runs, profile_fused_ops, tiny_args, write_images
 
 
 def trained(args):
@@ -242,11 +242,39 @@ def test_apex_optimizer_without_apex_is_a_clear_error(tmp_path):
         MAETrainer(config_from_args(tiny_args(data, tmp_path / "out", "--optimizer", "apex")))
 
 
+def test_the_profile_shows_which_fused_ops_each_step_ran(tmp_path):
+    # The mechanism of the GPU test below, checked where it can be: with --kernel_backend triton (interpreted on a
+    # CPU) the profile counts each fused op once per step, forward and backward; with the torch reference, never.
+    from mae_fast.ops import dispatch
+    reason = dispatch._why_not("triton", [torch.zeros(1)])
+    if reason:
+        pytest.skip(f"Triton cannot run here: {reason}")
+    data = write_images(tmp_path / "data", 16)  # 4 batches an epoch: 2 steps stop inside it, no evaluation forward
+    runs = {}
+    for backend in ("triton", "torch"):
+        trainer = MAETrainer(config_from_args(tiny_args(data, tmp_path / backend, "--max_steps", "2",
+                                                        "--kernel_backend", backend)))
+        runs[backend] = fused_op_runs(*profile_fused_ops(trainer.fit))
+    assert runs["triton"] == {op: {"forward": 2, "backward": 2 if backward else 0, "gpu_kernels": 0}
+                              for op, (backward, _) in STEP_FUSED_OPS.items()}
+    assert runs["torch"] == {op: {"forward": 0, "backward": 0, "gpu_kernels": 0} for op in STEP_FUSED_OPS}
+
+
 @pytest.mark.gpu
 def test_gpu_bf16_training_with_fused_kernels(tmp_path):
+    # What ran, from a profile of the run (describe() only says what dispatch would choose): every step called each
+    # fused op on its Triton or CUDA backend, forward and backward, and GPU kernels named after it were launched.
     data = write_images(tmp_path / "data", 32)
-    trainer = trained(tiny_args(data, tmp_path / "out", "--device", "cuda", "--epochs", "4", "--norm_pix_loss"))
+    trainer = MAETrainer(config_from_args(tiny_args(data, tmp_path / "out", "--device", "cuda", "--epochs", "4",
+                                                    "--norm_pix_loss")))
+    ops, kernels = profile_fused_ops(trainer.fit)
     assert trainer.precision == "bf16" and trainer.optimizer.defaults["fused"]
     losses = [v for _, v in trainer.history]
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
-    assert "gather_patches=triton" in trainer.describe() or "gather_patches=cuda" in trainer.describe()
+    steps = trainer.step
+    assert steps == 32  # 8 batches an epoch, 4 epochs
+    runs = fused_op_runs(ops, kernels)
+    for op, (backward, _) in STEP_FUSED_OPS.items():
+        run = runs[op]
+        assert run["forward"] >= steps and run["backward"] == (steps if backward else 0), (op, run, dict(ops))
+        assert run["gpu_kernels"] >= run["forward"] + run["backward"], (op, run, sorted(kernels))
