@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -138,7 +139,29 @@ def test_a_read_only_output_folder_is_refused_before_training(tmp_path, monkeypa
     assert not started
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; the patched test covers it")
+def test_a_folder_without_write_permission_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    # What creating a file in a folder one may not write raises (EACCES), injected at the write probe's call so that
+    # the test runs as root too, who writes anywhere.
+    data = write_images(tmp_path / "data", 8)
+    out = tmp_path / "out"
+
+    def denied(*args, dir=None, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.path.join(dir, ".mae_fast-write-test-x"))
+
+    monkeypatch.setattr(checkpoint_module.tempfile, "mkstemp", denied)
+    with pytest.raises(OutputDirError, match=re.escape(f"--output_dir '{out}' cannot be written: Permission denied")):
+        checkpoint_module.check_writable(out)
+    started = []
+    monkeypatch.setattr(MAETrainer, "fit", lambda self: started.append(1))
+    assert main(tiny_args(data, out)) == 1
+    [line] = error_lines(capsys.readouterr().err)
+    assert "--output_dir" in line and str(out) in line and "Permission denied" in line
+    assert not started
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into folders without write permission; "
+                                              "test_a_folder_without_write_permission_is_refused_before_training "
+                                              "injects the error instead")
 def test_a_folder_without_write_permission_is_refused(tmp_path):
     folder = tmp_path / "locked"
     folder.mkdir()
