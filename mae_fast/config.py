@@ -235,8 +235,10 @@ class RunConfig:
     """--save_last_every: write the rolling checkpoint-last.pth every N optimizer steps (0: only at epoch ends); the
     one before it is kept as checkpoint-prev.pth while the loss was in its normal range."""
     loss_spike_factor: float = 3.0
-    """--loss_spike_factor: a step loss above this many times its recent mean counts as having left the normal range
-    (as NaN and inf do): checkpoints from then on are not named good (0: only NaN and inf count)."""
+    """--loss_spike_factor: a step loss above this many times its normal level (the median of the recent in-range
+    losses, at most the loss the run started at) counts as having left the normal range (as NaN and inf do):
+    checkpoints from then on are not named good, and a run that ends out of range exits 1 (0: only NaN and inf
+    count)."""
     dist_timeout: float = 900.0
     """--dist_timeout: seconds a collective may wait for the other ranks before the job stops with an error (a
     stalled or dead rank); above a first compile and a large checkpoint write."""

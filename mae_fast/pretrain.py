@@ -61,8 +61,8 @@ def _epilog() -> str:
     presets = "\n".join(f"  {name:24s} {description}" for name, (description, _) in PRESETS.items())
     return (f"model presets (--model):\n{presets}\n\n"
             "A mistake in the flags or inputs ends with one line 'mae_fast.pretrain: error: ...' and exit code 2; a\n"
-            "run that stops on its own (NaN loss, full disk, stalled rank) exits 1, Ctrl-C exits 130. Set\n"
-            "MAE_FAST_DEBUG=1 or pass --debug for the traceback.")
+            "run that stops on its own (NaN loss, full disk, stalled rank) or ends diverged exits 1, Ctrl-C exits\n"
+            "130. Set MAE_FAST_DEBUG=1 or pass --debug for the traceback.")
 
 
 def _default_text(section: str, name: str, doc: str) -> str:

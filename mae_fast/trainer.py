@@ -13,7 +13,8 @@ and checkpoint steps: the loss stays on the device in between.
 Checkpoints and faults: the rolling ``checkpoint-last.pth`` keeps the one before it as
 ``checkpoint-prev.pth`` while the loss was in its normal range (:mod:`mae_fast.monitor`); every
 checkpoint records the loss statistics at save time. When the run stops (a NaN/inf loss, Ctrl-C),
-it names the newest checkpoint written before the loss left its normal range.
+or ends with its loss still out of its normal range (a diverged run), it names the newest checkpoint
+written before the loss left its normal range.
 """
 
 from __future__ import annotations
@@ -38,11 +39,11 @@ from mae_fast.data import build_eval_loader, build_loader
 from mae_fast.data.builtin import builtin_image_dir
 from mae_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, normalize
 from mae_fast.distributed import all_reduce_sum, setup_distributed
-from mae_fast.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputDirError
+from mae_fast.errors import CheckpointError, ConfigError, DivergedError, NonFiniteLossError, OutputDirError
 from mae_fast.fp8 import convert_to_fp8, fp8_unavailable_reason, precompute_fsdp_scales
 from mae_fast.knn import KnnMonitor
 from mae_fast.model import MAEViT, create_model
-from mae_fast.monitor import LossStats, LossWatch
+from mae_fast.monitor import RECOVERY_STEPS, LossStats, LossWatch
 from mae_fast.ops import IMPLEMENTATIONS, dispatch, patchify, unpatchify
 from mae_fast.progress import Progress
 
@@ -296,6 +297,7 @@ class MAETrainer:
                     self.save(LAST)
                     break
                 stats = self.end_epoch(stats)
+            self.check_finished_in_range()
         finally:
             self.progress.close()
             if self.writer is not None:
@@ -355,6 +357,13 @@ class MAETrainer:
         self.lr = lr_at(epoch, self.base_lr, optim.min_lr, optim.warmup_epochs, self.config.epochs)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
+
+    def where(self) -> str:
+        """Where the run stands, counted from 1: ``epoch 3/20, batch 5/32`` (the last batch done), or ``epoch 3/20``
+        (done) at an epoch's end."""
+        if self.step_in_epoch == 0 and self.epoch > 0:
+            return f"epoch {self.epoch}/{self.config.epochs}"
+        return f"epoch {self.epoch + 1}/{self.config.epochs}, batch {self.step_in_epoch}/{len(self.loader)}"
 
     def reached_max_steps(self) -> bool:
         return self.config.max_steps is not None and self.step >= self.config.max_steps
@@ -417,14 +426,33 @@ class MAETrainer:
                 f"{self.config.epochs}){left}; stopping without saving. The newest checkpoint written before the "
                 f"loss left its normal range is {good or 'none (none was written)'}", checkpoint=good)
         if stats.excursion_start >= 0 and stats.excursion_start != self._warned_excursion and self.dist.is_main:
-            logger.warning("the loss left its normal range at step %d (above %g x its recent mean %.4g); checkpoints "
-                           "from step %d on are not named good until it returns", stats.excursion_start,
-                           self.config.loss_spike_factor, stats.recent_mean, stats.excursion_start - 1)
+            logger.warning("the loss left its normal range at step %d (above %g x its normal level %.4g); checkpoints "
+                           "from step %d on are not named good until it has been back in range for %d steps",
+                           stats.excursion_start, self.config.loss_spike_factor, stats.normal,
+                           stats.excursion_start - 1, RECOVERY_STEPS)
         self._warned_excursion = stats.excursion_start
         return stats
 
+    def check_finished_in_range(self) -> None:
+        """At the end of a run: a loss still out of its normal range means the run diverged.
+
+        Raises:
+            DivergedError: naming where the loss left its range and the checkpoint from before that.
+        """
+        stats = self.check_loss()
+        if stats.in_range():
+            return
+        good = self.good_checkpoint(stats)
+        raise DivergedError(
+            f"the loss left its normal range at step {stats.excursion_start} (above {self.config.loss_spike_factor:g} "
+            f"x its normal level {stats.normal:.4g}) and was still out of it when the run ended at step {self.step} "
+            f"({self.where()}): the run diverged; lower the learning rate (--lr, or --blr "
+            f"{self.config.optim.blr:g}) or lengthen --warmup_epochs. The newest checkpoint written before the loss "
+            f"left its normal range is {good or 'none (none was written)'}", checkpoint=good)
+
     def good_checkpoint(self, stats: LossStats | None = None) -> Path | None:
-        """The newest checkpoint in the output folder whose parameters gave an in-range loss afterwards.
+        """The newest checkpoint in the output folder whose parameters gave an in-range loss afterwards, written
+        while no excursion was under way.
 
         Args:
             stats: the loss statistics to judge by (default: this rank's, without synchronizing).
@@ -434,7 +462,7 @@ class MAETrainer:
         best, best_key = None, None
         for path in find_checkpoints(self.output_dir):
             summary = read_summary(path)
-            if summary is None or summary["step"] > self.step or not stats.known_good(summary["step"]):
+            if summary is None or summary["step"] > self.step or not stats.checkpoint_is_good(summary):
                 continue
             key = (summary["step"], rank_of_name.get(path.name, 2))
             if best_key is None or key > best_key:
@@ -503,7 +531,7 @@ class MAETrainer:
         parameters are known good, else nowhere (it is replaced and the older checkpoint-prev.pth stays)."""
         last = self.output_dir / LAST
         summary = read_summary(last) if last.is_file() else None
-        return self.output_dir / PREV if summary is not None and loss_stats.known_good(summary["step"]) else None
+        return self.output_dir / PREV if summary is not None and loss_stats.checkpoint_is_good(summary) else None
 
     def _append_log_line(self, entry: dict) -> None:
         try:

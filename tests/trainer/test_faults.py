@@ -81,7 +81,7 @@ def test_a_finite_spike_counts_as_leaving_the_normal_range(tmp_path, monkeypatch
     # The rolling pair kept the last good state: checkpoint-prev.pth was not rotated away during the spike.
     assert load_checkpoint(out / PREV)["step"] == 7
     stats = load_checkpoint(out / LAST)["loss_stats"]
-    assert stats["excursion_start"] == 9 and stats["recent_mean"] < 10  # recorded at save time
+    assert stats["excursion_start"] == 9 and stats["normal"] < 10  # recorded at save time
 
 
 def test_load_writes_never_lose_an_epoch_line_when_killed_between_save_and_log(tmp_path, monkeypatch):
@@ -247,3 +247,21 @@ def test_checkpoint_last_exists_at_every_instant_of_a_rotating_save(tmp_path, mo
     checkpoint_module.save_checkpoint(state(3), tmp_path / LAST, keep_previous_as=tmp_path / PREV)
     assert load_checkpoint(tmp_path / LAST)["step"] == 3 and load_checkpoint(tmp_path / PREV)["step"] == 1
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_run_that_diverges_at_its_second_step_is_reported_and_never_named_good(tmp_path, capsys):
+    # --lr 10 without warmup: the loss jumps by millions at step 2 and stays far above its start.
+    data = write_images(tmp_path / "data", 16)
+    out = tmp_path / "out"
+    assert main(tiny_args(data, out, "--lr", "10", "--warmup_epochs", "0", "--save_last_every", "1",
+                          "--log_every", "100")) == 1
+    err = capsys.readouterr().err
+    [line] = error_lines(err)
+    assert "Traceback" not in err and "done:" not in err
+    assert "left its normal range at step 2" in line and "still out of it when the run ended at step 8" in line
+    assert "--lr" in line  # what would work
+    for path in (out / LAST, out / "checkpoint-1.pth"):
+        stats = load_checkpoint(path)["loss_stats"]
+        assert stats["excursion_start"] == 2  # written during the excursion, recorded as such
+    assert not (out / PREV).exists()  # no checkpoint-last.pth was ever good enough to keep
+    assert "none" in line.split("normal range is ")[1]
