@@ -168,19 +168,23 @@ def run(args: argparse.Namespace) -> dict | None:
         features = {}
         for split, files in (("train", train_files), ("val", val_files)):
             loader = build_eval_loader(data, files, dist_info.rank, dist_info.world_size, device, args.seed)
-            features[split] = extract_features(model, loader, len(files), device, autocast, args.pool).cpu()
+            rows, present = extract_features(model, loader, len(files), device, autocast, args.pool)
+            # Images no slot delivered (marked slots only) are left out, with their labels.
+            features[split], features[f"{split}_kept"] = rows[present].cpu(), present.nonzero()[:, 0].cpu()
         if dist_info.is_main:
             torch.save(features, cache)
             logger.info("extracted %d + %d features in %.1f s into %s", len(train_files), len(val_files),
                         time.perf_counter() - started, cache)
     if not dist_info.is_main:
         return None
+    if "train_kept" in features:
+        train_labels, val_labels = train_labels[features["train_kept"]], val_labels[features["val_kept"]]
     head, metrics = train_head(features["train"], train_labels, features["val"], val_labels, len(classes),
                                args.epochs, args.warmup_epochs, args.batch_size, args.blr, args.seed)
     torch.save({"head": head.state_dict(), "classes": classes, "pool": args.pool, "preset": preset}, out / "head.pth")
     results = {"top1": metrics["top1"], "top5": metrics["top5"], "checkpoint": str(checkpoint), "preset": preset,
                "pool": args.pool, "input_size": args.input_size, "classes": len(classes),
-               "train_images": len(train_files), "val_images": len(val_files), "epochs": args.epochs,
+               "train_images": len(features["train"]), "val_images": len(features["val"]), "epochs": args.epochs,
                "batch_size": args.batch_size, "blr": args.blr}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results

@@ -44,21 +44,20 @@ class Progress:
         total_steps: optimizer steps the whole run will take (for ``step N/total`` and the ETA).
         start_step: the optimizer step the run starts (or resumes) at.
         epochs: epochs of the run.
-        images_per_batch: images per batch over all ranks.
         device: where the losses live.
         is_main: rank 0, which prints and writes TensorBoard.
         writer: a TensorBoard SummaryWriter or None.
         flops_per_image: training FLOPs per image, for MFU.
         peak_flops: the device's dense peak (FLOP/s), or None where unknown (no MFU then).
-        world_size: data-parallel ranks (the loss sums are averaged over them).
+        world_size: data-parallel ranks (MFU is per device).
         mfu_note: said after the MFU figure (" of the bf16 peak" for FP8 runs, which count against bf16's peak
             so runs stay comparable).
     """
 
-    def __init__(self, total_steps: int, start_step: int, epochs: int, images_per_batch: int, device: torch.device,
+    def __init__(self, total_steps: int, start_step: int, epochs: int, device: torch.device,
                  is_main: bool, writer=None, flops_per_image: float = 0.0, peak_flops: float | None = None,
                  world_size: int = 1, mfu_note: str = ""):
-        self.total_steps, self.epochs, self.images_per_batch = total_steps, epochs, images_per_batch
+        self.total_steps, self.epochs = total_steps, epochs
         self.device, self.is_main, self.writer = device, is_main, writer
         self.flops_per_image, self.peak_flops, self.world_size = flops_per_image, peak_flops, world_size
         self.mfu_note = mfu_note
@@ -72,11 +71,13 @@ class Progress:
         from tqdm import tqdm
 
         self.epoch, self.num_batches = epoch, num_batches
+        # This rank's loss sums (each batch's loss times its valid images) and valid images, over the epoch and
+        # at the last log line; all-reduced only when a line is printed.
         self.loss_sum = torch.zeros((), device=self.device)
         self.logged_sum = torch.zeros((), device=self.device)
-        self.batches = self.logged_batches = 0
-        self.epoch_images, self.epoch_start = 0, time.perf_counter()
-        self.window_images, self.window_wait, self.window_start = 0, 0.0, time.perf_counter()
+        self.images = self.logged_images = 0
+        self.epoch_images, self.epoch_start = 0, time.perf_counter()  # all ranks' valid images, at the last line
+        self.window_wait, self.window_start = 0.0, time.perf_counter()
         self.data_wait = 0.0
         self.fetch_start = self.last_batch_end = time.perf_counter()
         # disable=None: tqdm leaves the bar out when stderr is not a terminal, so log files hold plain lines.
@@ -89,12 +90,10 @@ class Progress:
         self.data_wait += wait
         self.window_wait += wait
 
-    def batch_done(self, loss: torch.Tensor) -> None:
-        """Add a batch's (detached) loss; no synchronization."""
-        self.loss_sum += loss
-        self.batches += 1
-        self.window_images += self.images_per_batch
-        self.epoch_images += self.images_per_batch
+    def batch_done(self, loss: torch.Tensor, images: int) -> None:
+        """Add a batch's (detached) loss, the mean over its ``images`` valid images; no synchronization."""
+        self.loss_sum += loss * images
+        self.images += images
         self.bar.update(1)
         self.fetch_start = self.last_batch_end = time.perf_counter()
 
@@ -108,15 +107,19 @@ class Progress:
             ``images_per_sec``, ``data_wait_s``, ``eta_s`` and, on GPUs, ``mfu`` (where the peak is known) and
             ``peak_memory_gb``.
         """
-        sums = all_reduce_sum(torch.stack([self.loss_sum, self.loss_sum - self.logged_sum])).tolist()
-        mean_loss = sums[0] / (self.batches * self.world_size)
-        window_loss = sums[1] / (max(self.batches - self.logged_batches, 1) * self.world_size)
-        self.logged_sum, self.logged_batches = self.loss_sum.clone(), self.batches
+        counts = torch.tensor([self.images, self.images - self.logged_images], dtype=torch.float32,
+                              device=self.device)
+        sums = all_reduce_sum(torch.cat([torch.stack([self.loss_sum, self.loss_sum - self.logged_sum]), counts]))
+        loss_sum, window_sum, images, window_images = sums.tolist()
+        mean_loss = loss_sum / max(images, 1)
+        window_loss = window_sum / max(window_images, 1)
+        self.logged_sum, self.logged_images = self.loss_sum.clone(), self.images
+        self.epoch_images = int(images)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         elapsed = max(now - self.window_start, 1e-9)
-        images_per_s = self.window_images / elapsed
+        images_per_s = window_images / elapsed
         steps_done = step - self.run_start_step
         eta = (now - self.run_start_time) / steps_done * (self.total_steps - step) if steps_done > 0 else float("nan")
         stats = {"train_loss": mean_loss, "window_loss": window_loss, "train_lr": lr, "images_per_sec": images_per_s,
@@ -139,7 +142,7 @@ class Progress:
                 self.writer.add_scalar("train/loss", mean_loss, step)
                 self.writer.add_scalar("train/lr", lr, step)
                 self.writer.add_scalar("train/images_per_sec", images_per_s, step)
-        self.window_images, self.window_wait, self.window_start = 0, 0.0, time.perf_counter()
+        self.window_wait, self.window_start = 0.0, time.perf_counter()
         return stats
 
     def end_epoch(self, stats: dict, saved: list) -> str:

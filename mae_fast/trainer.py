@@ -198,6 +198,7 @@ class MAETrainer:
         self.last_log_line: dict | None = None  # the newest epoch line of log.txt, also kept in checkpoints
         self.history: list[tuple[int, float]] = []
         self._warned_excursion = -1
+        self._all_valid: dict[int, torch.Tensor] = {}
         self._resume()
         self.writer = None
         if self.dist.is_main:
@@ -282,8 +283,7 @@ class MAETrainer:
         cfg = self.config
         if self.dist.is_main:
             logger.info("%s", self.describe())
-        self.progress = Progress(self.total_steps, self.step, cfg.epochs, cfg.data.batch_size * self.dist.world_size,
-                                 self.device, self.dist.is_main, self.writer,
+        self.progress = Progress(self.total_steps, self.step, cfg.epochs, self.device, self.dist.is_main, self.writer,
                                  self.model.flops_per_image(cfg.model.mask_ratio), peak_flops(self.device),
                                  self.dist.world_size, mfu_note=" of the bf16 peak" if self.precision == "fp8" else "")
         stats: dict = {}
@@ -311,16 +311,19 @@ class MAETrainer:
         self.progress.start_epoch(self.epoch, self.step_in_epoch, num_batches)
         stats: dict = {}
         batches = self.loader.epoch(self.epoch, start=self.step_in_epoch)
-        for batch_index, (images, _) in enumerate(batches, start=self.step_in_epoch):
+        for batch_index, (images, indices) in enumerate(batches, start=self.step_in_epoch):
             self.progress.data_ready()
             update = (batch_index + 1) % cfg.accum_iter == 0 or batch_index + 1 == num_batches
             if batch_index % cfg.accum_iter == 0:
                 self.set_lr(self.epoch + batch_index / num_batches)
-            loss = self.train_step(images, update)
-            self.loss_watch.observe(loss, self.step + 1)
+            valid = indices >= 0  # on the CPU, as the loaders deliver them: counting costs no synchronization
+            num_valid = int(valid.sum())
+            loss = self.train_step(images, update, valid)
+            if num_valid:  # a batch of marked slots only has loss 0, which says nothing of the run's health
+                self.loss_watch.observe(loss, self.step + 1)
             self.step += int(update)
             self.step_in_epoch = batch_index + 1
-            self.progress.batch_done(loss)
+            self.progress.batch_done(loss, num_valid)
 
             finished = self.step_in_epoch == num_batches or self.reached_max_steps()
             if (update and self.step % cfg.log_every == 0) or finished:
@@ -332,14 +335,18 @@ class MAETrainer:
         self.check_loss()
         return stats
 
-    def train_step(self, images: torch.Tensor, update: bool) -> torch.Tensor:
-        """One batch: mask, forward, backward, and with ``update`` the optimizer step. Returns the detached loss."""
+    def train_step(self, images: torch.Tensor, update: bool, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """One batch: mask, forward, backward, and with ``update`` the optimizer step. Returns the detached loss.
+
+        ``valid`` ([B] bool on the CPU, None: all) marks the images that count: the others (a loader's padding
+        slots and images that did not decode, index -1) take no part in the loss.
+        """
         world, rank = self.dist.world_size, self.dist.rank
         noise = torch.rand(world * self.config.data.batch_size, self.model.num_patches, device=self.device,
                            generator=self.noise_generator)[rank::world]
         with self._no_sync(update), self._autocast():
             loss, _, _ = self.train_model(images, mask_ratio=self.config.model.mask_ratio, noise=noise,
-                                          return_pred=False)
+                                          return_pred=False, valid=self._image_weights(valid, images.shape[0]))
         self.scaler.scale(loss / self.config.accum_iter).backward()
         if update:
             self.scaler.step(self.optimizer)
@@ -350,6 +357,19 @@ class MAETrainer:
             if self.fp8_fsdp_all_gather:
                 precompute_fsdp_scales(self.model)
         return loss.detach()
+
+    def _image_weights(self, valid: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """[B] float32 on the device: 1 for the images that count, 0 for marked slots. A batch with every image valid
+        (nearly all of them) reuses one tensor of ones; the others copy theirs from pinned memory, without waiting."""
+        if valid is None or bool(valid.all()):
+            ones = self._all_valid.get(batch)
+            if ones is None:
+                ones = self._all_valid[batch] = torch.ones(batch, device=self.device)
+            return ones
+        weights = valid.to(torch.float32)
+        if self.device.type == "cuda":
+            weights = weights.pin_memory()
+        return weights.to(self.device, non_blocking=True)
 
     def set_lr(self, epoch: float) -> None:
         """The official schedule at a fractional epoch, set on every parameter group."""
@@ -612,10 +632,12 @@ class MAETrainer:
             total = torch.zeros(2, device=self.device)
             for images, indices in self.val_loader.epoch(0):
                 noise = torch.rand(images.shape[0], self.model.num_patches, device=self.device, generator=generator)
+                valid = indices >= 0
                 with self._autocast():
-                    loss, _, _ = self.train_model(images, mask_ratio=mask_ratio, noise=noise, return_pred=False)
-                valid = (indices >= 0).sum().to(self.device)
-                total += torch.stack([loss.float() * valid, valid.float()])
+                    loss, _, _ = self.train_model(images, mask_ratio=mask_ratio, noise=noise, return_pred=False,
+                                                  valid=self._image_weights(valid, images.shape[0]))
+                count = valid.sum().to(self.device)
+                total += torch.stack([loss.float() * count, count.float()])
             loss_sum, count = all_reduce_sum(total).tolist()
             stats["val_loss"] = loss_sum / max(count, 1)
             if self.writer is not None:
