@@ -2,7 +2,8 @@
 
 A checkpoint is a dict with the official keys (``model`` in the official key layout,
 ``optimizer``, ``epoch``, ``scaler``) plus mae_fast's (``step``, ``step_in_epoch``, ``config``,
-``rng``, ``loss_stats``, ``log_line``, ``format``). It is written to a temporary file in the same
+``rng``, ``loss_stats``, ``log_line``, ``epoch_sums``: every rank's running loss sums of an epoch
+saved in its middle, ``format``). It is written to a temporary file in the same
 folder and renamed into place, so a crash never leaves a half-written checkpoint under a
 checkpoint's name; temporary files left by a killed save are removed at the next start
 (:func:`remove_stale_temporaries`). Loading uses ``torch.load(weights_only=True)``.

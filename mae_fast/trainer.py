@@ -199,6 +199,7 @@ class MAETrainer:
         self.history: list[tuple[int, float]] = []
         self._warned_excursion = -1
         self._all_valid: dict[int, torch.Tensor] = {}
+        self._resumed_sums: dict | None = None  # the epoch sums a mid-epoch resume carries on with
         self._resume()
         self.writer = None
         if self.dist.is_main:
@@ -308,7 +309,8 @@ class MAETrainer:
         """One epoch from ``step_in_epoch`` on; returns the statistics of its last log line."""
         cfg, num_batches = self.config, len(self.loader)
         self.train_model.train()
-        self.progress.start_epoch(self.epoch, self.step_in_epoch, num_batches)
+        self.progress.start_epoch(self.epoch, self.step_in_epoch, num_batches, saved=self._resumed_sums)
+        self._resumed_sums = None
         stats: dict = {}
         batches = self.loader.epoch(self.epoch, start=self.step_in_epoch)
         for batch_index, (images, indices) in enumerate(batches, start=self.step_in_epoch):
@@ -505,7 +507,33 @@ class MAETrainer:
         return {"model": model_state, "optimizer": optim_state, "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.step,
                 "config": dataclasses.asdict(self.config), "rng": rng, "loss_stats": loss_stats.as_dict(),
-                "log_line": self.last_log_line}
+                "log_line": self.last_log_line, "epoch_sums": self._epoch_sums()}
+
+    #: The per-rank sums of an epoch in progress that a checkpoint keeps (see :meth:`Progress.state`).
+    EPOCH_SUMS = ("loss_sum", "logged_sum", "images", "logged_images", "data_wait")
+
+    def _epoch_sums(self) -> dict | None:
+        """Every rank's running sums of the epoch in progress (a collective), so a run resumed mid-epoch logs the
+        epoch mean of the uninterrupted run; None at an epoch's end or before training."""
+        progress = getattr(self, "progress", None)
+        if progress is None or getattr(progress, "epoch", None) != self.epoch or self.step_in_epoch >= len(self.loader):
+            return None
+        mine = progress.state()
+        rows = torch.zeros(self.dist.world_size, len(self.EPOCH_SUMS), dtype=torch.float64, device=self.device)
+        rows[self.dist.rank] = torch.tensor([float(mine[k]) for k in self.EPOCH_SUMS], dtype=torch.float64)
+        return {"epoch": self.epoch, "ranks": all_reduce_sum(rows).cpu().tolist()}
+
+    def _restored_epoch_sums(self, saved: dict | None) -> dict | None:
+        """This rank's share of a checkpoint's epoch sums: its own row when the world size is the same, else the
+        totals on rank 0 (the epoch mean is the same either way)."""
+        if not saved or saved.get("epoch") != self.epoch or not self.step_in_epoch:
+            return None
+        rows = saved["ranks"]
+        if len(rows) == self.dist.world_size:
+            row = rows[self.dist.rank]
+        else:
+            row = [sum(column) if self.dist.is_main else 0.0 for column in zip(*rows)]
+        return dict(zip(self.EPOCH_SUMS, row))
 
     def _state_is_finite(self) -> bool:
         finite = torch.ones((), device=self.device)
@@ -611,6 +639,7 @@ class MAETrainer:
         self.epoch, self.step_in_epoch, self.step = state["epoch"], state.get("step_in_epoch", 0), state["step"]
         if self.step_in_epoch >= len(self.loader):
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self._resumed_sums = self._restored_epoch_sums(state.get("epoch_sums"))
         self.last_saved = path
         if self.dist.is_main:
             logger.info("resumed from %s at epoch %d, batch %d, step %d", path, self.epoch, self.step_in_epoch,

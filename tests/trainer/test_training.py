@@ -76,6 +76,20 @@ def test_resume_continues_the_same_run(tmp_path):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
 
 
+def test_the_epoch_mean_in_log_txt_after_a_mid_epoch_resume_is_the_uninterrupted_runs(tmp_path):
+    data = write_images(tmp_path / "data", 16)  # 4 batches an epoch
+    trained(tiny_args(data, tmp_path / "straight", "--log_every", "100"))
+    trained(tiny_args(data, tmp_path / "split", "--log_every", "100", "--max_steps", "3"))  # stops in epoch 0
+    trained(tiny_args(data, tmp_path / "split", "--log_every", "100", "--resume", "auto"))
+
+    def epoch_lines(out):
+        return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+
+    straight, split = epoch_lines(tmp_path / "straight"), epoch_lines(tmp_path / "split")
+    assert [e["epoch"] for e in split] == [0, 1]
+    assert [e["train_loss"] for e in split] == pytest.approx([e["train_loss"] for e in straight], rel=1e-6)
+
+
 def test_a_prepared_shard_set_trains_and_resumes_mid_epoch_like_one_run(tmp_path):
     from mae_fast.prepare import prepare
     data = write_images(tmp_path / "data", 16)
