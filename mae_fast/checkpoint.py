@@ -133,8 +133,10 @@ def _keep_copy(path: Path, keep: Path) -> None:
 @contextlib.contextmanager
 def _ctrl_c_after_the_save():
     """Hold a Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt: torch.save interrupted half-way
-    raises an unrelated error from its zip writer, and the checkpoint would be lost for nothing."""
-    if threading.current_thread() is not threading.main_thread():
+    raises an unrelated error from its zip writer, and the checkpoint would be lost for nothing. A handler other
+    than Python's own (``mae_fast.pretrain``'s, which asks the run to stop after the step) is left in place."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield
         return
     received = []

@@ -200,6 +200,9 @@ class MAETrainer:
         self._warned_excursion = -1
         self._all_valid: dict[int, torch.Tensor] = {}
         self._resumed_sums: dict | None = None  # the epoch sums a mid-epoch resume carries on with
+        self.stop_requested = False  # set by request_stop (the first Ctrl-C)
+        self.interrupt_checkpoint: Path | None = None  # what the stop wrote
+        self._step_on_disk = 0  # the step of the newest checkpoint this run wrote or resumed from
         self._resume()
         self.writer = None
         if self.dist.is_main:
@@ -288,10 +291,11 @@ class MAETrainer:
                                  self.model.flops_per_image(cfg.model.mask_ratio), peak_flops(self.device),
                                  self.dist.world_size, mfu_note=" of the bf16 peak" if self.precision == "fp8" else "")
         stats: dict = {}
-        if self.knn is not None and self.step == 0:
-            self.run_knn(label="at initialization")
         try:
+            if self.knn is not None and self.step == 0:
+                self.run_knn(label="at initialization")
             while self.epoch < cfg.epochs and not self.reached_max_steps():
+                self.stop_if_requested()  # a Ctrl-C during the epoch's end (validation, kNN, saves) lands here
                 stats = self.train_one_epoch()
                 if self.step_in_epoch < len(self.loader):  # stopped by --max_steps in the middle of an epoch
                     self.progress.close()
@@ -334,6 +338,8 @@ class MAETrainer:
                 self.save(LAST)
             if self.reached_max_steps():
                 break
+            if update and not finished:  # at an epoch's last batch the epoch's end comes first
+                self.stop_if_requested()
         self.check_loss()
         return stats
 
@@ -372,6 +378,27 @@ class MAETrainer:
         if self.device.type == "cuda":
             weights = weights.pin_memory()
         return weights.to(self.device, non_blocking=True)
+
+    def request_stop(self) -> None:
+        """Ask the run to stop after the current optimizer step (or the epoch's end, when it is under way): it then
+        writes ``checkpoint-last.pth`` there and raises KeyboardInterrupt. Safe to call from a signal handler; one
+        rank only (the ranks of a distributed run would have to agree on the step)."""
+        self.stop_requested = True
+
+    def stop_if_requested(self) -> None:
+        """With a stop requested: write ``checkpoint-last.pth`` at the current step unless a checkpoint of it is on
+        disk, then raise KeyboardInterrupt.
+
+        Raises:
+            KeyboardInterrupt: a stop was requested (:attr:`interrupt_checkpoint` names what was written).
+            NonFiniteLossError, OutputDirError: as :meth:`save`.
+        """
+        if not self.stop_requested:
+            return
+        if self.step != self._step_on_disk:
+            self.progress.close()
+            self.interrupt_checkpoint = self.save(LAST)
+        raise KeyboardInterrupt
 
     def set_lr(self, epoch: float) -> None:
         """The official schedule at a fractional epoch, set on every parameter group."""
@@ -571,7 +598,7 @@ class MAETrainer:
         failed = all_reduce_sum(torch.tensor(float(error is not None), device=self.device)).item()
         if failed:
             raise error or OutputDirError(f"rank 0 could not write {path}; see its error")
-        self.last_saved = path
+        self.last_saved, self._step_on_disk = path, self.step
         return path
 
     def _previous_last_name(self, loss_stats: LossStats) -> Path | None:
@@ -640,7 +667,7 @@ class MAETrainer:
         if self.step_in_epoch >= len(self.loader):
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self._resumed_sums = self._restored_epoch_sums(state.get("epoch_sums"))
-        self.last_saved = path
+        self.last_saved, self._step_on_disk = path, self.step
         if self.dist.is_main:
             logger.info("resumed from %s at epoch %d, batch %d, step %d", path, self.epoch, self.step_in_epoch,
                         self.step)

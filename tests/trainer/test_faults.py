@@ -186,6 +186,93 @@ def test_ctrl_c_prints_one_line_with_the_resume_command_and_exits_130(tmp_path):
     assert "python -m mae_fast.pretrain --data_path" in line
 
 
+class Lines:
+    """A process's stdout and stderr lines as they come (read by threads, so the test can wait for one)."""
+
+    def __init__(self, proc):
+        import threading
+
+        self.out, self.err = [], []
+        for stream, lines in ((proc.stdout, self.out), (proc.stderr, self.err)):
+            threading.Thread(target=lambda s=stream, l=lines: [l.append(line) for line in s], daemon=True).start()
+
+    def wait_for(self, text: str, where: str = "out", timeout: float = 180) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if any(text in line for line in getattr(self, where)):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"{text!r} never came; stderr: {''.join(self.err)[-2000:]}")
+
+
+def press_ctrl_c(proc) -> None:
+    """What Ctrl-C in a terminal does: SIGINT to the whole process group (the loader's workers too)."""
+    os.killpg(proc.pid, signal.SIGINT)
+
+
+def test_the_first_ctrl_c_saves_the_current_step_and_the_run_resumes_there_exactly(tmp_path):
+    data = write_images(tmp_path / "data", 32)  # 8 batches an epoch; checkpoint-last.pth only at epoch ends
+    out = tmp_path / "out"
+    args = tiny_args(data, out, "--epochs", "50", "--num_workers", "2")
+    proc = subprocess.Popen([sys.executable, "-m", "mae_fast.pretrain", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            start_new_session=True)
+    lines = Lines(proc)
+    try:
+        lines.wait_for("step 11/")  # in the middle of the second epoch
+        press_ctrl_c(proc)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    err = "".join(lines.err)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    state = load_checkpoint(out / LAST)
+    step = state["step"]
+    assert step >= 11 and state["epoch"] == step // 8 and state["step_in_epoch"] == step % 8 != 0
+    [line] = [line for line in err.splitlines() if "interrupted" in line]
+    assert f"interrupted at step {step}/" in line and f"wrote {out / LAST} at this step" in line
+    assert line.rstrip().endswith("--resume auto")
+    # Resumed, it trains on exactly as the uninterrupted run does.
+    resumed = MAETrainer(config_from_args(tiny_args(data, out, "--epochs", "50", "--resume", "auto",
+                                                    "--max_steps", str(step + 2))))
+    assert resumed.step == step
+    resumed.fit()
+    straight = MAETrainer(config_from_args(tiny_args(data, tmp_path / "straight", "--epochs", "50",
+                                                     "--max_steps", str(step + 2))))
+    straight.fit()
+    assert [v for _, v in resumed.history] == pytest.approx([v for _, v in straight.history[-2:]], rel=1e-6)
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    data = write_images(tmp_path / "data", 64)
+    out = tmp_path / "out"
+    args = tiny_args(data, out, "--epochs", "50", "--num_workers", "2")
+    proc = subprocess.Popen([sys.executable, str(HERE / "slow_save_worker.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            start_new_session=True)
+    lines = Lines(proc)
+    try:
+        lines.wait_for("step 3/")
+        press_ctrl_c(proc)
+        lines.wait_for("saving", where="err")  # the save of the current step is under way (and takes a minute)
+        pressed = time.time()
+        press_ctrl_c(proc)
+        proc.wait(timeout=30)
+        stopped_after = time.time() - pressed
+    finally:
+        proc.kill()
+        proc.wait()
+    err = "".join(lines.err)
+    assert proc.returncode == 130, err[-3000:]
+    assert stopped_after < 10
+    assert "Traceback" not in err
+    [line] = [line for line in err.splitlines() if "interrupted again" in line]
+    assert "stopped at once" in line and "--resume auto" in line
+    assert not (out / LAST).exists()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
