@@ -86,7 +86,7 @@ class Progress:
         self.window_wait, self.window_start = 0.0, time.perf_counter()
         self.fetch_start = self.last_batch_end = time.perf_counter()
         # disable=None: tqdm leaves the bar out when stderr is not a terminal, so log files hold plain lines.
-        self.bar = tqdm(total=num_batches, initial=first_batch, desc=f"epoch {epoch}",
+        self.bar = tqdm(total=num_batches, initial=first_batch, desc=f"epoch {epoch + 1}/{self.epochs}",
                         disable=None if self.is_main else True, dynamic_ncols=True, leave=False)
 
     def data_ready(self) -> None:

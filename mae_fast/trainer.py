@@ -408,10 +408,11 @@ class MAETrainer:
             group["lr"] = self.lr
 
     def where(self) -> str:
-        """Where the run stands, counted from 1: ``epoch 3/20, batch 5/32`` (the last batch done), or ``epoch 3/20``
-        (done) at an epoch's end."""
+        """Where the run stands, counted from 1 as every message counts: ``epoch 3/20, batch 5/32`` (the last batch
+        done), or ``epoch 3/20 done`` at an epoch's end. (Files keep the official 0-based names: the third
+        epoch's are ``checkpoint-2.pth`` and ``reconstruction-epoch2.png``.)"""
         if self.step_in_epoch == 0 and self.epoch > 0:
-            return f"epoch {self.epoch}/{self.config.epochs}"
+            return f"epoch {self.epoch}/{self.config.epochs} done"
         return f"epoch {self.epoch + 1}/{self.config.epochs}, batch {self.step_in_epoch}/{len(self.loader)}"
 
     def reached_max_steps(self) -> bool:
@@ -471,8 +472,8 @@ class MAETrainer:
             left = (f"; it had left its normal range at step {stats.excursion_start}"
                     if 0 <= stats.excursion_start < stats.first_nonfinite else "")
             raise NonFiniteLossError(
-                f"the loss became non-finite at step {stats.first_nonfinite} (epoch {self.epoch + 1}/"
-                f"{self.config.epochs}){left}; stopping without saving. The newest checkpoint written before the "
+                f"the loss became non-finite at step {stats.first_nonfinite} ({self.where()}){left}; stopping "
+                f"without saving. The newest checkpoint written before the "
                 f"loss left its normal range is {good or 'none (none was written)'}", checkpoint=good)
         if stats.excursion_start >= 0 and stats.excursion_start != self._warned_excursion and self.dist.is_main:
             logger.warning("the loss left its normal range at step %d (above %g x its normal level %.4g); checkpoints "
@@ -669,8 +670,7 @@ class MAETrainer:
         self._resumed_sums = self._restored_epoch_sums(state.get("epoch_sums"))
         self.last_saved, self._step_on_disk = path, self.step
         if self.dist.is_main:
-            logger.info("resumed from %s at epoch %d, batch %d, step %d", path, self.epoch, self.step_in_epoch,
-                        self.step)
+            logger.info("resumed from %s at step %d (%s)", path, self.step, self.where())
             if self.epoch >= self.config.epochs:
                 logger.info("the run in %s already finished its %d epochs; raise --epochs to train longer", path,
                             self.config.epochs)

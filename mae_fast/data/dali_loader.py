@@ -147,7 +147,8 @@ class DaliLoader:
                     if problem is not None:  # DALI cannot skip an image mid-batch: replace it, mark it, name it
                         logger.warning("left out %s (%s); its slot is marked invalid", name, problem)
                         if fallback is None:
-                            raise DataError(f"no image of batch {step} of epoch {epoch} decodes ({name}: {problem})")
+                            raise DataError(f"no image of batch {start + step + 1} of epoch {epoch + 1} decodes "
+                                            f"({name}: {problem})")
                         data, idx[slot] = items[fallback][0], -1
                     arrays.append(np.frombuffer(data, dtype=np.uint8))
                     names.append(name)
@@ -203,7 +204,7 @@ class DaliLoader:
                 first_line = next((line for line in str(exc).splitlines() if line.strip()), "")
                 self.pipeline, self.primed = None, False  # a failed pipeline is not reused
                 names = entry[0] if entry else []
-                raise DataError(f"DALI failed at batch {step} of epoch {epoch}: one of {names} could not be "
+                raise DataError(f"DALI failed at batch {step + 1} of epoch {epoch + 1}: one of {names} could not be "
                                 f"decoded ({first_line.strip()}); remove or replace it, or check the data with "
                                 "--verify_images decode") from exc
             if entry is None:  # a filler

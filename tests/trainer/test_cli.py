@@ -210,3 +210,24 @@ def test_a_run_writes_the_labelled_png(tmp_path):
 def test_presets_are_described_once():
     assert set(PRESETS) == set(MODELS)
     assert MODELS["mae_vit_base_patch16"].__doc__.startswith("Official mae_vit_base_patch16_dec512d8b")
+
+
+def test_messages_count_epochs_and_batches_from_1_and_files_keep_the_official_names(tmp_path, caplog, monkeypatch):
+    import tqdm
+
+    data = write_images(tmp_path / "data", 16)  # 4 batches an epoch
+    out = tmp_path / "out"
+    assert main(tiny_args(data, out, "--max_steps", "3", "--log_every", "100")) == 0
+    bars = []
+    real_bar = tqdm.tqdm
+    monkeypatch.setattr(tqdm, "tqdm", lambda *a, **k: bars.append(k["desc"]) or real_bar(*a, **k))
+    with caplog.at_level(logging.INFO, logger="mae_fast"):
+        assert main(tiny_args(data, out, "--log_every", "100", "--resume", "auto")) == 0
+        assert "at step 3 (epoch 1/2, batch 3/4)" in caplog.text  # three batches of the first epoch done
+        assert bars == ["epoch 1/2", "epoch 2/2"]
+        caplog.clear()
+        assert main(tiny_args(data, out, "--log_every", "100", "--resume", "auto")) == 0
+        assert "at step 8 (epoch 2/2 done)" in caplog.text
+    # Files keep the official 0-based names: the second (last) epoch is checkpoint-1.pth.
+    assert (out / "checkpoint-1.pth").is_file() and (out / "reconstruction-epoch1.png").is_file()
+    assert not (out / "checkpoint-2.pth").exists()
