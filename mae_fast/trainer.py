@@ -698,8 +698,15 @@ class MAETrainer:
             stats["val_loss"] = loss_sum / max(count, 1)
             if self.writer is not None:
                 self.writer.add_scalar("val/loss", stats["val_loss"], self.epoch)
-        # Every rank runs the preview forward (a sharded model needs them all); rank 0 writes it.
+        # Every rank runs the preview forward (a sharded model needs them all), so all skip it if any rank has no
+        # image that decodes; rank 0 writes it.
         images = self._preview_images()
+        missing = all_reduce_sum(torch.tensor(float(images is None), device=self.device)).item()
+        if missing:
+            if self.dist.is_main:
+                logger.warning("no reconstruction preview this epoch: none of the first images decodes")
+            self.model.train()
+            return stats
         noise = torch.rand(images.shape[0], self.model.num_patches, device=self.device, generator=generator)
         with self._autocast():
             _, pred, mask = self.model(images, mask_ratio=mask_ratio, noise=noise)
@@ -716,30 +723,57 @@ class MAETrainer:
         self.model.train()
         return stats
 
-    def _preview_images(self, count: int = 8) -> torch.Tensor:
-        """The first images of the validation (else training) data, resized and centre-cropped, normalized."""
+    def _preview_images(self, count: int = 8) -> torch.Tensor | None:
+        """The first ``count`` images of the validation (else training) data that decode, resized and centre-cropped,
+        normalized; None when none does (no preview then). Images that do not decode, or a shard that cannot be
+        read, are passed over: the preview never stops a run."""
         import io
+        import itertools
 
-        from mae_fast.data.files import open_rgb
+        from mae_fast.data import files as image_files
 
         loader = self.val_loader or self.loader
         size = self.config.data.input_size
-        files = getattr(loader, "files", None)
+        paths = getattr(loader, "files", None)
         shard_set = getattr(loader, "shard_set", None)
-        if files:
-            sources = files[:count]
-        elif shard_set is not None:
+        if not paths and shard_set is None:  # synthetic data
+            return torch.randn(count, 3, size, size, device=self.device)
+        tries = count * PREVIEW_TRIES
+        if paths:
+            sources = iter(paths[:tries])
+        else:
             from mae_fast.data.shards import stream_images
 
-            images = stream_images(shard_set.paths[0])
-            sources = [io.BytesIO(image.data) for image, _ in zip(images, range(count))]
-            images.close()
-        else:  # synthetic data
-            return torch.randn(count, 3, size, size, device=self.device)
-        batch = [eval_transform(open_rgb(source), size) for source in sources]
+            def shard_members():
+                for path in shard_set.paths:
+                    images = stream_images(path)
+                    try:
+                        for image in images:
+                            yield io.BytesIO(image.data)
+                    except Exception as exc:  # a shard that breaks: the preview reads on in the next one
+                        logger.warning("the reconstruction preview passes over %s: %s", path, exc)
+                    finally:
+                        images.close()
+
+            sources = itertools.islice(shard_members(), tries)
+        batch, skipped = [], 0
+        for source in sources:
+            try:
+                batch.append(eval_transform(image_files.open_rgb(source), size))
+            except Exception:
+                skipped += 1
+                continue
+            if len(batch) == count:
+                break
+        if skipped and self.dist.is_main:
+            logger.warning("the reconstruction preview passed over %d image(s) that do not decode", skipped)
+        if not batch:
+            return None
         return normalize(torch.stack(batch).to(self.device), torch.float32)
 
 
+#: Images the preview reads, per image it shows, before it gives up looking for ones that decode.
+PREVIEW_TRIES = 8
 #: The reconstruction image's columns, left to right.
 RECONSTRUCTION_COLUMNS = ("original", "masked input", "prediction", "prediction + visible")
 #: Narrower images are enlarged by a whole factor in the reconstruction image, so the labels fit over them.

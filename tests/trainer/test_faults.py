@@ -273,6 +273,60 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
     assert not (out / LAST).exists()
 
 
+def shard_with_bad_first_members(path: Path, count: int = 12) -> Path:
+    """A shard whose first two members do not decode (one garbage, one a JPEG cut in the middle), then good ones."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for i in range(count):
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(buffer, "JPEG")
+            data = buffer.getvalue()
+            if i == 0:
+                data = b"\xff\xd8\xff" + bytes(200) + b"\xff\xd9"  # signature and end marker, nothing inside
+            elif i == 1:
+                data = data[:100] + data[-2:]
+            info = tarfile.TarInfo(f"s{i:06d}.jpg")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path.parent
+
+
+def test_undecodable_images_first_in_the_training_and_validation_shards_never_stop_the_run(tmp_path):
+    train = shard_with_bad_first_members(tmp_path / "train" / "shard-000000.tar")
+    val = shard_with_bad_first_members(tmp_path / "val" / "shard-000000.tar")
+    out = tmp_path / "out"
+    assert main(tiny_args(train, out, "--val_path", str(val), "--epochs", "1", "--log_every", "100")) == 0
+    assert (out / "reconstruction-epoch0.png").is_file() and (out / "checkpoint-0.pth").is_file()
+    trainer = MAETrainer(config_from_args(tiny_args(train, tmp_path / "again", "--val_path", str(val))))
+    assert trainer._preview_images().shape[0] == 8  # the first eight that decode
+
+
+def test_the_preview_of_a_folder_skips_images_that_do_not_decode(tmp_path, monkeypatch):
+    import mae_fast.data.files
+
+    data = write_images(tmp_path / "data", 10)
+    trainer = MAETrainer(config_from_args(tiny_args(data, tmp_path / "out")))
+    real_open = mae_fast.data.files.open_rgb
+    first = sorted(str(p) for p in data.iterdir())[0]
+
+    def failing_first(source):
+        if str(source) == first:
+            raise OSError("image file is truncated")
+        return real_open(source)
+
+    monkeypatch.setattr(mae_fast.data.files, "open_rgb", failing_first)
+    assert trainer._preview_images().shape[0] == 8
+    monkeypatch.setattr(mae_fast.data.files, "open_rgb", lambda source: (_ for _ in ()).throw(OSError("gone")))
+    assert trainer._preview_images() is None  # none decodes: no preview, and no error
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
