@@ -129,6 +129,7 @@ def run(args: argparse.Namespace) -> dict | None:
     from mae_fast.distributed import setup_distributed
     from mae_fast.export import build_model, infer_preset, read_state
     from mae_fast.knn import extract_features, labeled_images
+    from mae_fast.model import patch_size_of
 
     for flag in ("epochs", "batch_size", "input_size", "extract_batch_size"):
         if getattr(args, flag) < 1:
@@ -149,6 +150,11 @@ def run(args: argparse.Namespace) -> dict | None:
     checkpoint = Path(args.checkpoint)
     state, named = read_state(checkpoint)
     preset = infer_preset(state, named, args.model)
+    patch = patch_size_of(preset)
+    if args.input_size % patch:
+        below, above = args.input_size // patch * patch, (args.input_size // patch + 1) * patch
+        raise ConfigError(f"--input_size: must be a multiple of the patch size {patch} of the checkpoint's {preset}, "
+                          f"for example {f'{below} or {above}' if below else above}, got {args.input_size}")
     model, _ = build_model(state, preset, (args.input_size, args.input_size))
     model = model.to(device).eval()
     out = Path(args.output_dir)

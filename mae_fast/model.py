@@ -371,14 +371,16 @@ class MAEViT(nn.Module):
         Raises:
             ValueError: not a state dict, or encoder keys missing when ``strict_encoder``, or a
                 parameter whose shape does not fit this model.
+            CheckpointError: a file that cannot be read (truncated, not a checkpoint, or holding objects
+                other than tensors).
         """
         if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
-            if str(os.fspath(checkpoint)).endswith(".safetensors"):  # as mae_fast.export writes them
-                from safetensors.torch import load_file
+            from mae_fast.checkpoint import load_file, load_safetensors
 
-                checkpoint = load_file(os.fspath(checkpoint))
+            if str(os.fspath(checkpoint)).endswith(".safetensors"):  # as mae_fast.export writes them
+                checkpoint = load_safetensors(checkpoint)
             else:
-                checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+                checkpoint = load_file(os.fspath(checkpoint))
         state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError("checkpoint must be a state dict of tensors or a dict with a 'model' state dict")

@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from mae_fast.checkpoint import (LAST, PREV, check_writable, find_checkpoints, find_latest, load_checkpoint,
-                                 read_summary, remove_stale_temporaries, save_checkpoint)
+from mae_fast.checkpoint import (LAST, PREV, check_writable, checkpoints_newest_first, find_checkpoints,
+                                 load_checkpoint, read_summary, remove_stale_temporaries, save_checkpoint)
 from mae_fast.config import RunConfig
 from mae_fast.data import build_eval_loader, build_loader
 from mae_fast.data.builtin import builtin_image_dir
@@ -633,12 +633,12 @@ class MAETrainer:
         resume = self.config.resume
         if not resume:
             return
-        path = find_latest(self.output_dir) if resume == "auto" else Path(resume)
+        path, state = self._read_resume_checkpoint()
         if path is None:
             if self.dist.is_main:
                 logger.info("--resume auto: no checkpoint in %s, starting fresh", self.output_dir)
             return
-        state = load_checkpoint(path)
+        self._check_fits(path, state["model"], state.get("config"))
         try:
             if self.config.fsdp:
                 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -674,6 +674,57 @@ class MAETrainer:
             if self.epoch >= self.config.epochs:
                 logger.info("the run in %s already finished its %d epochs; raise --epochs to train longer", path,
                             self.config.epochs)
+
+    def _read_resume_checkpoint(self) -> tuple[Path | None, dict | None]:
+        """``--resume``'s checkpoint and its state. With ``auto``, the newest in the output folder that can be read:
+        one cut short or damaged (a copy interrupted, a full disk) is passed over with one warning, so the run
+        resumes from ``checkpoint-prev.pth`` when ``checkpoint-last.pth`` is broken.
+
+        Raises:
+            CheckpointError: the named checkpoint (or, with ``auto``, every one there) cannot be read.
+        """
+        if self.config.resume != "auto":
+            path = Path(self.config.resume)
+            return path, load_checkpoint(path)
+        unreadable = []
+        for path in checkpoints_newest_first(self.output_dir):
+            try:
+                state = load_checkpoint(path)
+            except CheckpointError as exc:
+                unreadable.append((path, exc))
+                continue
+            if unreadable and self.dist.is_main:
+                logger.warning("--resume auto: %s cannot be read (%s); resuming from %s, the newest checkpoint that can",
+                               ", ".join(p.name for p, _ in unreadable), unreadable[0][1], path.name)
+            return path, state
+        if unreadable:
+            raise unreadable[0][1]
+        return None, None
+
+    def _check_fits(self, path: Path, saved: dict, saved_config: dict | None) -> None:
+        """Refuse a checkpoint whose parameters this run's model does not have, naming the first differences.
+
+        Raises:
+            CheckpointError: naming up to three mismatched keys with both shapes, and the ``--model`` and
+                ``--input_size`` the checkpoint was written with.
+        """
+        own = self.model.state_dict()
+        problems = [f"{key} is missing from the checkpoint" if key not in saved else
+                    f"{key} is {list(saved[key].shape)} in the checkpoint, {list(value.shape)} here"
+                    for key, value in own.items() if key not in saved or tuple(saved[key].shape) != tuple(value.shape)]
+        problems += [f"{key} is in the checkpoint, not in this model" for key in saved if key not in own]
+        if not problems:
+            return
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        written = ""
+        if isinstance(saved_config, dict):
+            name = (saved_config.get("model") or {}).get("name")
+            size = (saved_config.get("data") or {}).get("input_size")
+            if name and size:
+                written = f"; it was written with --model {name} --input_size {size}: resume with those"
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this run's model (--model "
+                              f"{self.config.model.name} --input_size {self.config.data.input_size}): "
+                              f"{'; '.join(problems[:3])}{more}{written}")
 
     # ------------------------------------------------------------------ validation
 

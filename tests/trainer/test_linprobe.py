@@ -103,3 +103,15 @@ def test_torchrun_extracts_on_every_rank_and_gives_the_same_probe(tmp_path):
         torch.testing.assert_close(two[split], one[split], rtol=1e-5, atol=1e-6)
     assert json.loads((tmp_path / "two" / "results.json").read_text())["top1"] == \
         json.loads((tmp_path / "one" / "results.json").read_text())["top1"]
+
+
+def test_a_corrupt_safetensors_file_and_a_bad_input_size_are_one_line(tmp_path, capsys):
+    data = colored_classes(tmp_path / "data", per_class=2)
+    corrupt = tmp_path / "weights.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + bytes(64))
+    assert main(args(data, corrupt, tmp_path / "probe")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"cannot read checkpoint {str(corrupt)!r}" in err
+    assert main(args(data, checkpoint(tmp_path), tmp_path / "probe", "--input_size", "30")) == 2
+    err = capsys.readouterr().err
+    assert "--input_size" in err and "--img_size" not in err and "for example 16 or 32" in err and "got 30" in err

@@ -157,7 +157,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     good = out / "checkpoint-last.pth"
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(good.read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match="truncated or not a torch checkpoint"):
+    with pytest.raises(CheckpointError, match="it is not a checkpoint, or it is truncated"):
         MAETrainer(config_from_args(tiny_args(data, out, "--resume", str(truncated))))
     foreign = tmp_path / "foreign.pth"
     torch.save({"model": {"w": torch.zeros(1)}}, foreign)
