@@ -2,9 +2,12 @@
 
 One pipeline per run decodes the batches the main process feeds it: the encoded bytes of this
 rank's images in the order :mod:`mae_fast.data.sampler` deals them (files of a folder, or members
-of a shard set read front to back). It decodes only a random crop of each training image
-(``decoders.image_random_crop``, area 0.2-1.0, aspect 3/4-4/3) with ``device="mixed"`` on a GPU
-(CPU-only with ``device_id=None`` elsewhere), resizes it (bicubic), flips half of them, and writes
+of a shard set read front to back), with each training image's crop box and flip. The main process
+draws those from the slot's augmentation seed alone (:func:`mae_fast.data.transforms.train_crops`:
+the official area 0.2-1.0 and aspect 3/4-4/3, in pixels of the size its header gives), so a run
+resumed mid-epoch, whose pipeline is new, augments every remaining image as the uninterrupted run
+did. The pipeline decodes only that crop (``decoders.image_slice``) with ``device="mixed"`` on a
+GPU (CPU-only with ``device_id=None`` elsewhere), resizes it (bicubic), flips it as told, and writes
 CHW uint8 pixels (``dtype=torch.uint8``: the model's fused ops normalize them) or
 ImageNet-normalized floats. Decoding runs ``PREFETCH_DEPTH`` batches ahead of the training step.
 The nvJPEG hardware decoder's share (``hw_decoder_load``) is left at DALI's default: it has not
@@ -17,10 +20,10 @@ import logging
 
 import torch
 
-from mae_fast.data.files import encoded_problem
+from mae_fast.data.files import encoded_problem, image_size
 from mae_fast.data.sampler import batches_per_epoch, epoch_indices, shard_batches_per_epoch
 from mae_fast.errors import BackendUnavailableError, DataError
-from mae_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RATIO, SCALE
+from mae_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_crops
 
 logger = logging.getLogger("mae_fast")
 
@@ -44,12 +47,13 @@ def build_pipeline(batch_size: int, size: int, seed: int, device_id: int | None,
                    raw: bool = False, crop_decode: bool = True):
     """A built DALI pipeline that decodes the encoded images fed to its input ``"encoded"``, one batch per run.
 
-    Training: ``decoders.image_random_crop`` decodes only a random crop (area 0.2-1.0 of the image,
-    aspect 3/4-4/3, 10 attempts then the whole image's centre, the official distribution), then
-    resizes it to ``size`` (bicubic) and flips half of the images; ``crop_decode=False`` decodes
-    whole images and crops after (``random_resized_crop``, the same distribution), for comparison.
+    Training: each image's crop comes in through the inputs ``"anchor"`` and ``"shape"`` (float32 [2] each, x and
+    y in pixels of the image as stored) and its flip through ``"mirror"`` (int32 0 or 1), as
+    :func:`feed_training_batch` draws them. ``decoders.image_slice`` decodes only the crop, then it is resized to
+    ``size`` (bicubic) and flipped; ``crop_decode=False`` decodes whole images and crops after, for comparison.
     Evaluation: shorter side resized to ``size``, centre crop. Output [B, 3, size, size]: float32
-    ImageNet-normalized, or with ``raw`` the uint8 pixels (the fused ops normalize them on the device).
+    ImageNet-normalized, or with ``raw`` the uint8 pixels (the fused ops normalize them on the device). The
+    pipeline draws no random numbers of its own.
     """
     from nvidia.dali import fn, pipeline_def, types
 
@@ -59,19 +63,24 @@ def build_pipeline(batch_size: int, size: int, seed: int, device_id: int | None,
                   prefetch_queue_depth=PREFETCH_DEPTH)
     def pipe():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-        if train and crop_decode:
-            decoded = fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB,
-                                                    random_area=list(SCALE), random_aspect_ratio=list(RATIO),
-                                                    num_attempts=10)
-            images = fn.resize(decoded, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=False)
-        elif train:
-            decoded = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
-            images = fn.random_resized_crop(decoded, size=[size, size], random_area=list(SCALE),
-                                            random_aspect_ratio=list(RATIO), interp_type=types.INTERP_CUBIC)
+        if train:
+            anchor = fn.external_source(name="anchor", dtype=types.FLOAT, ndim=1)
+            shape = fn.external_source(name="shape", dtype=types.FLOAT, ndim=1)
+            mirror = fn.external_source(name="mirror", dtype=types.INT32, ndim=0)
+            # Boxes in pixels of the image as stored (EXIF orientation not applied, as the torch loader reads it),
+            # whose size the box was drawn for.
+            where = dict(normalized_anchor=False, normalized_shape=False)
+            if crop_decode:
+                cropped = fn.decoders.image_slice(encoded, anchor, shape, device=decoder, output_type=types.RGB,
+                                                  adjust_orientation=False, **where)
+            else:
+                decoded = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, adjust_orientation=False)
+                cropped = fn.slice(decoded, anchor, shape, **where)
+            images = fn.resize(cropped, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=False)
         else:
             decoded = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
             images = fn.resize(decoded, resize_shorter=size, interp_type=types.INTERP_CUBIC)
-        mirror = fn.random.coin_flip(probability=0.5) if train else 0
+            mirror = 0
         crop = None if train else (size, size)
         if raw:
             return fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW", crop=crop, mirror=mirror)
@@ -83,14 +92,29 @@ def build_pipeline(batch_size: int, size: int, seed: int, device_id: int | None,
     return pipeline
 
 
+def feed_training_batch(pipeline, arrays: list, seeds) -> None:
+    """Feed one training batch: the encoded images, and each one's crop (in pixels) and flip, drawn from its slot's
+    seed by :func:`~mae_fast.data.transforms.train_crops` for the size its header gives. An image whose header
+    tells no size gets its top-left pixel (DALI decodes it, or says why it cannot)."""
+    import numpy as np
+
+    sizes = [image_size(array) or (1, 1) for array in arrays]
+    boxes, flips, _ = train_crops([w for w, _ in sizes], [h for _, h in sizes], np.asarray(seeds, dtype=np.int64))
+    anchor, shape = boxes[:, :2].astype(np.float32), boxes[:, 2:].astype(np.float32)
+    pipeline.feed_input("encoded", arrays)
+    pipeline.feed_input("anchor", anchor)
+    pipeline.feed_input("shape", shape)
+    pipeline.feed_input("mirror", flips.astype(np.int32))
+
+
 class DaliLoader:
     """Iterates one rank's batches through one DALI pipeline, built once per run and fed each batch's encoded images.
 
     The epoch's order comes from :mod:`mae_fast.data.sampler` (a folder: a permutation dealt
     round-robin; a shard set: shards read front to back); the main process reads the encoded bytes
-    (files, or shard members) and feeds them, so resuming mid-epoch starts at the batch it left off
-    at. DALI draws augmentation from its own generator (seeded by seed and rank at build), so a
-    resumed run sees the remaining images, with fresh crops.
+    (files, or shard members) and feeds them with each image's crop and flip, drawn from its slot's
+    seed, so resuming mid-epoch starts at the batch it left off at and gives the same pixels the
+    uninterrupted run had.
     """
 
     backend = "dali"
@@ -128,7 +152,8 @@ class DaliLoader:
         return self.pipeline
 
     def _batches(self, epoch: int, start: int):
-        """Yield ``(encoded arrays, names, indices)`` per batch of ``epoch`` from batch ``start`` on."""
+        """Yield ``(encoded arrays, names, indices, seeds)`` per batch of ``epoch`` from batch ``start`` on (the
+        slots' augmentation seeds, as the sampler deals them)."""
         import numpy as np
 
         B = self.batch_size
@@ -140,6 +165,7 @@ class DaliLoader:
             for step, items in enumerate(batches):
                 indices, valid = batches.issued[step]
                 arrays, names, idx = [], [], torch.tensor(indices, dtype=torch.int64)
+                seeds = [seed for _, seed, _ in items]
                 fallback = next((k for k, ok in enumerate(valid)
                                  if ok and encoded_problem(items[k][0], "dali") is None), None)
                 for slot, (data, _, name) in enumerate(items):
@@ -152,16 +178,23 @@ class DaliLoader:
                         data, idx[slot] = items[fallback][0], -1
                     arrays.append(np.frombuffer(data, dtype=np.uint8))
                     names.append(name)
-                yield arrays, names, idx
+                yield arrays, names, idx, seeds
             return
-        indices, valid, _ = epoch_indices(self.num_samples, B, self.rank, self.world_size, epoch, self.seed,
-                                          shuffle=self.train)
+        indices, valid, seeds = epoch_indices(self.num_samples, B, self.rank, self.world_size, epoch, self.seed,
+                                              shuffle=self.train)
         for step in range(start, len(self)):
             chosen = indices[step * B:(step + 1) * B]
             names = [self.files[i] for i in chosen]
             idx = torch.from_numpy(chosen.copy())
             idx[~torch.from_numpy(valid[step * B:(step + 1) * B].copy())] = -1
-            yield [np.fromfile(name, dtype=np.uint8) for name in names], names, idx
+            yield [np.fromfile(name, dtype=np.uint8) for name in names], names, idx, seeds[step * B:(step + 1) * B]
+
+    def _feed(self, pipeline, batch) -> None:
+        arrays, _, _, seeds = batch
+        if self.train:
+            feed_training_batch(pipeline, arrays, seeds)
+        else:
+            pipeline.feed_input("encoded", arrays)
 
     def epoch(self, epoch: int, start: int = 0):
         """Yield ``(images [B, 3, S, S] on device in dtype, indices [B] int64 with -1 for padding)``,
@@ -178,18 +211,17 @@ class DaliLoader:
                 if not fed:
                     return
                 for k in range(PREFETCH_DEPTH):
-                    arrays, names, idx = fed[min(k, len(fed) - 1)]
-                    pipeline.feed_input("encoded", arrays)
-                    pending.append((names, idx) if k < len(fed) else None)
+                    batch = fed[min(k, len(fed) - 1)]
+                    self._feed(pipeline, batch)
+                    pending.append(batch[1:3] if k < len(fed) else None)
                 pipeline.schedule_run()
                 self.primed = True
                 return
             batch = next(batches, None)
             if batch is not None:
-                arrays, names, idx = batch
-                pipeline.feed_input("encoded", arrays)
+                self._feed(pipeline, batch)
                 pipeline.schedule_run()
-                pending.append((names, idx))
+                pending.append(batch[1:3])
 
         schedule()
         if self.primed:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mae_fast.checkpoint import CheckpointError, load_checkpoint
+from mae_fast.data import dali_unavailable_reason
 from mae_fast.errors import ConfigError
 from mae_fast.pretrain import config_from_args, main
 from mae_fast.trainer import MAETrainer, NonFiniteLossError, lr_at
@@ -88,6 +89,18 @@ def test_the_epoch_mean_in_log_txt_after_a_mid_epoch_resume_is_the_uninterrupted
     straight, split = epoch_lines(tmp_path / "straight"), epoch_lines(tmp_path / "split")
     assert [e["epoch"] for e in split] == [0, 1]
     assert [e["train_loss"] for e in split] == pytest.approx([e["train_loss"] for e in straight], rel=1e-6)
+
+
+@pytest.mark.skipif(dali_unavailable_reason() is not None, reason=str(dali_unavailable_reason()))
+def test_a_dali_run_resumed_mid_epoch_trains_like_one_run(tmp_path):
+    # The resumed run's pipeline is new: its crops and flips still follow each slot's seed.
+    data = write_images(tmp_path / "data", 16)
+    dali = ("--data_backend", "dali", "--log_every", "1")
+    straight = trained(tiny_args(data, tmp_path / "straight", *dali, "--max_steps", "6"))
+    first = trained(tiny_args(data, tmp_path / "split", *dali, "--max_steps", "3"))  # stops inside epoch 0
+    second = trained(tiny_args(data, tmp_path / "split", *dali, "--max_steps", "6", "--resume", "auto"))
+    joined = first.history + second.history
+    assert [v for _, v in joined] == pytest.approx([v for _, v in straight.history], rel=1e-6)
 
 
 def test_a_prepared_shard_set_trains_and_resumes_mid_epoch_like_one_run(tmp_path):
