@@ -41,7 +41,7 @@ def test_a_marked_slot_takes_no_part_in_the_loss_nor_the_image_count(tmp_path, b
     assert black.history[0][1] == pytest.approx(white.history[0][1], rel=1e-6)  # the loss ignores its pixels
     for (name, a), b in zip(black.model.state_dict().items(), white.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)  # and so does the update
-    assert black.progress.epoch_images == 3  # of the batch's 4 slots
+    assert black.progress.images == black.progress.epoch_images_here == 3  # of the batch's 4 slots
 
 
 class MarkingLoader:
