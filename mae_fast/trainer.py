@@ -473,8 +473,8 @@ class MAETrainer:
                     if 0 <= stats.excursion_start < stats.first_nonfinite else "")
             raise NonFiniteLossError(
                 f"the loss became non-finite at step {stats.first_nonfinite} ({self.where()}){left}; stopping "
-                f"without saving. The newest checkpoint written before the "
-                f"loss left its normal range is {good or 'none (none was written)'}", checkpoint=good)
+                f"without saving. The newest checkpoint written before the loss left its normal range is "
+                f"{good or 'none (none was written)'}", checkpoint=good)
         if stats.excursion_start >= 0 and stats.excursion_start != self._warned_excursion and self.dist.is_main:
             logger.warning("the loss left its normal range at step %d (above %g x its normal level %.4g); checkpoints "
                            "from step %d on are not named good until it has been back in range for %d steps",
@@ -694,8 +694,8 @@ class MAETrainer:
                 unreadable.append((path, exc))
                 continue
             if unreadable and self.dist.is_main:
-                logger.warning("--resume auto: %s cannot be read (%s); resuming from %s, the newest checkpoint that can",
-                               ", ".join(p.name for p, _ in unreadable), unreadable[0][1], path.name)
+                logger.warning("--resume auto: %s cannot be read (%s); resuming from %s, the newest checkpoint that "
+                               "can", ", ".join(p.name for p, _ in unreadable), unreadable[0][1], path.name)
             return path, state
         if unreadable:
             raise unreadable[0][1]

@@ -1,6 +1,5 @@
 """Marked slots (index -1: padding, or an image that does not decode) take no part in training or in features."""
 
-import numpy as np
 import pytest
 import torch
 
