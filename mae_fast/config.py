@@ -256,7 +256,8 @@ class RunConfig:
     epochs: int | None = None
     """--epochs: epochs to train (default 400; 20 for the demo)."""
     start_epoch: int = 0
-    """--start_epoch: first epoch, below --epochs (a checkpoint given by --resume overrides it)."""
+    """--start_epoch: first epoch, 0-based as in the official script (1 skips the first), below --epochs (a checkpoint
+    given by --resume overrides it)."""
     accum_iter: int = 1
     """--accum_iter: gradient accumulation steps per optimizer step (derived from --global_batch when that is
     given)."""
@@ -289,13 +290,16 @@ class RunConfig:
     fsdp: bool = False
     """--fsdp: shard parameters, gradients and optimizer state (FSDP2) instead of DDP."""
     save_every: int = 20
-    """--save_every: write checkpoint-<epoch>.pth every N epochs (and at the end)."""
+    """--save_every: write checkpoint-<epoch>.pth every N epochs (and at the end); <epoch> is 0-based, as in the
+    official names: checkpoint-19.pth is the 20th epoch's."""
     save_last_every: int = 500
     """--save_last_every: write the rolling checkpoint-last.pth every N optimizer steps (0: only at epoch ends); the
     one before it is kept as checkpoint-prev.pth while the loss was in its normal range."""
     loss_spike_factor: float = 3.0
-    """--loss_spike_factor: a step loss above this many times its recent mean counts as having left the normal range
-    (as NaN and inf do): checkpoints from then on are not named good (0: only NaN and inf count)."""
+    """--loss_spike_factor: a step loss above this many times its normal level (the median of the recent in-range
+    losses, at most the loss the run started at) counts as having left the normal range (as NaN and inf do):
+    checkpoints from then on are not named good, and a run that ends out of range exits 1 (0: only NaN and inf
+    count)."""
     dist_timeout: float = 900.0
     """--dist_timeout: seconds a collective may wait for the other ranks before the job stops with an error (a
     stalled or dead rank); above a first compile and a large checkpoint write."""

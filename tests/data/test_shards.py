@@ -199,6 +199,23 @@ def test_resuming_mid_epoch_continues_with_the_unseen_images(tmp_path, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_loader_built_anew_resumes_mid_epoch_with_the_same_augmented_pixels(tmp_path, backend):
+    from image_files import write_coordinate_image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, (width, height) in enumerate([(200, 160), (120, 180), (90, 90), (160, 100), (150, 150), (110, 70)]):
+        write_coordinate_image(folder / f"coords{i}.png", width, height)
+    from mae_fast.prepare import prepare
+
+    prepare(str(folder), str(tmp_path / "shards"), max_side=200, shard_size=40_000, workers=1)
+    full = [images for images, _ in loader(tmp_path / "shards", backend, batch=2, size=32).epoch(1)]
+    rest = [images for images, _ in loader(tmp_path / "shards", backend, batch=2, size=32).epoch(1, start=1)]
+    assert len(rest) == len(full) - 1
+    assert all(torch.equal(a, b) for a, b in zip(full[1:], rest))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_bad_member_is_skipped_and_named(tmp_path, backend, caplog):
     import io
     path = tmp_path / "shard-000000.tar"

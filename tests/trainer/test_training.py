@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mae_fast.checkpoint import CheckpointError, load_checkpoint
+from mae_fast.data import dali_unavailable_reason
 from mae_fast.errors import ConfigError
 from mae_fast.pretrain import config_from_args, main
 from mae_fast.trainer import MAETrainer, NonFiniteLossError
@@ -111,6 +112,32 @@ def test_resume_continues_the_same_run(tmp_path):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
 
 
+def test_the_epoch_mean_in_log_txt_after_a_mid_epoch_resume_is_the_uninterrupted_runs(tmp_path):
+    data = write_images(tmp_path / "data", 16)  # 4 batches an epoch
+    trained(tiny_args(data, tmp_path / "straight", "--log_every", "100"))
+    trained(tiny_args(data, tmp_path / "split", "--log_every", "100", "--max_steps", "3"))  # stops in epoch 0
+    trained(tiny_args(data, tmp_path / "split", "--log_every", "100", "--resume", "auto"))
+
+    def epoch_lines(out):
+        return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+
+    straight, split = epoch_lines(tmp_path / "straight"), epoch_lines(tmp_path / "split")
+    assert [e["epoch"] for e in split] == [0, 1]
+    assert [e["train_loss"] for e in split] == pytest.approx([e["train_loss"] for e in straight], rel=1e-6)
+
+
+@pytest.mark.skipif(dali_unavailable_reason() is not None, reason=str(dali_unavailable_reason()))
+def test_a_dali_run_resumed_mid_epoch_trains_like_one_run(tmp_path):
+    # The resumed run's pipeline is new: its crops and flips still follow each slot's seed.
+    data = write_images(tmp_path / "data", 16)
+    dali = ("--data_backend", "dali", "--log_every", "1")
+    straight = trained(tiny_args(data, tmp_path / "straight", *dali, "--max_steps", "6"))
+    first = trained(tiny_args(data, tmp_path / "split", *dali, "--max_steps", "3"))  # stops inside epoch 0
+    second = trained(tiny_args(data, tmp_path / "split", *dali, "--max_steps", "6", "--resume", "auto"))
+    joined = first.history + second.history
+    assert [v for _, v in joined] == pytest.approx([v for _, v in straight.history], rel=1e-6)
+
+
 def test_a_prepared_shard_set_trains_and_resumes_mid_epoch_like_one_run(tmp_path):
     from mae_fast.prepare import prepare
     data = write_images(tmp_path / "data", 16)
@@ -178,7 +205,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     good = out / "checkpoint-last.pth"
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(good.read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match="truncated or not a torch checkpoint"):
+    with pytest.raises(CheckpointError, match="it is not a checkpoint, or it is truncated"):
         MAETrainer(config_from_args(tiny_args(data, out, "--resume", str(truncated))))
     foreign = tmp_path / "foreign.pth"
     torch.save({"model": {"w": torch.zeros(1)}}, foreign)
