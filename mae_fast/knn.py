@@ -14,14 +14,13 @@ features are gathered so that each rank holds them all; the vote itself is a few
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from mae_fast.data.files import IMAGE_EXTENSIONS, scan_images
+from mae_fast.data.files import class_folder_images, class_root, scan_images
 from mae_fast.errors import DataError
 
 K = 20
@@ -29,28 +28,18 @@ TEMPERATURE = 0.07
 
 
 def labeled_images(path: str | os.PathLike, split: str) -> tuple[list[str], np.ndarray, list[str]]:
-    """``(files, labels, classes)`` of an ImageNet-layout folder: ``path/split/<class>/*`` or ``path/<class>/*``.
+    """``(files, labels, classes)`` of an ImageNet-layout folder: ``path/split/<class>/*`` or ``path/<class>/*``
+    (:func:`mae_fast.data.files.class_folder_images`).
 
     Raises:
         DataError: the folder is missing, or holds no class sub-folders with images (a flat folder: kNN needs
             classes), naming the folder.
     """
-    root = Path(path).expanduser()
-    if (root / split).is_dir():
-        root = root / split
-    if not root.is_dir():
-        raise DataError(f"{str(root)!r} does not exist or is not a folder")
-    classes, files, labels = [], [], []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        members = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        if members:
-            labels += [len(classes)] * len(members)
-            classes.append(folder.name)
-            files += members
+    files, labels, classes = class_folder_images(path, split)
     if not classes:
-        raise DataError(f"the kNN monitor needs classes: {str(root)!r} has no class sub-folders with images "
-                        "(ImageNet layout: <folder>/<class>/*.JPEG)")
-    return files, np.asarray(labels, dtype=np.int64), classes
+        raise DataError(f"the kNN monitor needs classes: {str(class_root(path, split))!r} has no class sub-folders "
+                        "with images (ImageNet layout: <folder>/<class>/*.JPEG)")
+    return files, labels, classes
 
 
 def weighted_knn(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,

@@ -71,6 +71,53 @@ def find_images(path: str | os.PathLike, split: str = "train") -> list[str]:
     return files
 
 
+def class_root(path: str | os.PathLike, split: str) -> Path:
+    """The folder whose sub-folders are the classes: ``path/split`` when that folder exists, else ``path``."""
+    root = Path(path).expanduser()
+    return root / split if (root / split).is_dir() else root
+
+
+def folder_classes(root: str | os.PathLike, files: list[str]) -> tuple[list[str], list[int | None]]:
+    """The classes of ``files`` (paths under ``root``) by ImageNet layout: ``root/<class>/**``.
+
+    The classes are the names of the sub-folders of ``root`` that hold at least one of ``files``, sorted, so a
+    class's index is its position in that list: the order of torchvision's ``ImageFolder``, wherever that
+    accepts the folder (it refuses a class folder without images). A file directly in ``root`` has no class
+    (None).
+
+    Returns:
+        ``classes`` (sorted names) and each file's class index (or None).
+    """
+    root = Path(root).expanduser()
+    folders = []
+    for name in files:
+        parts = Path(name).relative_to(root).parts
+        folders.append(parts[0] if len(parts) > 1 else None)
+    classes = sorted({folder for folder in folders if folder is not None})
+    index = {name: i for i, name in enumerate(classes)}
+    return classes, [None if folder is None else index[folder] for folder in folders]
+
+
+def class_folder_images(path: str | os.PathLike, split: str) -> tuple[list[str], np.ndarray, list[str]]:
+    """``(files, labels, classes)`` of an ImageNet-layout folder: ``path/split/<class>/**`` or ``path/<class>/**``.
+
+    ``classes`` follow :func:`folder_classes` (torchvision's ``ImageFolder`` order); ``files`` are grouped by
+    class in that order and sorted within each class (as ``ImageFolder`` lists flat class folders), and
+    ``labels`` int64 gives each one's class index. Images directly in the folder belong to no class and are not
+    listed (``ImageFolder`` leaves them out too); a folder without class sub-folders gives three empty results.
+
+    Raises:
+        DataError: the folder does not exist or is not a folder.
+    """
+    root = class_root(path, split)
+    if not root.is_dir():
+        raise DataError(f"{str(root)!r} does not exist or is not a folder")
+    files = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    classes, labels = folder_classes(root, files)
+    kept = sorted((label, f) for f, label in zip(files, labels) if label is not None)
+    return [f for _, f in kept], np.asarray([label for label, _ in kept], dtype=np.int64), classes
+
+
 def image_format(head: bytes) -> str | None:
     """The format named by a file's first bytes (JPEG, PNG, BMP, WEBP, TIFF, GIF), or None."""
     return next((name for signature, name in _SIGNATURES.items() if head.startswith(signature)), None)
