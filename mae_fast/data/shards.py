@@ -11,8 +11,10 @@ again after :data:`RETRY_DELAYS` (continuing after the images already read), the
 :class:`ShardReadError`.
 
 A sample is the group of members that share a name up to the first dot of the file name
-(WebDataset's rule); its image is its ``jpg``, ``jpeg``, ``png`` or ``webp`` member, and every
-other member is ignored. Samples without an image are not counted.
+(WebDataset's rule); its image is its ``jpg``, ``jpeg``, ``png`` or ``webp`` member, its class (for
+fine-tuning) its ``cls`` member (the class index as text), and every other member is ignored.
+Samples without an image are not counted. The class names, where the set records them, are the
+manifest's ``classes``.
 
 Shards are only ever read front to back (:func:`stream_images`), so a local disk, a network file
 system and an object store are read the same way. Planning an epoch needs each shard's image
@@ -45,6 +47,8 @@ logger = logging.getLogger("mae_fast")
 
 #: The members that hold a sample's image (compared case-insensitively).
 IMAGE_MEMBER_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+#: The member that holds a sample's class index, as text (WebDataset's convention).
+LABEL_MEMBER_EXTENSION = "cls"
 MANIFEST_NAME = "manifest.json"
 #: Seconds a command or URL may send nothing, at its start or in the middle of a shard (``--shard_timeout``).
 DEFAULT_SHARD_TIMEOUT = 600.0
@@ -297,11 +301,13 @@ class _CommandStream(io.RawIOBase):
 
 @dataclass
 class ShardImage:
-    """One image of a shard: its sample key, member name and encoded bytes."""
+    """One image of a shard: its sample key, member name and encoded bytes, and (read when asked for) the text of
+    the sample's ``cls`` member (None when it has none)."""
 
     key: str
     name: str
     data: bytes
+    cls: str | None = None
 
 
 class ShardTruncated(DataError):
@@ -320,8 +326,11 @@ def _split(name: str) -> tuple[str, str]:
     return name[:len(name) - len(base) + dot], base[dot + 1:].lower()
 
 
-def stream_images(path: str, skip: int = 0, timeout: float = DEFAULT_SHARD_TIMEOUT):
+def stream_images(path: str, skip: int = 0, timeout: float = DEFAULT_SHARD_TIMEOUT, labels: bool = False):
     """Yield each sample's image in ``path`` as a :class:`ShardImage`, front to back, after the first ``skip``.
+
+    With ``labels``, each image carries the text of its sample's ``cls`` member (read from the index's offsets,
+    or, in a tar stream, once the sample's members have all been read, whatever their order).
 
     A remote shard (a command, a URL) whose read fails is opened again after each of
     :data:`RETRY_DELAYS` (with one warning each) and read on after the images already yielded; a
@@ -341,19 +350,19 @@ def stream_images(path: str, skip: int = 0, timeout: float = DEFAULT_SHARD_TIMEO
         DataError: a local shard cannot be opened.
     """
     if is_remote(path):
-        yield from _remote_images(path, skip, timeout)
+        yield from _remote_images(path, skip, timeout, labels)
         return
     entries = None if _stale_key(path) in _STALE_INDEXES else read_index_entries(path)
     if entries is not None:
-        yield from _indexed_images(path, entries, skip)
+        yield from _indexed_images(path, entries, skip, labels)
     else:
-        yield from _tar_images(path, skip)
+        yield from _tar_images(path, skip, labels=labels)
 
 
-def _remote_images(path: str, skip: int, timeout: float):
+def _remote_images(path: str, skip: int, timeout: float, labels: bool = False):
     done = skip
     for attempt in range(len(RETRY_DELAYS) + 1):
-        images = _tar_images(path, done, timeout)
+        images = _tar_images(path, done, timeout, labels)
         try:
             for image in images:
                 done += 1
@@ -405,14 +414,14 @@ def _header_mismatch(header: bytes, name: str, length: int) -> str | None:
     return None
 
 
-def _indexed_images(path: str, entries: list[tuple[str, int, int, str]], skip: int):
+def _indexed_images(path: str, entries: list[IndexEntry], skip: int, labels: bool = False):
     local = os.path.expanduser(path)
     try:
         fd = os.open(local, os.O_RDONLY)
     except OSError as exc:
         raise DataError(f"cannot open shard {path!r}: {exc}") from exc
     try:
-        for count, (key, offset, length, name) in enumerate(entries[skip:], start=skip):
+        for count, (key, offset, length, name, label) in enumerate(entries[skip:], start=skip):
             block = os.pread(fd, length + 512, offset - 512) if offset >= 512 else b""
             mismatch = "no room for a tar header before it" if offset < 512 else \
                 _header_mismatch(block[:512], name, length) if len(block) >= 512 else None  # else: past the end
@@ -426,45 +435,73 @@ def _indexed_images(path: str, entries: list[tuple[str, int, int, str]], skip: i
             if len(data) != length:
                 raise ShardTruncated(f"shard {path!r} is cut short or damaged after {count} images "
                                      f"({name} lies past its end)", count)
-            yield ShardImage(key, f"{path}#{name}", data)
+            cls = None
+            if labels and label is not None:
+                cls = os.pread(fd, label[1], label[0]).decode("utf-8", "replace")
+            yield ShardImage(key, f"{path}#{name}", data, cls)
         else:
             return
     finally:
         os.close(fd)
-    yield from _tar_images(path, count)
+    yield from _tar_images(path, count, labels=labels)
 
 
-def _tar_images(path: str, skip: int, timeout: float = DEFAULT_SHARD_TIMEOUT):
+def _tar_images(path: str, skip: int, timeout: float = DEFAULT_SHARD_TIMEOUT, labels: bool = False):
     stream = open_shard(path, timeout)
-    count = 0
+    count, held = 0, None
     try:
         try:
             mode = "r:" if not is_remote(path) else "r|"
             with tarfile.open(fileobj=stream, mode=mode) as tar:
                 last_key = None
+                # With labels, a sample's image is held until its last member has been read: its cls member may
+                # come before or after the image.
+                group_key, group_cls = None, None
                 for member in tar:
                     if not member.isfile():
                         continue
                     key, ext = _split(member.name)
+                    if labels and key != group_key:
+                        if held is not None:
+                            held.cls = group_cls
+                            yield held
+                            held = None
+                        group_key, group_cls = key, None
+                    if labels and ext.rsplit(".", 1)[-1] == LABEL_MEMBER_EXTENSION:
+                        group_cls = _read_member(tar, member).decode("utf-8", "replace")
+                        continue
                     if ext.rsplit(".", 1)[-1] not in IMAGE_MEMBER_EXTENSIONS or key == last_key:
                         continue  # not an image, or a second image of the same sample
                     last_key = key
                     if count < skip:
                         count += 1
                         continue
-                    f = tar.extractfile(member)
-                    data = f.read() if f is not None else b""
-                    if len(data) != member.size:
-                        raise tarfile.ReadError(f"member {member.name} is cut short")
+                    image = ShardImage(key, f"{path}#{member.name}", _read_member(tar, member))
                     count += 1
-                    yield ShardImage(key, f"{path}#{member.name}", data)
+                    if labels:
+                        held = image
+                    else:
+                        yield image
+                if held is not None:
+                    held.cls = group_cls
+                    yield held
+                    held = None
             if isinstance(stream, _CommandStream):
                 stream.finish()  # a complete tar from a command that then failed is a failure too
         except (tarfile.TarError, EOFError, OSError) as exc:
+            count -= held is not None  # an image held for its sample's cls member was not delivered
             raise ShardTruncated(f"shard {path!r} is cut short or damaged after {count} images "
                                  f"({type(exc).__name__}: {exc})", count) from exc
     finally:
         stream.close()
+
+
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    f = tar.extractfile(member)
+    data = f.read() if f is not None else b""
+    if len(data) != member.size:
+        raise tarfile.ReadError(f"member {member.name} is cut short")
+    return data
 
 
 # ---------------------------------------------------------------------------------------------- counting
@@ -475,8 +512,13 @@ def index_path(path: str) -> str:
     return path + ".idx" if not path.endswith(".tar") else path[:-4] + ".idx"
 
 
-def read_index_entries(path: str) -> list[tuple[str, int, int, str]] | None:
-    """Each sample's image member in a local shard's DALI index file, as ``(key, offset, size, name)``, or None.
+#: A sample of a DALI index file: ``(key, offset, size, name)`` of its image member, and ``(offset, size)`` of its
+#: ``cls`` member (None when it has none).
+IndexEntry = tuple[str, int, int, str, "tuple[int, int] | None"]
+
+
+def read_index_entries(path: str) -> list[IndexEntry] | None:
+    """Each sample's image member in a local shard's DALI index file (see :data:`IndexEntry`), or None.
 
     None when there is no index file, it is not DALI's v1.2 format, or it is older than the shard
     (the shard was replaced since).
@@ -492,11 +534,16 @@ def read_index_entries(path: str) -> list[tuple[str, int, int, str]] | None:
             entries = []
             for line in f:
                 fields = line.split()
+                image, label = None, None
                 for i in range(0, len(fields) - 3, 4):
                     ext, offset, size, name = fields[i].lower(), int(fields[i + 1]), int(fields[i + 2]), fields[i + 3]
-                    if ext.rsplit(".", 1)[-1] in IMAGE_MEMBER_EXTENSIONS:
-                        entries.append((_split(name)[0], offset, size, name))
-                        break
+                    last = ext.rsplit(".", 1)[-1]
+                    if last in IMAGE_MEMBER_EXTENSIONS and image is None:
+                        image = (_split(name)[0], offset, size, name)
+                    elif last == LABEL_MEMBER_EXTENSION and label is None:
+                        label = (offset, size)
+                if image is not None:
+                    entries.append((*image, label))
             return entries
     except (OSError, ValueError, IndexError):
         return None
@@ -561,18 +608,29 @@ def scan_shard(path: str, timeout: float = DEFAULT_SHARD_TIMEOUT) -> tuple[int, 
 
 def read_manifest(paths: list[str]) -> dict[str, dict]:
     """Per-shard records (``count``, ``bytes``, ``sha256``) from the manifest beside the shards, by shard file name."""
+    return _manifest(paths)[0]
+
+
+def _manifest(paths: list[str]) -> tuple[dict[str, dict], list[str] | None]:
+    """The manifest beside the shards: its per-shard records by file name, and its class names (None when it
+    records none, as a set of a flat folder, or one prepared before classes were recorded)."""
     if not paths or is_remote(paths[0]):
         folder = None
     else:
         folder = Path(os.path.expanduser(paths[0])).parent
     if folder is None or not (folder / MANIFEST_NAME).is_file():
-        return {}
+        return {}, None
     try:
         manifest = json.loads((folder / MANIFEST_NAME).read_text())
-        return {record["name"]: record for record in manifest.get("shards", [])}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        records = {record["name"]: record for record in manifest.get("shards", [])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         logger.warning("ignoring %s: %s", folder / MANIFEST_NAME, exc)
-        return {}
+        return {}, None
+    classes = manifest.get("classes")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        logger.warning("ignoring the classes of %s: not a list of names", folder / MANIFEST_NAME)
+        classes = None
+    return records, classes
 
 
 @dataclass
@@ -583,6 +641,8 @@ class ShardSet:
     counts: list[int]
     timeout: float = DEFAULT_SHARD_TIMEOUT
     """Seconds a remote shard may send nothing (``--shard_timeout``)."""
+    classes: list[str] | None = None
+    """The class names the manifest records (index i is ``cls`` value i), or None."""
 
     @property
     def num_samples(self) -> int:
@@ -601,7 +661,7 @@ def load_shard_set(spec: str, workers: int = 8, timeout: float = DEFAULT_SHARD_T
         ShardReadError: a remote shard kept failing while it was counted.
     """
     paths = shard_paths(spec)
-    manifest = read_manifest(paths)
+    manifest, classes = _manifest(paths)
     counts: list[int | None] = [None] * len(paths)
     changed = []
     for i, path in enumerate(paths):
@@ -652,14 +712,33 @@ def load_shard_set(spec: str, workers: int = 8, timeout: float = DEFAULT_SHARD_T
     if empty:
         logger.warning("%d shard(s) hold no images and are left out: %s", len(empty), ", ".join(empty[:5]))
     kept = [(p, int(c)) for p, c in zip(paths, counts) if c]
-    return ShardSet([p for p, _ in kept], [c for _, c in kept], timeout)
+    return ShardSet([p for p, _ in kept], [c for _, c in kept], timeout, classes)
+
+
+def read_labels(path: str, timeout: float = DEFAULT_SHARD_TIMEOUT) -> list[str | None]:
+    """The text of each image sample's ``cls`` member in a shard, in order (None for a sample without one).
+
+    A local shard with an index file has only its ``cls`` members read; any other is read whole.
+
+    Raises:
+        ShardTruncated, ShardReadError, DataError: as :func:`stream_images`.
+    """
+    if not is_remote(path) and _stale_key(path) not in _STALE_INDEXES:
+        entries = read_index_entries(path)
+        if entries is not None:
+            with open(os.path.expanduser(path), "rb") as f:
+                fd = f.fileno()
+                return [None if label is None else os.pread(fd, label[1], label[0]).decode("utf-8", "replace")
+                        for *_, label in entries]
+    return [image.cls for image in stream_images(path, timeout=timeout, labels=True)]
 
 
 # ---------------------------------------------------------------------------------------------- an epoch's images
 
 
-def plan_images(shard_set: ShardSet, plan, start: int = 0):
-    """Yield ``(slot, dataset_index, image)`` for the real slots of ``plan`` from slot ``start`` on, in slot order.
+def plan_images(shard_set: ShardSet, plan, start: int = 0, labels: bool = False):
+    """Yield ``(slot, dataset_index, image)`` for the real slots of ``plan`` from slot ``start`` on, in slot order
+    (with ``labels``, each image carrying its sample's ``cls`` text; see :func:`stream_images`).
 
     ``plan`` is a :class:`mae_fast.data.sampler.ShardPlan` over ``shard_set``; its lanes are read
     front to back, each from the shard holding its first position (skipping within it when
@@ -675,7 +754,8 @@ def plan_images(shard_set: ShardSet, plan, start: int = 0):
     cum = np.concatenate([[0], np.cumsum(plan.counts)])  # in the epoch's shard order
     set_cum = np.concatenate([[0], np.cumsum(shard_set.counts)])  # in the set's order
     done_before = np.bincount(plan.lane_of[:start], minlength=len(plan.lanes))
-    lanes = [_lane(shard_set, plan, cum, set_cum, a + int(done_before[k]), b) for k, (a, b) in enumerate(plan.lanes)]
+    lanes = [_lane(shard_set, plan, cum, set_cum, a + int(done_before[k]), b, labels)
+             for k, (a, b) in enumerate(plan.lanes)]
     try:
         for slot in range(start, real):
             position, index, image = next(lanes[plan.lane_of[slot]])
@@ -687,7 +767,7 @@ def plan_images(shard_set: ShardSet, plan, start: int = 0):
             lane.close()
 
 
-def _lane(shard_set: ShardSet, plan, cum, set_cum, first: int, end: int):
+def _lane(shard_set: ShardSet, plan, cum, set_cum, first: int, end: int, labels: bool = False):
     import numpy as np
 
     position = first
@@ -697,7 +777,7 @@ def _lane(shard_set: ShardSet, plan, cum, set_cum, first: int, end: int):
         path, expected = shard_set.paths[shard], int(plan.counts[s])
         member = position - int(cum[s])
         stop = min(end, int(cum[s + 1]))
-        images = stream_images(path, skip=member, timeout=shard_set.timeout)
+        images = stream_images(path, skip=member, timeout=shard_set.timeout, labels=labels)
         try:
             for image in images:
                 yield position, int(set_cum[shard]) + member, image
