@@ -8,6 +8,13 @@ an order shuffled by ``--seed``, into shards of about ``--shard_size`` bytes:
 ``DST/manifest.json`` records the image counts, each shard's size and SHA-256, the source and the
 settings. The set trains with the same flags as a folder: ``--data_path DST``.
 
+Each image of an ImageNet-style source keeps its class: its sample carries a ``cls`` member, the
+index of its class folder among the sorted class folder names (torchvision's ``ImageFolder``
+order), as text, and the manifest records the names (``"classes"``), so the set fine-tunes as the
+folder does. A flat folder gives no ``cls`` members and no ``classes``; an image lying directly in
+an ImageNet-style source, beside its class folders, gets no ``cls`` either (it is named in a
+warning). Pretraining reads only the images, with or without classes.
+
 Work runs on all cores (``--workers``) with a progress line. Unreadable files are left out and
 listed (in the log, in ``DST/skipped.txt`` and in the manifest). A shard is written under a
 temporary name and renamed once complete, so no partial shard ever carries a final name. Stopping
@@ -44,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mae_fast.data.files import find_images, open_rgb
+from mae_fast.data.files import class_root, find_images, folder_classes, open_rgb
 from mae_fast.data.shards import MANIFEST_NAME, index_path, scan_shard, write_index
 from mae_fast.errors import ConfigError, DataError, MaeFastError, OutputDirError
 
@@ -128,10 +135,13 @@ class ShardWriter:
     def size(self) -> int:
         return self.tar.offset
 
-    def add(self, key: str, data: bytes) -> None:
-        info = tarfile.TarInfo(f"{key}.jpg")
-        info.size, info.mtime, info.mode = len(data), 0, 0o644
-        self.tar.addfile(info, io.BytesIO(data))
+    def add(self, key: str, data: bytes, label: int | None = None) -> None:
+        """Add the sample ``key``: its JPEG, and its class index as a ``cls`` member when it has one."""
+        members = [(f"{key}.jpg", data)] + ([(f"{key}.cls", str(label).encode())] if label is not None else [])
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(payload), 0, 0o644
+            self.tar.addfile(info, io.BytesIO(payload))
         self.count += 1
 
     def finish(self) -> dict:
@@ -235,8 +245,9 @@ def prepare(src: str, dst: str, max_side: int = 256, quality: int = 90, shard_si
     workers = workers or os.cpu_count() or 1
     source = os.path.abspath(os.path.expanduser(src))
     files = find_images(source)
+    classes, labels = folder_classes(class_root(source, "train"), files)
     order = np.random.default_rng(seed).permutation(len(files))
-    files = [files[i] for i in order]
+    files, labels = [files[i] for i in order], [labels[i] for i in order]
     settings = {"max_side": max_side, "quality": quality, "shard_size": shard_size, "seed": seed}
     out = Path(os.path.expanduser(dst))
     try:
@@ -247,6 +258,13 @@ def prepare(src: str, dst: str, max_side: int = 256, quality: int = 90, shard_si
     digest = _files_digest(files)
     manifest = {"version": MANIFEST_VERSION, "source": source, "settings": settings, "files_digest": digest,
                 "images": 0, "shards": [], "skipped": [], "complete": False, "writing": None}
+    if classes:
+        manifest["classes"] = classes
+        unlabeled = [f for f, label in zip(files, labels) if label is None]
+        if unlabeled:
+            logger.warning("prepare: %d image(s) lie directly in %s, beside its class folders: they belong to no "
+                           "class and get no cls member (e.g. %s)", len(unlabeled), class_root(source, "train"),
+                           unlabeled[0])
     old = None
     if (out / MANIFEST_NAME).is_file():
         try:
@@ -256,8 +274,12 @@ def prepare(src: str, dst: str, max_side: int = 256, quality: int = 90, shard_si
         if not isinstance(old, dict) or "settings" not in old or "shards" not in old:
             raise ConfigError(f"{out / MANIFEST_NAME} is not a manifest of prepare; give an empty or new folder")
         started = bool(old.get("shards"))  # a manifest without shards holds nothing worth keeping
+        if started and old.get("classes") is None and classes and old.get("source") == source:
+            raise ConfigError(f"{str(out)!r} holds a shard set prepared from {source!r} without its classes (by an "
+                              "earlier prepare); use an empty folder, or remove its manifest.json to prepare it again "
+                              "with a cls member per image")
         if started and (old.get("source") != source or old.get("settings") != settings
-                        or old.get("files_digest") != digest):
+                        or old.get("files_digest") != digest or old.get("classes") != manifest.get("classes")):
             raise ConfigError(f"{str(out)!r} holds a shard set prepared from another source, other settings or "
                               f"another set of files ({old.get('source')!r}, {old.get('settings')}); use an empty "
                               "folder, or remove its manifest.json to start over")
@@ -302,7 +324,7 @@ def prepare(src: str, dst: str, max_side: int = 256, quality: int = 90, shard_si
                     manifest["writing"] = name  # recorded before any byte of it is written
                     _write_manifest(out, manifest)
                     writer, first = ShardWriter(out / name), i
-                writer.add(f"{i:09d}", data)
+                writer.add(f"{i:09d}", data, labels[i])
                 if writer.size >= shard_size:
                     manifest["shards"].append(dict(writer.finish(), first=first, end=i + 1))
                     writer = None
