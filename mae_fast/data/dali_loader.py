@@ -176,7 +176,7 @@ class DaliLoader:
             batches.set_epoch(epoch, start)
             check = image_checks.encoded_problem if self.verify == "header" else image_checks.decoded_problem
             for step, items in enumerate(batches):
-                indices, valid = batches.issued[step]
+                indices, valid, _ = batches.issued[step]
                 problems = {}  # each member checked once: padding slots repeat another slot's bytes
                 for data, _, name in items:
                     if name not in problems:

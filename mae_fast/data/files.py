@@ -98,6 +98,16 @@ def folder_classes(root: str | os.PathLike, files: list[str]) -> tuple[list[str]
     return classes, [None if folder is None else index[folder] for folder in folders]
 
 
+def class_folder_names(path: str | os.PathLike, split: str) -> list[str]:
+    """The classes :func:`class_folder_images` finds, without listing every file: the sorted names of the
+    sub-folders of :func:`class_root` that hold an image file (each searched up to its first one)."""
+    root = class_root(path, split)
+    if not root.is_dir():
+        return []
+    return sorted(folder.name for folder in root.iterdir() if folder.is_dir() and any(
+        p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() for p in folder.rglob("*")))
+
+
 def class_folder_images(path: str | os.PathLike, split: str) -> tuple[list[str], np.ndarray, list[str]]:
     """``(files, labels, classes)`` of an ImageNet-layout folder: ``path/split/<class>/**`` or ``path/<class>/**``.
 
@@ -252,7 +262,17 @@ def usable_images(path: str | os.PathLike, split: str = "train", verify: str = "
     Raises:
         DataError: as :func:`find_images`, or when no file can be read.
     """
-    files = find_images(path, split)
+    return readable_images(find_images(path, split), path, verify, workers, backend)
+
+
+def readable_images(files: list[str], path: str | os.PathLike, verify: str = "header", workers: int = 8,
+                    backend: str = "torch") -> list[str]:
+    """The ``files`` (found under ``path``) that ``backend`` can read (:func:`scan_images`); warns once, listing the
+    files left out and why.
+
+    Raises:
+        DataError: no file can be read.
+    """
     good, bad = scan_images(files, verify, workers, backend)
     if bad:
         shown = "\n".join(f"  {f}: {why}" for f, why in bad[:50])

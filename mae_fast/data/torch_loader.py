@@ -1,4 +1,10 @@
-"""The PyTorch loader: PIL decoding in DataLoader workers, uint8 batches normalized on the device."""
+"""The PyTorch loader: PIL decoding in DataLoader workers, uint8 batches normalized on the device.
+
+Each item is augmented by a per-sample transform ``transform(img, seed) -> uint8 [3, S, S]`` (PIL RGB image
+in, the slot's augmentation seed); by default the pretraining ones of :mod:`mae_fast.data.transforms`. With
+labels (a class index per file of a folder, or the ``cls`` members of a shard set), ``epoch`` yields
+``(images, labels, indices)`` instead of ``(images, indices)``.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import logging
 import torch
 
 from mae_fast.data.files import open_rgb
-from mae_fast.data.sampler import batches_per_epoch, epoch_indices
+from mae_fast.data.sampler import batches_per_epoch, epoch_indices, shard_epoch_plan
 from mae_fast.errors import DataError
 from mae_fast.data.transforms import eval_transform, normalize, train_transform
 
@@ -22,15 +28,28 @@ def _ignore_ctrl_c(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+class PretrainingTransform:
+    """The pretraining per-sample transform: ``(img, seed) -> uint8 [3, size, size]``, random (``train``) or
+    resize and center crop (see :mod:`mae_fast.data.transforms`)."""
+
+    def __init__(self, size: int, train: bool):
+        self.size, self.train = size, train
+
+    def __call__(self, img, seed: int) -> torch.Tensor:
+        return train_transform(img, self.size, seed) if self.train else eval_transform(img, self.size)
+
+
 class ImageFiles(torch.utils.data.Dataset):
     """Decodes ``files[index]`` to 8-bit RGB (grayscale, CMYK, palette, 16-bit alike; see ``open_rgb``) and augments it.
 
     Items are addressed by ``(index, seed)`` so that augmentation depends on the sample's slot in
-    the epoch, never on which worker decodes it.
+    the epoch, never on which worker decodes it. ``transform(img, seed)`` gives the uint8 [3, S, S]
+    image (default: the pretraining transform of ``size`` and ``train``).
     """
 
-    def __init__(self, files: list[str], size: int, train: bool):
+    def __init__(self, files: list[str], size: int, train: bool, transform=None):
         self.files, self.size, self.train = files, size, train
+        self.transform = transform or PretrainingTransform(size, train)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -42,7 +61,7 @@ class ImageFiles(torch.utils.data.Dataset):
             img = open_rgb(path)
         except Exception as exc:
             raise DataError(f"cannot decode {path}: {type(exc).__name__}: {exc}") from exc
-        return train_transform(img, self.size, seed) if self.train else eval_transform(img, self.size)
+        return self.transform(img, seed)
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -72,17 +91,22 @@ class EpochBatches(torch.utils.data.Sampler):
 
 
 class TorchLoader:
-    """Iterates one rank's batches of normalized images on ``device``."""
+    """Iterates one rank's batches of normalized images on ``device``.
+
+    ``transform``: the per-sample transform (default: pretraining's); ``labels``: int64 [len(files)], each file's
+    class, to yield with the images.
+    """
 
     backend = "torch"
 
     def __init__(self, files: list[str], size: int, batch_size: int, rank: int, world_size: int, device: torch.device,
                  seed: int, num_workers: int, train: bool = True, dtype: torch.dtype = torch.float32,
-                 pin_memory: bool = True):
+                 pin_memory: bool = True, transform=None, labels=None):
         self.files, self.num_samples, self.device, self.dtype = files, len(files), torch.device(device), dtype
+        self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.int64)
         self.batches = EpochBatches(len(files), batch_size, rank, world_size, seed, shuffle=train)
         self.loader = torch.utils.data.DataLoader(
-            ImageFiles(files, size, train), batch_sampler=self.batches, num_workers=num_workers,
+            ImageFiles(files, size, train, transform), batch_sampler=self.batches, num_workers=num_workers,
             pin_memory=pin_memory and self.device.type == "cuda", persistent_workers=num_workers > 0,
             prefetch_factor=4 if num_workers > 0 else None, timeout=600 if num_workers > 0 else 0,
             worker_init_fn=_ignore_ctrl_c)
@@ -90,9 +114,15 @@ class TorchLoader:
     def __len__(self) -> int:
         return len(self.batches)
 
+    def slot_seeds(self, epoch: int):
+        """int64 [len(self) * batch_size]: the augmentation seed of each of this rank's slots in ``epoch``."""
+        b = self.batches
+        return epoch_indices(b.num_samples, b.batch_size, b.rank, b.world_size, epoch, b.seed, b.shuffle)[2]
+
     def epoch(self, epoch: int, start: int = 0):
         """Yield ``(images [B, 3, S, S] on device in dtype, indices [B] int64 with -1 for padding)``,
-        from batch ``start`` of ``epoch`` on."""
+        from batch ``start`` of ``epoch`` on; with ``labels``, ``(images, labels [B] int64 on the CPU, indices)``
+        (the labels of padding slots are those of the images they repeat)."""
         self.batches.set_epoch(epoch, start)
         indices, valid, _ = self.batches.indices()
         B = self.batches.batch_size
@@ -100,9 +130,13 @@ class TorchLoader:
             images = images.to(self.device, non_blocking=True)
             if self.dtype != torch.uint8:  # uint8: the pixels as they are, for the model's fused ops to normalize
                 images = normalize(images, self.dtype)
-            idx = torch.from_numpy(indices[step * B:(step + 1) * B].copy())
+            chosen = torch.from_numpy(indices[step * B:(step + 1) * B].copy())
+            idx = chosen.clone()
             idx[~torch.from_numpy(valid[step * B:(step + 1) * B].copy())] = -1
-            yield images, idx
+            if self.labels is None:
+                yield images, idx
+            else:
+                yield images, self.labels[chosen], idx
 
 
 def _one_line_errors(batches):
@@ -122,10 +156,12 @@ class EncodedImages(torch.utils.data.Dataset):
 
     Items are ``(data, seed, name)``; the result is ``(uint8 [3, S, S], error)``, with a black
     image and the reason when the bytes do not decode (the loader marks that slot invalid).
+    ``transform(img, seed)``: as for :class:`ImageFiles`.
     """
 
-    def __init__(self, size: int, train: bool):
+    def __init__(self, size: int, train: bool, transform=None):
         self.size, self.train = size, train
+        self.transform = transform or PretrainingTransform(size, train)
 
     def __len__(self) -> int:  # items come from the sampler, not from indices
         return 0
@@ -136,10 +172,18 @@ class EncodedImages(torch.utils.data.Dataset):
         data, seed, name = item
         try:
             img = open_rgb(io.BytesIO(data))
-            out = train_transform(img, self.size, seed) if self.train else eval_transform(img, self.size)
-            return out, None
+            return self.transform(img, seed), None
         except Exception as exc:
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), f"{name}: {type(exc).__name__}: {exc}"
+
+
+def class_index(text: str | None) -> int:
+    """The class index a ``cls`` member's text gives (a non-negative integer), or -1 (none, or not one)."""
+    try:
+        value = int(text.strip()) if text is not None else -1
+    except ValueError:
+        return -1
+    return value if value >= 0 else -1
 
 
 def _collate_encoded(items):
@@ -150,15 +194,20 @@ class ShardBatches(torch.utils.data.Sampler):
     """One rank's batches of a shard set as ``(data, seed, name)`` items, read front to back in the main process.
 
     The epoch follows :func:`mae_fast.data.sampler.shard_epoch_plan`; slots without an image
-    (padding, or images a damaged shard no longer holds) carry a copy of another image of the
-    batch, and :attr:`last_invalid` lists them for the loader.
+    (padding, or images a damaged shard no longer holds) carry a copy of the batch's first image
+    (the same whether or not the epoch was resumed), and :attr:`issued` lists, per batch issued,
+    each slot's dataset index (-1 for those), whether it is valid, and (with ``labels``) its class
+    read from the sample's ``cls`` member (the copied image's for those; -1 for a sample without a
+    ``cls`` member that reads as an integer).
     """
 
-    def __init__(self, shard_set, batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool):
+    def __init__(self, shard_set, batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool,
+                 labels: bool = False):
         self.shard_set, self.batch_size = shard_set, batch_size
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.labels = labels
         self.epoch = self.start = 0
-        self.issued: list[tuple[list[int], list[bool]]] = []  # (dataset indices, valid) per batch issued
+        self.issued: list[tuple[list[int], list[bool], list[int]]] = []  # (indices, valid, labels) per batch issued
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
@@ -179,10 +228,10 @@ class ShardBatches(torch.utils.data.Sampler):
 
         plan = self.plan()
         B = self.batch_size
-        images = plan_images(self.shard_set, plan, self.start * B)
-        fallback = None
+        images = plan_images(self.shard_set, plan, self.start * B, labels=self.labels)
         for batch in range(self.start, len(self)):
-            items, indices, valid = [], [], []
+            items, indices, valid, labels = [], [], [], []
+            fallback = fallback_label = None  # what this batch's empty slots repeat: its first image
             for slot in range(batch * B, (batch + 1) * B):
                 image = index = None
                 if plan.valid[slot]:
@@ -191,37 +240,46 @@ class ShardBatches(torch.utils.data.Sampler):
                     items.append(None)
                     indices.append(-1)
                     valid.append(False)
+                    labels.append(None)
                     continue
                 items.append((image.data, int(plan.seeds[slot]), image.name))
                 indices.append(index)
                 valid.append(True)
-                fallback = fallback or items[-1]
+                labels.append(class_index(image.cls))
+                if fallback is None:
+                    fallback, fallback_label = items[-1], labels[-1]
             if fallback is None:  # a batch of padding only (a rank past, or without, images of its own): any image
                 from mae_fast.data.shards import stream_images
 
-                images_of_first = stream_images(self.shard_set.paths[0], timeout=self.shard_set.timeout)
+                images_of_first = stream_images(self.shard_set.paths[0], timeout=self.shard_set.timeout,
+                                                labels=self.labels)
                 first = next(images_of_first)
                 images_of_first.close()
-                fallback = (first.data, int(plan.seeds[0]), first.name)
+                fallback, fallback_label = (first.data, int(plan.seeds[0]), first.name), class_index(first.cls)
             items = [item if item is not None else fallback for item in items]
-            self.issued.append((indices, valid))
+            labels = [label if label is not None else fallback_label for label in labels]
+            self.issued.append((indices, valid, labels))
             yield items
 
 
 class TorchShardLoader:
-    """Iterates one rank's batches of a shard set: shards read in the main process, images decoded in workers."""
+    """Iterates one rank's batches of a shard set: shards read in the main process, images decoded in workers.
+
+    ``transform``: the per-sample transform (default: pretraining's); ``labels``: yield each image's class too
+    (its sample's ``cls`` member).
+    """
 
     backend = "torch"
     files = None
 
     def __init__(self, shard_set, size: int, batch_size: int, rank: int, world_size: int, device: torch.device,
                  seed: int, num_workers: int, train: bool = True, dtype: torch.dtype = torch.float32,
-                 pin_memory: bool = True):
+                 pin_memory: bool = True, transform=None, labels: bool = False):
         self.shard_set, self.num_samples = shard_set, shard_set.num_samples
-        self.device, self.dtype = torch.device(device), dtype
-        self.batches = ShardBatches(shard_set, batch_size, rank, world_size, seed, shuffle=train)
+        self.device, self.dtype, self.labels = torch.device(device), dtype, labels
+        self.batches = ShardBatches(shard_set, batch_size, rank, world_size, seed, shuffle=train, labels=labels)
         self.loader = torch.utils.data.DataLoader(
-            EncodedImages(size, train), batch_sampler=self.batches, num_workers=num_workers,
+            EncodedImages(size, train, transform), batch_sampler=self.batches, num_workers=num_workers,
             collate_fn=_collate_encoded, pin_memory=pin_memory and self.device.type == "cuda",
             persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
             timeout=600 if num_workers > 0 else 0, worker_init_fn=_ignore_ctrl_c)
@@ -229,13 +287,20 @@ class TorchShardLoader:
     def __len__(self) -> int:
         return len(self.batches)
 
+    def slot_seeds(self, epoch: int):
+        """int64 [len(self) * batch_size]: the augmentation seed of each of this rank's slots in ``epoch``."""
+        b = self.batches
+        return shard_epoch_plan(self.shard_set.counts, b.batch_size, b.rank, b.world_size, epoch, b.seed,
+                                b.shuffle).seeds
+
     def epoch(self, epoch: int, start: int = 0):
         """Yield ``(images [B, 3, S, S] on device in dtype, indices [B] int64 with -1 for padding or bad images)``,
-        from batch ``start`` of ``epoch`` on."""
+        from batch ``start`` of ``epoch`` on; with ``labels``, ``(images, labels [B] int64 on the CPU, indices)``
+        (-1 for slots without an image and samples without a readable ``cls`` member)."""
         self.batches.set_epoch(epoch, start)
         self.batches.issued.clear()
         for step, (images, errors) in enumerate(self.loader):
-            indices, valid = self.batches.issued[step]
+            indices, valid, labels = self.batches.issued[step]
             idx = torch.tensor(indices, dtype=torch.int64)
             bad = [error for slot, error in enumerate(errors) if error is not None and valid[slot]]
             for slot, error in enumerate(errors):
@@ -247,4 +312,7 @@ class TorchShardLoader:
             images = images.to(self.device, non_blocking=True)
             if self.dtype != torch.uint8:
                 images = normalize(images, self.dtype)
-            yield images, idx
+            if self.labels:
+                yield images, torch.tensor(labels, dtype=torch.int64), idx
+            else:
+                yield images, idx
