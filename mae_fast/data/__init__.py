@@ -1,4 +1,4 @@
-"""Data for MAE pretraining: ``build_loader`` and its three backends.
+"""Data for MAE pretraining (``build_loader``, three backends) and fine-tuning (``build_classification_loader``).
 
 - ``dali``: NVIDIA DALI, JPEG decoding on the GPU (the default when DALI is installed);
 - ``torch``: PIL decoding in DataLoader workers (the fallback);
@@ -11,6 +11,10 @@ Every backend shards and shuffles by :mod:`mae_fast.data.sampler` and yields
 ``dtype=torch.uint8``, the pixels as uint8, which the trainer asks for: the model's fused ops
 normalize them as they read them) and the dataset index of each on the CPU (-1 for a marked
 slot: padding, or an image that did not decode; the trainer gives those weight 0 in the loss).
+
+``build_classification_loader`` reads labeled images (ImageNet-layout folders, shard sets whose
+samples carry ``cls``; :mod:`mae_fast.data.labeled`) through the same sampler and the ``torch`` backend's
+loaders, with the official fine-tuning transforms, and yields ``(images, labels, indices)``.
 """
 
 from __future__ import annotations
@@ -19,18 +23,19 @@ import logging
 
 import torch
 
-from mae_fast.config import DataConfig
+from mae_fast.config import AugConfig, DataConfig
 from mae_fast.errors import BackendUnavailableError, ConfigError
 from mae_fast.data.builtin import builtin_image_dir
 from mae_fast.data.dali_loader import DaliLoader, dali_unavailable_reason
-from mae_fast.data.files import usable_images
+from mae_fast.data.files import class_folder_names, usable_images
 from mae_fast.data.synthetic import SyntheticLoader
 from mae_fast.data.shards import is_shard_spec, load_shard_set
 from mae_fast.data.torch_loader import TorchLoader, TorchShardLoader
 
 logger = logging.getLogger("mae_fast")
 
-__all__ = ["build_loader", "build_eval_loader", "resolve_data_backend", "builtin_image_dir", "usable_images"]
+__all__ = ["build_loader", "build_eval_loader", "build_classification_loader", "resolve_data_backend",
+           "builtin_image_dir", "usable_images"]
 
 
 def resolve_data_backend(backend: str) -> str:
@@ -109,3 +114,115 @@ def build_eval_loader(config: DataConfig, files: list[str], rank: int, world_siz
     cls = DaliLoader if backend == "dali" else TorchLoader
     return cls(files, config.input_size, config.batch_size, rank, world_size, torch.device(device), seed,
                config.num_workers, train=False, dtype=dtype)
+
+
+#: The official main_finetune.py defaults, for a DataConfig that leaves these unset.
+FINETUNE_INPUT_SIZE, FINETUNE_BATCH_SIZE = 224, 64
+
+
+def build_classification_loader(config: DataConfig, aug: AugConfig | None, rank: int, world_size: int,
+                                device: torch.device | str, seed: int, train: bool):
+    """The labeled loader of one rank, for fine-tuning and its evaluation (the official ``main_finetune.py`` data).
+
+    Data: training reads ``config.data_path`` (an ImageNet-layout folder, ``train/<class>/*`` or ``<class>/*``,
+    or a shard set whose samples carry ``cls``; unset: the built-in set); validation reads ``config.val_path``,
+    else ``<data_path>/val/<class>/*`` (a shard set needs ``--val_path``), and its classes must be the training
+    set's. Classes are numbered as torchvision's ``ImageFolder`` numbers them (sorted folder names). Sharding,
+    shuffling and resuming follow :mod:`mae_fast.data.sampler`, as for pretraining: every image once per epoch over
+    the ranks, the same number of steps on each, the validation set split in a fixed order with its padding marked,
+    so counting only slots with ``indices >= 0`` gives the one-rank result exactly.
+
+    Training transform: the official ``build_transform(is_train=True)``, timm's ``create_transform(input_size,
+    is_training=True, color_jitter=aug.color_jitter, auto_augment=aug.aa, interpolation="bicubic",
+    re_prob=aug.reprob, re_mode=aug.remode, re_count=aug.recount, mean, std)``, split at ToTensor (built with
+    ``separate=True``): its PIL part (random resized crop at scale (0.08, 1), flip, RandAugment or color jitter)
+    runs in the DataLoader workers, uint8 pixels cross to the device, and normalization and timm's
+    ``RandomErasing`` (same parameters) run there on the batch. Every random draw follows the slot's seed, so the
+    same seed gives the same batches and a resumed epoch the same pixels. ``aug`` None: the official defaults
+    (:class:`~mae_fast.config.AugConfig`).
+
+    Evaluation transform: the official ``build_transform(is_train=False)``: the shorter side resized (bicubic) to
+    ``int(input_size / (224 / 256))`` (``input_size`` above 224: to ``input_size``), center crop ``input_size``,
+    normalized.
+
+    Backends: ``torch`` (``auto`` means ``torch`` here). ``dali`` is refused: DALI's RandAugment (its own suite of
+    operations, each applied at a fixed magnitude) and resampling filters are not timm's and PIL's, so it cannot
+    give the official recipe's images.
+
+    Returns:
+        A :class:`~mae_fast.data.labeled.ClassificationLoader`: ``len()`` (batches per epoch), ``num_samples``,
+        ``num_classes``, ``classes`` (names; ``"0" .. "n-1"`` for a shard set whose manifest names none),
+        ``backend``, ``files`` (a folder) or ``shard_set``, and ``epoch(e, start=0)`` yielding ``(images float32
+        [B, 3, S, S] on device, labels int64 [B] on device, indices int64 [B] on the CPU)``; ``indices`` is -1 for
+        marked slots (padding, images that do not decode, samples without a class index), whose labels are still
+        class indices (the class of the image the slot repeats, else 0) so that losses and mixup never index out of
+        range; weigh them 0.
+
+    Raises:
+        ConfigError: ``--data_backend synthetic`` or ``dali``; a shard set without ``--val_path`` for validation; an
+            ``--aa`` policy timm cannot parse.
+        DataError: a missing folder, or one without class sub-folders (or without ``val/`` for validation); a shard
+            set without ``cls`` members; a validation set whose classes are not the training set's; nothing readable.
+        BackendUnavailableError: timm cannot run here.
+    """
+    from mae_fast.data import labeled
+    from mae_fast.data.transforms import (FinetuneEvalTransform, FinetuneTrainTransform, SeededErasing,
+                                          official_train_transform)
+
+    if config.backend == "synthetic":
+        raise ConfigError("--data_backend synthetic: its images have no labels; fine-tuning reads labeled data with "
+                          "--data_backend torch")
+    if config.backend == "dali":
+        raise ConfigError("--data_backend dali: fine-tuning's augmentation is timm's (RandAugment, random erasing) "
+                          "and its evaluation PIL's bicubic resize, which DALI's operations do not reproduce; use "
+                          "--data_backend torch")
+    aug = aug if aug is not None else AugConfig()
+    device = torch.device(device)
+    size = config.input_size or FINETUNE_INPUT_SIZE
+    batch_size = config.batch_size or FINETUNE_BATCH_SIZE
+    workers = max(1, config.num_workers)
+    train_path = config.data_path or str(builtin_image_dir(config.builtin_count, config.builtin_size))
+    train_where = f"--data_path {train_path}"
+    if train:
+        path, flag, split = train_path, "--data_path", "train"
+    elif config.val_path:
+        path, flag, split = config.val_path, "--val_path", "val"
+    elif is_shard_spec(str(train_path)):
+        raise ConfigError(f"--val_path: validation of a shard set ({train_where}) needs its own labeled set, "
+                          "a folder (val/<class>/*) or a shard set; none given")
+    else:
+        path, flag, split = str(labeled.val_folder(train_path)), "--data_path", "val"
+
+    # The transforms first: a policy that cannot work is refused before any data is read.
+    erasing = None
+    if train:
+        from timm.data.random_erasing import RandomErasing  # importable: official_train_transform needs timm
+
+        primary, secondary, final = official_train_transform(size, aug)
+        timm_erasing = next((t for t in final.transforms if isinstance(t, RandomErasing)), None)
+        transform = FinetuneTrainTransform(primary, secondary)
+        erasing = SeededErasing(timm_erasing) if timm_erasing is not None else None
+    else:
+        transform = FinetuneEvalTransform(size)
+
+    where = f"{flag} {path}"
+    common = dict(size=size, batch_size=batch_size, rank=rank, world_size=world_size, device=device, seed=seed,
+                  num_workers=config.num_workers, train=train, dtype=torch.uint8, transform=transform)
+    if is_shard_spec(str(path)):
+        source = load_shard_set(str(path), workers=workers, timeout=config.shard_timeout)
+        classes = labeled.shard_classes(source, flag, str(path), workers)
+        inner = TorchShardLoader(source, **common, labels=True)
+    else:
+        folder = labeled.labeled_folder(path, split, flag, config.verify_images, workers, "torch")
+        classes = folder.classes
+        inner = TorchLoader(folder.files, **common, labels=folder.labels)
+    if not train:
+        if is_shard_spec(str(train_path)):
+            train_set = load_shard_set(str(train_path), workers=workers, timeout=config.shard_timeout)
+            train_classes = labeled.shard_classes(train_set, "--data_path", str(train_path), workers)
+        else:
+            train_classes = class_folder_names(train_path, "train")
+            if not train_classes:
+                raise labeled.no_class_folders(train_path, "train", "--data_path")
+        labeled.check_same_classes(train_classes, classes, train_where, where)
+    return labeled.ClassificationLoader(inner, classes, batch_size, erasing=erasing)

@@ -1,9 +1,13 @@
-"""The official MAE augmentation for the PyTorch loader, with an explicit random generator.
+"""The official MAE augmentations, with explicit random generators.
 
-``RandomResizedCrop(size, scale=(0.2, 1.0), ratio=(3/4, 4/3), bicubic)`` then a horizontal flip with
-probability 1/2, as the official ``main_pretrain.py``; normalization (ImageNet mean and std)
-happens on the device. Drawing from a per-sample generator keeps augmentation identical however
-samples are spread over worker processes.
+Pretraining: ``RandomResizedCrop(size, scale=(0.2, 1.0), ratio=(3/4, 4/3), bicubic)`` then a
+horizontal flip with probability 1/2, as the official ``main_pretrain.py``; normalization (ImageNet
+mean and std) happens on the device. Drawing from a per-sample generator keeps augmentation
+identical however samples are spread over worker processes.
+
+Fine-tuning: the official ``main_finetune.py`` transforms (timm's ``create_transform`` for
+training, resize and center crop for evaluation), split where the image becomes a tensor (see the
+section below), with every random draw following the slot's seed.
 """
 
 from __future__ import annotations
@@ -133,3 +137,174 @@ def normalize(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN_255, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD_255, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
     return ((images.to(torch.float32) - mean) / std).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------- fine-tuning
+#
+# The official main_finetune.py builds its transforms with timm's create_transform (training) and a resize and
+# center crop (evaluation). The loaders keep the uint8 transport of pretraining: the PIL part of each runs where the
+# image is decoded, the uint8 pixels cross to the device, and normalization (and, in training, random erasing) runs
+# there on the batch.
+
+#: The official evaluation crop: the shorter side is resized to ``input_size / EVAL_CROP_PCT`` for input sizes up
+#: to 224 (``crop_pct = 224 / 256``), to ``input_size`` above that.
+EVAL_CROP_PCT = 224 / 256
+
+
+def eval_resize_size(input_size: int) -> int:
+    """The shorter side the official evaluation transform resizes to before its center crop of ``input_size``."""
+    crop_pct = EVAL_CROP_PCT if input_size <= 224 else 1.0
+    return int(input_size / crop_pct)
+
+
+def eval_geometry(width: int, height: int, input_size: int) -> tuple[int, int, int, int]:
+    """``(resized_width, resized_height, left, top)`` of the official evaluation transform for an image of
+    ``width`` x ``height``: torchvision's ``Resize(eval_resize_size(input_size))`` (shorter side to that size, the
+    longer one scaled and truncated) then ``CenterCrop(input_size)`` (offsets rounded half to even)."""
+    short = eval_resize_size(input_size)
+    if width <= height:
+        new_w, new_h = short, int(short * height / width)
+    else:
+        new_w, new_h = int(short * width / height), short
+    return new_w, new_h, int(round((new_w - input_size) / 2.0)), int(round((new_h - input_size) / 2.0))
+
+
+def _timm(what: str):
+    try:
+        import timm.data  # noqa: F401
+    except ImportError as exc:
+        from mae_fast.errors import BackendUnavailableError
+
+        raise BackendUnavailableError(f"{what} needs timm ({exc}); pip install timm") from exc
+    return timm.data
+
+
+def official_train_transform(input_size: int, aug):
+    """The official ``build_transform(is_train=True)``, split at ToTensor: timm's
+    ``create_transform(input_size, is_training=True, color_jitter=aug.color_jitter, auto_augment=aug.aa,
+    interpolation="bicubic", re_prob=aug.reprob, re_mode=aug.remode, re_count=aug.recount, mean, std)`` built with
+    ``separate=True``.
+
+    Returns:
+        ``(primary, secondary, final)``: timm's three ``Compose`` objects (random resized crop at scale (0.08, 1) and
+        flip; RandAugment or color jitter; ToTensor, Normalize and RandomErasing).
+
+    Raises:
+        ConfigError: ``aug.aa`` is a policy timm cannot parse (named).
+        BackendUnavailableError: timm is not installed.
+    """
+    from mae_fast.errors import ConfigError
+
+    data = _timm("the fine-tuning augmentation")
+    try:
+        return data.create_transform(input_size, is_training=True, color_jitter=aug.color_jitter,
+                                     auto_augment=aug.aa, interpolation="bicubic", re_prob=aug.reprob,
+                                     re_mode=aug.remode, re_count=aug.recount, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                                     separate=True)
+    except (AssertionError, ValueError, KeyError, IndexError) as exc:
+        why = f" ({exc})" if str(exc) else ""
+        raise ConfigError(f"--aa: timm cannot parse the policy {aug.aa!r}{why}; give a policy such as "
+                          "rand-m9-mstd0.5-inc1 (the official default), or none") from None
+
+
+def _seeded(seed: int, call):
+    """``call()`` with Python's, NumPy's and torch's CPU generators seeded by ``seed``, their states restored after
+    (a loader running in the main process leaves the training's random state as it was)."""
+    import random
+
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    try:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.random.default_generator.manual_seed(seed)
+        return call()
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.random.set_rng_state(torch_state)
+
+
+def _to_uint8(img) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+class FinetuneTrainTransform:
+    """The PIL part of the official training transform: PIL RGB image and slot seed -> uint8 [3, S, S].
+
+    ``primary`` and ``secondary`` are timm's (see :func:`official_train_transform`); every random draw they make
+    (Python's ``random``, NumPy's and torch's generators) follows the slot's seed, so an image is augmented the same
+    way whichever worker decodes it and whether or not the epoch was resumed.
+    """
+
+    def __init__(self, primary, secondary):
+        self.primary, self.secondary = primary, secondary
+
+    def __call__(self, img, seed: int) -> torch.Tensor:
+        return _to_uint8(_seeded(int(seed), lambda: self.secondary(self.primary(img))))
+
+
+class FinetuneEvalTransform:
+    """The PIL part of the official evaluation transform: torchvision's ``Resize(eval_resize_size(S), bicubic)`` and
+    ``CenterCrop(S)``; PIL RGB image (and an unused seed) -> uint8 [3, S, S]."""
+
+    def __init__(self, input_size: int):
+        from torchvision import transforms
+
+        self.input_size = input_size
+        self.resize_crop = transforms.Compose([
+            transforms.Resize(eval_resize_size(input_size), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(input_size)])
+
+    def __call__(self, img, seed: int = 0) -> torch.Tensor:
+        return _to_uint8(self.resize_crop(img))
+
+
+def stream_seeds(seeds, stream: int) -> np.ndarray:
+    """int64 [B] in [0, 2**31 - 1): a seed per slot for a further random stream ``stream`` (>= 1) of its augmentation,
+    a fixed function of the slot's seed, independent of the draws the slot's own seed gives."""
+    seeds = np.asarray(seeds, dtype=np.int64)
+    mixed = slot_uniforms(seeds * 7919 + 104729 * stream + 1, 1)[:, 0]
+    return (mixed * (2**31 - 1)).astype(np.int64)
+
+
+class SeededErasing:
+    """timm's ``RandomErasing`` (the official transform's last step) on a device batch of normalized images, each
+    slot's draws (which boxes, and the noise in them) seeded from its slot seed (:func:`stream_seeds`, stream 2).
+
+    ``erasing`` is the timm object, moved to the batch's device; the global generators are restored after each
+    batch, so the training's random state is untouched.
+    """
+
+    STREAM = 2
+
+    def __init__(self, erasing):
+        self.erasing = erasing
+
+    def __call__(self, images: torch.Tensor, seeds) -> torch.Tensor:
+        import copy
+        import random
+
+        erasing = self.erasing
+        if erasing.device != images.device:
+            erasing = copy.copy(erasing)
+            erasing.device = images.device
+        py_state = random.getstate()
+        cpu_state = torch.random.get_rng_state()
+        cuda = images.device.type == "cuda"
+        if cuda:
+            device_index = images.device.index if images.device.index is not None else torch.cuda.current_device()
+            cuda_state = torch.cuda.get_rng_state(device_index)
+        try:
+            for image, seed in zip(images, stream_seeds(seeds, self.STREAM).tolist()):
+                random.seed(seed)
+                if cuda:
+                    torch.cuda.default_generators[device_index].manual_seed(seed)
+                else:
+                    torch.random.default_generator.manual_seed(seed)
+                erasing(image)
+        finally:
+            random.setstate(py_state)
+            torch.random.set_rng_state(cpu_state)
+            if cuda:
+                torch.cuda.set_rng_state(cuda_state, device_index)
+        return images
