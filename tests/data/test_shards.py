@@ -107,7 +107,8 @@ def test_counts_come_from_the_manifest_the_index_or_one_read(tmp_path, caplog, m
     paths = write_shards(tmp_path, [3, 5, 4])
     read = []
     scan_shard = shards.scan_shard
-    monkeypatch.setattr(shards, "scan_shard", lambda path: read.append(os.path.basename(path)) or scan_shard(path))
+    monkeypatch.setattr(shards, "scan_shard",
+                        lambda path, *rest: read.append(os.path.basename(path)) or scan_shard(path, *rest))
 
     assert read_index(str(paths[0])) is None
     assert load_shard_set(str(tmp_path)).counts == [3, 5, 4]  # neither manifest nor index: each shard read once

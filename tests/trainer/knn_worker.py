@@ -17,9 +17,9 @@ def run_knn_recording_features(args: list[str]) -> dict:
     extract_features = knn.extract_features
 
     def recording(*a, **kw):
-        features = extract_features(*a, **kw)
-        extracted.append(features.cpu())
-        return features
+        result = extract_features(*a, **kw)
+        extracted.append(result[0].cpu())  # (features, which rows hold an image)
+        return result
 
     knn.extract_features = recording
     try:

@@ -69,9 +69,9 @@ def test_lr_follows_the_schedule_each_step_and_accumulation_steps_less_often(tmp
     batches, steps = [], []
     train_step = trainer.train_step
 
-    def recording_train_step(images, update):
+    def recording_train_step(images, update, *rest):
         batches.append(([g["lr"] for g in trainer.optimizer.param_groups], update))
-        return train_step(images, update)
+        return train_step(images, update, *rest)
 
     trainer.train_step = recording_train_step
     trainer.optimizer.register_step_pre_hook(
