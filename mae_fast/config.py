@@ -323,7 +323,25 @@ class RunConfig:
 
     def __post_init__(self):
         demo = self.data.data_path is None and self.data.backend != "synthetic"
-        defaults = DEMO_DEFAULTS if demo else OFFICIAL_DEFAULTS
+        self._apply_defaults(DEMO_DEFAULTS if demo else OFFICIAL_DEFAULTS)
+        from mae_fast.model import patch_size_of
+
+        self._check_input_size(patch_size_of(self.model.name))
+        _check_patches_kept_and_masked(self.data.input_size, patch_size_of(self.model.name), self.model.mask_ratio)
+        self._check_run()
+        if self.knn_every is None:
+            self.knn_every = 5 if demo else 0
+        _non_negative_int("knn_every", self.knn_every)
+        _positive_int("knn_train_size", self.knn_train_size)
+        _choice("knn_pool", self.knn_pool, ("mean", "cls"))
+        if self.knn_every and not demo and self.data.val_path is None:
+            raise _error("knn_every", self.knn_every, "needs --val_path, a labeled validation folder (class "
+                         "sub-folders)")
+        if self.knn_train_path is not None and not os.path.isdir(os.path.expanduser(self.knn_train_path)):
+            raise _error("knn_train_path", self.knn_train_path, "is not an existing folder")
+
+    def _apply_defaults(self, defaults: dict) -> None:
+        """Fill the unset model, input size, batch size, epochs and warmup from ``defaults``."""
         if self.model.name is None:
             self.model.name = defaults["model"]
         if self.data.input_size is None:
@@ -334,19 +352,20 @@ class RunConfig:
             self.epochs = defaults["epochs"]
         if self.optim.warmup_epochs is None:
             self.optim.warmup_epochs = defaults["warmup_epochs"]
-        _positive_int("epochs", self.epochs)
-        _non_negative_int("start_epoch", self.start_epoch)
-        if self.start_epoch >= self.epochs:
-            raise _error("start_epoch", self.start_epoch, f"must be below --epochs {self.epochs} (nothing would train)")
-        from mae_fast.model import patch_size_of
 
-        patch = patch_size_of(self.model.name)
+    def _check_input_size(self, patch: int) -> None:
         if self.data.input_size % patch:
             below, above = self.data.input_size // patch * patch, (self.data.input_size // patch + 1) * patch
             valid = f"{below} or {above}" if below else str(above)
             raise _error("input_size", self.data.input_size, f"must be a multiple of the patch size {patch} of "
                          f"--model {self.model.name}, for example {valid}")
-        _check_patches_kept_and_masked(self.data.input_size, patch, self.model.mask_ratio)
+
+    def _check_run(self) -> None:
+        """The checks of the settings every run has (the engine's), whatever its task."""
+        _positive_int("epochs", self.epochs)
+        _non_negative_int("start_epoch", self.start_epoch)
+        if self.start_epoch >= self.epochs:
+            raise _error("start_epoch", self.start_epoch, f"must be below --epochs {self.epochs} (nothing would train)")
         _positive_int("accum_iter", self.accum_iter)
         _choice("precision", self.precision, PRECISIONS)
         _choice("fp8_recipe", self.fp8_recipe, FP8_RECIPES)
@@ -363,16 +382,6 @@ class RunConfig:
             raise _error("dist_timeout", self.dist_timeout, "must be a positive number of seconds")
         _positive_int("log_every", self.log_every)
         _positive_int("val_every", self.val_every)
-        if self.knn_every is None:
-            self.knn_every = 5 if demo else 0
-        _non_negative_int("knn_every", self.knn_every)
-        _positive_int("knn_train_size", self.knn_train_size)
-        _choice("knn_pool", self.knn_pool, ("mean", "cls"))
-        if self.knn_every and not demo and self.data.val_path is None:
-            raise _error("knn_every", self.knn_every, "needs --val_path, a labeled validation folder (class "
-                         "sub-folders)")
-        if self.knn_train_path is not None and not os.path.isdir(os.path.expanduser(self.knn_train_path)):
-            raise _error("knn_train_path", self.knn_train_path, "is not an existing folder")
         if self.max_steps is not None:
             _positive_int("max_steps", self.max_steps)
         _choice("device", self.device, ("auto", "cuda", "cpu"))
@@ -437,7 +446,7 @@ def field_docs(cls) -> dict[str, str]:
 
 #: Fine-tuning's defaults where they differ from pretraining's: the official main_finetune.py's, and the built-in
 #: demo's (no --data_path: ViT-Ti/16 from the quick start's checkpoint, on the built-in set's classes).
-FINETUNE_DEFAULTS = dict(model="vit_base_patch16", input_size=224, batch_size=64, epochs=50, warmup_epochs=5)
+FINETUNE_DEFAULTS = dict(model="vit_large_patch16", input_size=224, batch_size=64, epochs=50, warmup_epochs=5)
 FINETUNE_DEMO_DEFAULTS = dict(model="vit_tiny_patch16", input_size=64, batch_size=32, epochs=10, warmup_epochs=1)
 
 
@@ -500,4 +509,149 @@ class AugConfig:
         return self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None
 
 
-__all__ = ["AugConfig", "DataConfig", "ModelConfig", "OptimConfig", "RunConfig", "field_docs", "fields"]
+
+#: The quick start's checkpoint, which the fine-tuning demo starts from, and where the demo writes.
+DEMO_PRETRAINED = "./output_dir/checkpoint-last.pth"
+FINETUNE_DEMO_OUTPUT = "./output_dir/finetune"
+
+
+@dataclass
+class FinetuneModelConfig:
+    """The classifier: a ViT whose encoder comes from a pretraining checkpoint."""
+
+    name: str | None = None
+    """--model: vit_base_patch16, vit_large_patch16 (default) or vit_huge_patch14 (the official sizes), or
+    vit_tiny_patch16 / vit_small_patch16 (for CPUs and demos; vit_tiny_patch16 for the demo)."""
+    nb_classes: int | None = None
+    """--nb_classes: classes of the head (default: the number of class folders in the training data)."""
+    global_pool: bool = True
+    """--global_pool / --cls_token: classify the mean of the patch tokens (after fc_norm; the official default), or the
+    cls token (after norm)."""
+    drop_path: float = 0.1
+    """--drop_path: stochastic depth rate, in [0, 1)."""
+    attn_backend: str = "auto"
+    """--attn_backend: auto, flash_attn, sdpa or math."""
+    grad_checkpointing: bool = False
+    """--grad_checkpointing: recompute blocks in backward to save activation memory."""
+    finetune: str = ""
+    """--finetune: the pretraining checkpoint whose encoder starts the run (mae_fast's, an official one, or
+    .safetensors; the decoder is left out, positions resized, the head initialized); unset: random initialization
+    (the demo: the quick start's ./output_dir/checkpoint-last.pth)."""
+
+    def __post_init__(self):
+        from mae_fast.vit import VIT_PRESETS
+
+        if self.name is not None:
+            _choice("model", self.name, tuple(VIT_PRESETS))
+        if self.nb_classes is not None:
+            _positive_int("nb_classes", self.nb_classes)
+        _non_negative("drop_path", self.drop_path)
+        if self.drop_path >= 1:
+            raise _error("drop_path", self.drop_path, "must be in [0, 1)")
+        _choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
+        if self.attn_backend == "flash_attn":
+            reason = flash_attn_unavailable_reason()
+            if reason:
+                raise _error("attn_backend", self.attn_backend, f"flash_attn cannot run: {reason}; or use "
+                             "--attn_backend auto or sdpa")
+        if self.finetune and not os.path.isfile(os.path.expanduser(self.finetune)):
+            raise _error("finetune", self.finetune, "is not an existing checkpoint file")
+
+
+@dataclass
+class FinetuneOptimConfig(OptimConfig):
+    """AdamW with layer-wise learning-rate decay and its schedule, the official fine-tuning recipe."""
+
+    min_lr: float = 1e-6
+    """--min_lr: the floor the cosine schedule decays to; at most the peak learning rate."""
+    layer_decay: float = 0.75
+    """--layer_decay: layer-wise learning-rate decay, in (0, 1]: block i of L learns at layer_decay^(L + 1 - i) times
+    the rate, the head at the full rate."""
+    clip_grad: float | None = None
+    """--clip_grad: clip the gradient norm to this (unset: no clipping)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.layer_decay, bool) or not isinstance(self.layer_decay, (int, float)) \
+                or not 0 < self.layer_decay <= 1:
+            raise _error("layer_decay", self.layer_decay, "must be in (0, 1] (1: no decay; the official value is "
+                         "0.75, 0.65 for ViT-B)")
+        if self.clip_grad is not None:
+            _non_negative("clip_grad", self.clip_grad)
+            if self.clip_grad <= 0:
+                raise _error("clip_grad", self.clip_grad, "must be a positive norm (leave it unset for no clipping)")
+
+
+def _check_aa(policy: str) -> None:
+    """Refuse an --aa policy timm cannot parse, naming it."""
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+    hparams = dict(translate_const=100, img_mean=(124, 116, 104))
+    build = rand_augment_transform if policy.startswith("rand") else \
+        augment_and_mix_transform if policy.startswith("augmix") else auto_augment_transform
+    try:
+        build(policy, hparams)
+    except Exception as exc:  # timm raises AssertionError, KeyError or ValueError for a policy it cannot read
+        raise _error("aa", policy, f"is not a policy timm can read ({type(exc).__name__}: {exc}); for example "
+                     "rand-m9-mstd0.5-inc1 (the official), original, or none") from None
+
+
+@dataclass
+class FinetuneConfig(RunConfig):
+    """A whole fine-tuning run (the official main_finetune.py's settings, and the engine's)."""
+
+    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    eval: bool = False
+    """--eval: evaluate the --resume checkpoint (a fine-tuned one: mae_fast's or official) and stop."""
+    dist_eval: bool = False
+    """--dist_eval: split the validation set over the ranks (the figures are the same; it is faster)."""
+    output_dir: str | None = None
+    """--output_dir: checkpoints and log.txt (default ./output_dir; ./output_dir/finetune for the demo)."""
+
+    def __post_init__(self):
+        if self.data.backend == "synthetic":
+            raise _error("data_backend", self.data.backend, "has no labels; fine-tuning reads labeled images (class "
+                         "folders, or shards written by mae_fast.prepare)")
+        demo = self.data.data_path is None
+        self._apply_defaults(FINETUNE_DEMO_DEFAULTS if demo else FINETUNE_DEFAULTS)
+        if self.output_dir is None:
+            self.output_dir = FINETUNE_DEMO_OUTPUT if demo else "./output_dir"
+        if demo and not self.model.finetune and not self.eval:
+            if not os.path.isfile(DEMO_PRETRAINED):
+                raise _error("finetune", DEMO_PRETRAINED, "the demo fine-tunes the quick start's checkpoint, which "
+                             "does not exist here; make it first with: python -m mae_fast.pretrain (a few minutes on a "
+                             "CPU), or give --finetune")
+            self.model.finetune = DEMO_PRETRAINED
+        from mae_fast.vit import VIT_PRESETS
+
+        self._check_input_size(VIT_PRESETS[self.model.name][1]["patch_size"])
+        self._check_run()
+        self.knn_every = 0
+        if self.eval and not self.resume:
+            raise _error("eval", True, "needs --resume, the fine-tuned checkpoint to evaluate")
+        if self.eval and self.resume == "auto":
+            raise _error("resume", self.resume, "--eval needs the path of the checkpoint to evaluate")
+        if self.aug.aa is not None:
+            _check_aa(self.aug.aa)
+        if self.aug.mixup_active:
+            if self.model.nb_classes == 1:
+                raise _error("nb_classes", 1, "mixup and cutmix need at least two classes")
+            if self.data.batch_size % 2:
+                raise _error("batch_size", self.data.batch_size, "must be even with --mixup/--cutmix (timm's Mixup "
+                             "mixes each image with the batch's mirror image)")
+
+    @property
+    def is_demo(self) -> bool:
+        """True for the built-in demo: no --data_path."""
+        return self.data.data_path is None
+
+    def warnings(self) -> list[str]:
+        found = super().warnings()
+        if not self.model.finetune and not self.eval:
+            found.append("no --finetune checkpoint: the model starts from random initialization")
+        return found
+
+__all__ = ["AugConfig", "DataConfig", "FinetuneConfig", "FinetuneModelConfig", "FinetuneOptimConfig", "ModelConfig",
+           "OptimConfig", "RunConfig", "field_docs", "fields"]

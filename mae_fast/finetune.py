@@ -8,12 +8,17 @@ decoder left out, positions resized, the head initialized as the official script
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
+from mae_fast.checkpoint import load_checkpoint
+from mae_fast.engine import Engine
 from mae_fast.errors import CheckpointError, ConfigError
 from mae_fast.pos_embed import interpolate_pos_embed
 
@@ -130,3 +135,392 @@ def load_encoder(model: nn.Module, checkpoint: str | os.PathLike, flag: str = "-
         nn.init.trunc_normal_(model.head.weight, std=2e-5)
         nn.init.zeros_(model.head.bias)
     return {"missing_keys": list(result.missing_keys), "unexpected_keys": list(result.unexpected_keys)}
+
+
+# ---------------------------------------------------------------------------------------------- the task
+
+
+def build_mixup(aug, num_classes: int):
+    """timm's ``Mixup`` as the official script builds it, or None when mixup and cutmix are off."""
+    if not aug.mixup_active:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, cutmix_minmax=aug.cutmix_minmax, prob=aug.mixup_prob,
+                 switch_prob=aug.mixup_switch_prob, mode=aug.mixup_mode, label_smoothing=aug.smoothing,
+                 num_classes=num_classes)
+
+
+def build_criterion(aug) -> nn.Module:
+    """The official choice: soft-target cross-entropy under mixup (its targets carry the smoothing), else
+    label-smoothing cross-entropy, else plain cross-entropy (timm's losses)."""
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if aug.mixup_active:
+        return SoftTargetCrossEntropy()
+    if aug.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=aug.smoothing)
+    return nn.CrossEntropyLoss()
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, loader, device: torch.device, autocast, distributed: bool) -> dict:
+    """Top-1, top-5 (in percent) and mean cross-entropy over every image ``loader`` deals, as the official
+    ``engine_finetune.evaluate`` reports them, but weighted per image, so that the figures do not depend on how the
+    set is split into batches or ranks: ``--dist_eval`` over N ranks gives the one-rank figures (marked slots,
+    the padding of the last batch included, are never counted).
+
+    ``loader.epoch(0)`` yields ``(images, labels, indices)``.
+
+    Returns:
+        ``{"acc1", "acc5", "loss", "count"}``.
+    """
+    from mae_fast.distributed import all_reduce_sum
+
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, count
+    for images, labels, indices in loader.epoch(0):
+        keep = (indices >= 0).to(device, non_blocking=True)
+        with autocast:
+            logits = model(images)
+        logits = logits.double()  # B x classes: cheap, and the per-image losses then do not depend on the batching
+        safe = torch.where(keep, labels, torch.zeros_like(labels))
+        losses = nn.functional.cross_entropy(logits, safe, reduction="none")
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hit = top5 == safe[:, None]
+        totals += torch.stack([(hit[:, 0] & keep).sum(), (hit.any(dim=1) & keep).sum(), (losses * keep).sum(),
+                               keep.sum()]).double()
+    if distributed:
+        totals = all_reduce_sum(totals)
+    correct1, correct5, loss_sum, count = totals.tolist()
+    if was_training:
+        model.train()
+    count = max(count, 1.0)
+    return {"acc1": 100.0 * correct1 / count, "acc5": 100.0 * correct5 / count, "loss": loss_sum / count,
+            "count": int(count)}
+
+
+class FineTuner(Engine):
+    """Fine-tunes a pretrained MAE encoder for classification as ``config`` (a
+    :class:`~mae_fast.config.FinetuneConfig`) describes, with the official recipe; ``fit()`` runs it.
+
+    What it supplies to the engine: the :class:`~mae_fast.vit.VisionTransformer` (its encoder from
+    ``--finetune``), the labeled loaders, the layer-decay parameter groups
+    (:func:`param_groups_lrd`), the step's loss (timm's mixup/cutmix on the device batch, then the
+    official criterion), and the evaluation (:func:`evaluate_classifier`) with the official line
+    ``* Acc@1 .. Acc@5 .. loss ..`` and the official keys in ``log.txt``.
+    """
+
+    betas = (0.9, 0.999)  # the official fine-tuning's AdamW keeps PyTorch's betas
+
+    def build_loaders(self):
+        from mae_fast.data import build_classification_loader
+
+        cfg, rank, world = self.config, self.dist.rank, self.dist.world_size
+        data = cfg.data
+        if cfg.is_demo:  # the built-in set: train/<class>/ and val/<class>/
+            from mae_fast.data.builtin import builtin_image_dir
+
+            data = dataclasses.replace(data, data_path=str(builtin_image_dir(data.builtin_count, data.builtin_size)))
+        loader = build_classification_loader(data, cfg.aug, rank, world, self.device, cfg.seed, train=True)
+        # Without --dist_eval every rank evaluates the whole set (as the official script does); the figures are the
+        # same either way.
+        eval_rank, eval_world = (rank, world) if cfg.dist_eval else (0, 1)
+        val_loader = build_classification_loader(data, None, eval_rank, eval_world, self.device, cfg.seed,
+                                                 train=False)
+        classes = len(loader.classes)
+        if cfg.model.nb_classes is None:
+            cfg.model.nb_classes = classes
+        elif cfg.model.nb_classes != classes:
+            raise ConfigError(f"--nb_classes: the training data has {classes} classes, not {cfg.model.nb_classes}, "
+                              f"got {cfg.model.nb_classes}")
+        if classes < 2 and cfg.aug.mixup_active:
+            raise ConfigError(f"--mixup/--cutmix: mixing needs at least two classes; the training data has {classes}")
+        if len(val_loader.classes) != classes:
+            raise ConfigError(f"--val_path: the validation data has {len(val_loader.classes)} classes, the training "
+                              f"data {classes}")
+        return loader, val_loader
+
+    def build_model(self) -> nn.Module:
+        from mae_fast.vit import create_vit
+
+        mcfg = self.config.model
+        model = create_vit(mcfg.name, img_size=self.config.data.input_size, num_classes=mcfg.nb_classes,
+                           global_pool=mcfg.global_pool, drop_path_rate=mcfg.drop_path,
+                           attn_backend=mcfg.attn_backend, grad_checkpointing=mcfg.grad_checkpointing)
+        if mcfg.finetune and not self.config.eval:
+            loaded = load_encoder(model, mcfg.finetune)
+            if self.dist.is_main:
+                logger.info("loaded the pretrained encoder of %s (%d keys left at their initialization: %s)",
+                            mcfg.finetune, len(loaded["missing_keys"]), ", ".join(loaded["missing_keys"]))
+        return model
+
+    def setup_task(self) -> None:
+        # timm's Mixup draws from numpy's global generator: seeded per rank as the official script seeds it, and kept
+        # in checkpoints (task_rng_state) so that a resumed run mixes as the uninterrupted one.
+        np.random.seed(self.config.seed + self.dist.rank)
+        self.mixup = build_mixup(self.config.aug, self.config.model.nb_classes)
+        self.criterion = build_criterion(self.config.aug)
+        self.max_accuracy = 0.0
+
+    def task_rng_state(self) -> dict:
+        state = np.random.get_state(legacy=False)
+        return {"numpy": {"key": torch.from_numpy(state["state"]["key"].astype(np.int64)),
+                          "pos": state["state"]["pos"], "has_gauss": state["has_gauss"], "gauss": state["gauss"]}}
+
+    def load_task_rng_state(self, rng: dict) -> None:
+        saved = rng.get("numpy")
+        if saved:
+            np.random.set_state({"bit_generator": "MT19937", "has_gauss": saved["has_gauss"], "gauss": saved["gauss"],
+                                 "state": {"key": saved["key"].numpy().astype(np.uint32), "pos": saved["pos"]}})
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        return param_groups_lrd(model, self.config.optim.weight_decay, model.no_weight_decay(),
+                                self.config.optim.layer_decay)
+
+    def step_loss(self, inputs, weights: torch.Tensor, all_valid: bool) -> torch.Tensor:
+        images, labels = inputs
+        if not all_valid:  # marked slots (label -1) take part in the mixing with label 0, then leave the loss
+            labels = torch.where(weights > 0, labels, torch.zeros_like(labels))
+        targets = labels
+        if self.mixup is not None:
+            images, targets = self.mixup(images, labels)
+        logits = self.train_model(images).float()
+        if all_valid:  # nearly every batch: the criterion as it is
+            return self.criterion(logits, targets)
+        rows = (weights > 0).nonzero()[:, 0]  # a rare batch with marked slots: one synchronization
+        return self.criterion(logits[rows], targets[rows]) if rows.numel() else logits.sum() * 0.0
+
+    def evaluate(self) -> dict:
+        stats = evaluate_classifier(self.train_model, self.val_loader, self.device, self._autocast(),
+                                    distributed=self.config.dist_eval and self.dist.distributed)
+        self.max_accuracy = max(self.max_accuracy, stats["acc1"])
+        if self.dist.is_main:
+            print(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f}", flush=True)
+            logger.info("Accuracy of the network on the %d test images: %.1f%%; max accuracy: %.2f%%", stats["count"],
+                        stats["acc1"], self.max_accuracy)
+            if self.writer is not None:
+                for key in ("acc1", "acc5", "loss"):
+                    self.writer.add_scalar(f"perf/test_{key}", stats[key], self.epoch)
+        return {f"test_{key}": stats[key] for key in ("acc1", "acc5", "loss")}
+
+    def log_line(self, stats: dict, epoch: int) -> dict:
+        line = {key: stats[key] for key in ("train_lr", "train_loss") if key in stats}
+        line.update({key: value for key, value in stats.items() if key.startswith("test_")})
+        return {**line, "epoch": epoch, "n_parameters": sum(p.numel() for p in self.model.parameters()
+                                                             if p.requires_grad)}
+
+    def flops_per_image(self) -> float:
+        return self.model.flops_per_image()
+
+    def describe_model(self) -> str:
+        mcfg = self.config.model
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        source = f"from {mcfg.finetune}" if mcfg.finetune else "from random initialization"
+        return (f"model {mcfg.name} ({trainable:,} trainable parameters, {self.config.data.input_size}px, "
+                f"{mcfg.nb_classes} classes, {'global pool' if mcfg.global_pool else 'cls token'}, drop path "
+                f"{mcfg.drop_path:g}, layer decay {self.config.optim.layer_decay:g}) {source}")
+
+    def _refuse_pretraining_checkpoint(self, path: Path) -> None:
+        """Raise the --finetune hint when ``path`` is a readable pretraining checkpoint; otherwise return."""
+        if self.config.resume == "auto" or not path.is_file():
+            return
+        from mae_fast.export import read_state
+
+        try:
+            state, _ = read_state(path)
+        except CheckpointError:
+            return
+        self.check_resume_state(path, {"model": state})
+
+    def check_resume_state(self, path, state: dict) -> None:
+        model_state = state.get("model", {})
+        if any(key.startswith(_DECODER_PREFIXES) for key in model_state) or "head.weight" not in model_state:
+            raise CheckpointError(f"--resume: {str(path)!r} is a pretraining checkpoint (it has no classification "
+                                  f"head); start fine-tuning from it with --finetune {path}")
+
+    def _resume(self) -> None:
+        if not self.config.eval:
+            try:
+                super()._resume()
+            except CheckpointError:
+                # A pretraining checkpoint in another layout (an official one holds only "model") is named as such.
+                self._refuse_pretraining_checkpoint(Path(self.config.resume))
+                raise
+            return
+        # --eval: the model's weights alone, from a mae_fast or official fine-tuned checkpoint (which has no
+        # optimizer state; official ones hold only "model").
+        from mae_fast.export import read_state
+
+        path = Path(self.config.resume)
+        model_state, written_with = read_state(path)  # mae_fast's, an official one, or .safetensors
+        self.check_resume_state(path, {"model": model_state})
+        self._check_fits(path, model_state, {"model": {"name": written_with}} if written_with else None)
+        if self.config.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.model, model_state, options=StateDictOptions(full_state_dict=True))
+        else:
+            self.model.load_state_dict(model_state)
+        self.last_saved = path
+
+    def run_eval(self) -> dict:
+        """``--eval``: evaluate the ``--resume`` checkpoint, print the official line, append the figures to
+        ``log.txt``; returns them (``test_acc1``, ``test_acc5``, ``test_loss``)."""
+        stats = self.evaluate()
+        if self.dist.is_main:
+            self._append_log_line(stats)
+        return stats
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+PROG = "mae_fast.finetune"
+
+# flag -> (config section, field name), the official main_finetune.py's flags first, then mae_fast's.
+FLAGS = {
+    "batch_size": ("data", "batch_size"), "epochs": ("run", "epochs"), "accum_iter": ("run", "accum_iter"),
+    "model": ("model", "name"), "input_size": ("data", "input_size"), "drop_path": ("model", "drop_path"),
+    "clip_grad": ("optim", "clip_grad"), "weight_decay": ("optim", "weight_decay"), "lr": ("optim", "lr"),
+    "blr": ("optim", "blr"), "layer_decay": ("optim", "layer_decay"), "min_lr": ("optim", "min_lr"),
+    "warmup_epochs": ("optim", "warmup_epochs"), "color_jitter": ("aug", "color_jitter"), "aa": ("aug", "aa"),
+    "smoothing": ("aug", "smoothing"), "reprob": ("aug", "reprob"), "remode": ("aug", "remode"),
+    "recount": ("aug", "recount"), "resplit": ("aug", "resplit"), "mixup": ("aug", "mixup"),
+    "cutmix": ("aug", "cutmix"), "cutmix_minmax": ("aug", "cutmix_minmax"), "mixup_prob": ("aug", "mixup_prob"),
+    "mixup_switch_prob": ("aug", "mixup_switch_prob"), "mixup_mode": ("aug", "mixup_mode"),
+    "finetune": ("model", "finetune"), "global_pool": ("model", "global_pool"), "data_path": ("data", "data_path"),
+    "nb_classes": ("model", "nb_classes"), "output_dir": ("run", "output_dir"), "log_dir": ("run", "log_dir"),
+    "device": ("run", "device"), "seed": ("run", "seed"), "resume": ("run", "resume"),
+    "start_epoch": ("run", "start_epoch"), "eval": ("run", "eval"), "dist_eval": ("run", "dist_eval"),
+    "num_workers": ("data", "num_workers"),
+    "val_path": ("data", "val_path"), "data_backend": ("data", "backend"), "precision": ("run", "precision"),
+    "fp8_recipe": ("run", "fp8_recipe"), "fp8_emulate": ("run", "fp8_emulate"), "compile": ("run", "compile"),
+    "compile_scope": ("run", "compile_scope"), "fsdp": ("run", "fsdp"), "global_batch": ("run", "global_batch"),
+    "attn_backend": ("model", "attn_backend"), "grad_checkpointing": ("model", "grad_checkpointing"),
+    "optimizer": ("optim", "optimizer"), "save_every": ("run", "save_every"),
+    "save_last_every": ("run", "save_last_every"), "loss_spike_factor": ("run", "loss_spike_factor"),
+    "dist_timeout": ("run", "dist_timeout"), "log_every": ("run", "log_every"), "val_every": ("run", "val_every"),
+    "max_steps": ("run", "max_steps"), "verify_images": ("data", "verify_images"),
+    "shard_timeout": ("data", "shard_timeout"),
+}
+BOOL_FLAGS = {"resplit", "eval", "dist_eval", "fp8_emulate", "compile", "fsdp", "grad_checkpointing"}
+FLOAT_FLAGS = {"drop_path", "clip_grad", "weight_decay", "lr", "blr", "layer_decay", "min_lr", "warmup_epochs",
+               "color_jitter", "smoothing", "reprob", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob",
+               "loss_spike_factor", "dist_timeout", "shard_timeout"}
+INT_FLAGS = {"batch_size", "epochs", "accum_iter", "input_size", "recount", "nb_classes", "seed", "start_epoch",
+             "num_workers", "global_batch", "save_every", "save_last_every", "log_every", "val_every", "max_steps"}
+METAVARS = {"data_path": "PATH", "val_path": "PATH", "output_dir": "PATH", "log_dir": "PATH", "resume": "PATH|auto",
+            "finetune": "PATH", "model": "NAME", "aa": "POLICY", "remode": "{pixel,rand,const}",
+            "mixup_mode": "{batch,pair,elem}", "data_backend": "{auto,dali,torch}",
+            "attn_backend": "{auto,flash_attn,sdpa,math}", "precision": "{auto,bf16,fp16,fp32,fp8}",
+            "fp8_recipe": "{tensorwise,rowwise}", "compile_scope": "{model,blocks}", "optimizer": "{adamw,apex}",
+            "device": "{auto,cuda,cpu}", "verify_images": "{header,decode}"}
+
+
+def _sections():
+    from mae_fast.config import AugConfig, DataConfig, FinetuneConfig, FinetuneModelConfig, FinetuneOptimConfig
+
+    return {"data": DataConfig, "model": FinetuneModelConfig, "optim": FinetuneOptimConfig, "aug": AugConfig,
+            "run": FinetuneConfig}
+
+
+def _epilog() -> str:
+    from mae_fast.vit import VIT_PRESETS
+
+    presets = "\n".join(f"  {name:24s} {description}" for name, (description, _) in VIT_PRESETS.items())
+    return (f"models (--model):\n{presets}\n\n"
+            "Evaluate an official fine-tuned checkpoint (ViT-B/16: 83.664 top-1 on ImageNet-1k val):\n"
+            f"  python -m {PROG} --eval --resume mae_finetuned_vit_base.pth --model vit_base_patch16 \\\n"
+            "      --batch_size 16 --data_path ${IMAGENET_DIR}\n\n"
+            f"A mistake in the flags or inputs ends with one line '{PROG}: error: ...' and exit code 2; a run that\n"
+            "stops on its own (NaN loss, full disk, stalled rank) or ends diverged exits 1, Ctrl-C exits 130. Set\n"
+            "MAE_FAST_DEBUG=1 or pass --debug for the traceback.")
+
+
+def build_parser():
+    """The command line of ``torchrun -m mae_fast.finetune``: the official ``main_finetune.py`` flags with their
+    names, defaults and meaning, then mae_fast's own, each documented from the configuration dataclasses."""
+    import argparse
+
+    from mae_fast.config import OptimConfig, RunConfig, field_docs, fields
+    from mae_fast.pretrain import _default_text_of
+
+    sections = _sections()
+    # A subclass's docs cover the fields it declares; the others come from the class it extends.
+    docs = {name: {**(field_docs(RunConfig) if name == "run" else field_docs(OptimConfig) if name == "optim" else {}),
+                   **field_docs(cls)} for name, cls in sections.items()}
+    parser = argparse.ArgumentParser(prog=f"torchrun -m {PROG}", epilog=_epilog(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     description="Fine-tune a pretrained MAE encoder for classification with the "
+                                     "official recipe. With no flags: the quick start's checkpoint "
+                                     "(./output_dir/checkpoint-last.pth) on the built-in set's classes.")
+    for flag, (section, name) in FLAGS.items():
+        text = " ".join(docs[section][name].split(": ", 1)[-1].split())
+        default = next(f.default for f in fields(sections[section]) if f.name == name)
+        text = _default_text_of(default, text)
+        if flag == "global_pool":
+            parser.add_argument("--global_pool", action="store_true", dest="global_pool", default=argparse.SUPPRESS,
+                                help=text)
+            parser.add_argument("--cls_token", action="store_false", dest="global_pool", default=argparse.SUPPRESS,
+                                help="classify the cls token (after norm) instead of the global pool")
+        elif flag in BOOL_FLAGS:
+            parser.add_argument(f"--{flag}", action="store_true", default=argparse.SUPPRESS, help=text)
+        elif flag == "cutmix_minmax":
+            parser.add_argument("--cutmix_minmax", type=float, nargs=2, default=argparse.SUPPRESS, help=text,
+                                metavar=("MIN", "MAX"))
+        else:
+            kind = float if flag in FLOAT_FLAGS else int if flag in INT_FLAGS else str
+            metavar = METAVARS.get(flag, "X" if kind is float else "N" if kind is int else flag.upper())
+            parser.add_argument(f"--{flag}", type=kind, default=argparse.SUPPRESS, help=text, metavar=metavar)
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of errors that are otherwise one line (or set MAE_FAST_DEBUG=1)")
+    parser.add_argument("--local_rank", type=int, default=argparse.SUPPRESS, metavar="N",
+                        help="ignored: torchrun passes the rank in the environment")
+    return parser
+
+
+def config_from_args(argv: list[str] | None = None):
+    """Parse flags into a validated :class:`~mae_fast.config.FinetuneConfig`.
+
+    Raises:
+        ConfigError: a value that cannot work (naming the flag and the value).
+        SystemExit: argparse's own errors (unknown flag, a value of the wrong type), exit code 2.
+    """
+    args = vars(build_parser().parse_args(argv))
+    args.pop("local_rank", None)
+    args.pop("debug", None)
+    sections = _sections()
+    values = {name: {} for name in sections}
+    for flag, value in args.items():
+        section, name = FLAGS[flag]
+        values[section][name] = value
+    run = values.pop("run")
+    return sections["run"](**{name: sections[name](**values[name]) for name in ("data", "model", "optim", "aug")},
+                           **run)
+
+
+def _finetune(config, started) -> None:
+    tuner = FineTuner(config)
+    with started(tuner):
+        if config.eval:
+            tuner.run_eval()
+        else:
+            tuner.fit()
+            if tuner.dist.is_main:
+                logger.info("done: max accuracy %.2f%%; checkpoints and log.txt in %s", tuner.max_accuracy,
+                            config.output_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``torchrun -m mae_fast.finetune``: parse, build the run, fine-tune (or evaluate, with ``--eval``). Returns the
+    process exit code (0, 1, 2, or 130 on Ctrl-C)."""
+    from mae_fast.pretrain import run_command
+
+    return run_command(PROG, argv, config_from_args, _finetune)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

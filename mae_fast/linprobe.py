@@ -5,21 +5,24 @@
 
 The features of the training and validation images (``--data_path`` in ImageNet layout:
 ``train/<class>/``, ``val/<class>/``; ``--val_path`` for a separate validation folder) are
-extracted once, without masking (``MAEViT.extract_features``, ``--pool mean|cls``, resize and
-center crop), and cached in ``--output_dir``: a later run with the same checkpoint file, images and
-settings reuses them. The cache is written atomically with its shapes and a SHA-256 of its tensors;
-one that does not match them, the image counts, or holds non-finite values is extracted again (with
-one warning), and one holding objects other than tensors is refused. Non-finite features or a head
-that becomes non-finite stop the probe with one line naming the checkpoint. Then the official probe
-head, BatchNorm without affine parameters followed by a Linear layer (weights
-``trunc_normal(std=0.01)``), is trained on them: ``--epochs`` (default 90) with linear warmup (10)
-and a cosine schedule, ``lr = blr x batch / 256`` (``--blr`` 0.1, ``--batch_size`` 1024). It
-reports top-1/top-5 on the validation set and writes ``head.pth`` and ``results.json``.
+extracted once, without masking (``MAEViT.extract_features``: the cls token after the encoder's norm
+by default, as ``main_linprobe.py`` does, or ``--global_pool``, the mean of the patch tokens), resize
+and center crop, and cached in ``--output_dir``: a later run with the same checkpoint file, images
+and settings reuses them. The cache is written atomically with its shapes and a SHA-256 of its
+tensors; one that does not match them, the image counts, or holds non-finite values is extracted
+again (with one warning), and one holding objects other than tensors is refused. Non-finite features
+or a head that becomes non-finite stop the probe with one line naming the checkpoint. Then the
+official probe head, BatchNorm without affine parameters followed by a Linear layer (weights
+``trunc_normal(std=0.01)``), is trained on them with the official optimizer, LARS (timm's ``Lars``,
+momentum 0.9, trust coefficient 0.001, the trust ratio on the weight matrix and not on the bias, as
+the official LARS), ``--epochs`` (default 90) with linear warmup (10) and a cosine schedule,
+``lr = blr x batch / 256`` (``--blr`` 0.1, ``--batch_size`` 1024, ``--weight_decay`` 0);
+``--optimizer sgd`` trains it with SGD (momentum 0.9) instead. It reports top-1/top-5 on the
+validation set and writes ``head.pth`` and ``results.json``.
 
-Two deliberate differences from the official ``main_linprobe.py``: the features are computed once
-on center crops, so the head sees no random-crop augmentation, and the head trains with SGD
-(momentum 0.9, no weight decay) instead of LARS (for one linear layer LARS's trust ratio only
-rescales the step, which ``--blr`` sets). Under ``torchrun`` every rank extracts its share of the
+One deliberate difference from the official ``main_linprobe.py``: the features are computed once on
+center crops, so the head sees no random-crop augmentation (each epoch costs a pass over cached
+features instead of a pass of the encoder). Under ``torchrun`` every rank extracts its share of the
 images; rank 0 trains the head.
 """
 
@@ -133,9 +136,31 @@ def load_features(cache: Path, rows: dict[str, int]) -> tuple[dict[str, torch.Te
     return features, ""
 
 
+PROBE_OPTIMIZERS = ("lars", "sgd")
+
+
+def probe_optimizer(head: nn.Module, name: str = "lars", lr: float = 0.1, weight_decay: float = 0.0):
+    """The probe head's optimizer: ``lars``, the official one (timm's ``Lars``, momentum 0.9, trust coefficient
+    0.001; the trust ratio and weight decay apply to matrices, not to 1-D parameters, as the official LARS
+    excludes biases and norms; with ``weight_decay`` above 0, timm's trust ratio divides by ``|g| + wd |w|`` where the
+    official divides by ``|g + wd w|``, its upper bound), or ``sgd`` (momentum 0.9, the weight decay on matrices
+    alike)."""
+    matrices = [p for p in head.parameters() if p.ndim > 1]
+    vectors = [p for p in head.parameters() if p.ndim <= 1]
+    if name == "sgd":
+        return torch.optim.SGD([{"params": matrices, "weight_decay": weight_decay},
+                                {"params": vectors, "weight_decay": 0.0}], lr=lr, momentum=0.9)
+    from timm.optim import Lars
+
+    return Lars([{"params": matrices, "weight_decay": weight_decay, "always_adapt": True},
+                 {"params": vectors, "weight_decay": 0.0, "always_adapt": False}], lr=lr, momentum=0.9)
+
+
 def train_head(train_x, train_y, val_x, val_y, num_classes: int, epochs: int = 90, warmup_epochs: int = 10,
-               batch_size: int = 1024, blr: float = 0.1, seed: int = 0) -> tuple[nn.Sequential, dict]:
-    """Train the probe head on features; returns the head (eval mode) and ``top1``, ``top5`` on the validation set.
+               batch_size: int = 1024, blr: float = 0.1, seed: int = 0, optimizer: str = "lars",
+               weight_decay: float = 0.0) -> tuple[nn.Sequential, dict]:
+    """Train the probe head on features with ``optimizer`` (:func:`probe_optimizer`); returns the head (eval mode)
+    and ``top1``, ``top5`` on the validation set.
 
     Raises:
         NonFiniteLossError: the loss or the head became NaN or infinite (the epoch is named).
@@ -144,7 +169,7 @@ def train_head(train_x, train_y, val_x, val_y, num_classes: int, epochs: int = 9
     torch.manual_seed(seed)
     head = probe_head(train_x.shape[1], num_classes)
     lr = blr * batch_size / 256
-    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    optimizer = probe_optimizer(head, optimizer, lr, weight_decay)
     steps_per_epoch = max(1, math.ceil(train_x.shape[0] / batch_size))
     for epoch in range(epochs):
         head.train()
@@ -185,7 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default="./linprobe", help="features cache, head.pth, results.json "
                                                                    "(default: %(default)s)")
     parser.add_argument("--model", default=None, help="the preset the checkpoint must hold (default: read from it)")
-    parser.add_argument("--pool", default="mean", choices=("mean", "cls"), help="features (default: %(default)s)")
+    parser.add_argument("--cls_token", dest="pool", action="store_const", const="cls", default="cls",
+                        help="features: the cls token after the encoder's norm (the default, as main_linprobe.py)")
+    parser.add_argument("--global_pool", dest="pool", action="store_const", const="mean",
+                        help="features: the mean of the patch tokens instead of the cls token")
+    parser.add_argument("--pool", dest="pool", choices=("mean", "cls"),
+                        help="the same choice by name: mean (--global_pool) or cls (--cls_token)")
+    parser.add_argument("--optimizer", default="lars", choices=PROBE_OPTIMIZERS,
+                        help="the head's optimizer: lars (the official, timm's Lars) or sgd (default: %(default)s)")
+    parser.add_argument("--weight_decay", type=float, default=0.0, help="weight decay of the head's weight matrix "
+                                                                        "(default: %(default)s, the official)")
     parser.add_argument("--input_size", type=int, default=224, help="center crop in pixels (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=90, help="head training epochs (default: %(default)s)")
     parser.add_argument("--warmup_epochs", type=int, default=10, help="linear warmup epochs (default: %(default)s)")
@@ -221,6 +255,9 @@ def run(args: argparse.Namespace) -> dict | None:
         raise ConfigError(f"--warmup_epochs: must be an integer >= 0, got {args.warmup_epochs}")
     if not (math.isfinite(args.blr) and args.blr > 0):
         raise ConfigError(f"--blr: must be a finite number > 0 (the official value is 0.1), got {args.blr}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise ConfigError(f"--weight_decay: must be a finite number >= 0 (the official value is 0), got "
+                          f"{args.weight_decay}")
     dist_info = setup_distributed(args.device)
     device = dist_info.device
     if args.val_path is None and not (Path(args.data_path) / "val").is_dir():
@@ -285,14 +322,16 @@ def run(args: argparse.Namespace) -> dict | None:
         train_labels, val_labels = train_labels[features["train_kept"]], val_labels[features["val_kept"]]
     try:
         head, metrics = train_head(features["train"], train_labels, features["val"], val_labels, len(classes),
-                                   args.epochs, args.warmup_epochs, args.batch_size, args.blr, args.seed)
+                                   args.epochs, args.warmup_epochs, args.batch_size, args.blr, args.seed,
+                                   args.optimizer, args.weight_decay)
     except NonFiniteLossError as exc:
         raise NonFiniteLossError(f"{exc} (features of checkpoint {str(checkpoint)!r}); no result was written") from exc
     torch.save({"head": head.state_dict(), "classes": classes, "pool": args.pool, "preset": preset}, out / "head.pth")
     results = {"top1": metrics["top1"], "top5": metrics["top5"], "checkpoint": str(checkpoint), "preset": preset,
                "pool": args.pool, "input_size": args.input_size, "classes": len(classes),
                "train_images": len(features["train"]), "val_images": len(features["val"]), "epochs": args.epochs,
-               "batch_size": args.batch_size, "blr": args.blr}
+               "batch_size": args.batch_size, "blr": args.blr, "optimizer": args.optimizer,
+               "weight_decay": args.weight_decay}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 

@@ -71,7 +71,11 @@ def _epilog() -> str:
 
 def _default_text(section: str, name: str, doc: str) -> str:
     """The help text of a field with its default, unless the text already says what unset means."""
-    default = next(f.default for f in fields(SECTIONS[section]) if f.name == name)
+    return _default_text_of(next(f.default for f in fields(SECTIONS[section]) if f.name == name), doc)
+
+
+def _default_text_of(default, doc: str) -> str:
+    """``doc`` with ``default`` stated, unless the text already says what unset means."""
     doc = doc.rstrip(".")
     if isinstance(default, bool):
         return f"{doc} (default: {'on' if default else 'off'})"
@@ -120,9 +124,9 @@ def config_from_args(argv: list[str] | None = None) -> RunConfig:
                      optim=OptimConfig(**sections["optim"]), **run)
 
 
-def resume_command(argv: list[str], checkpoint) -> str:
-    """The command that continues this run from ``checkpoint`` ("auto" or a path): the same flags, the same
-    launcher, ``--resume`` replaced."""
+def resume_command(argv: list[str], checkpoint, prog: str = PROG) -> str:
+    """The command that continues this run of ``prog`` from ``checkpoint`` ("auto" or a path): the same flags, the
+    same launcher, ``--resume`` replaced."""
     kept, skip = [], False
     for arg in argv:
         if skip:
@@ -140,27 +144,27 @@ def resume_command(argv: list[str], checkpoint) -> str:
                     else "torchrun <the same torchrun flags> -m")
     else:
         launcher = "python -m"
-    return f"{launcher} {PROG} {shlex.join([*kept, '--resume', str(checkpoint)])}"
+    return f"{launcher} {prog} {shlex.join([*kept, '--resume', str(checkpoint)])}"
 
 
-def _stop_line(trainer, argv: list[str]) -> str:
+def _stop_line(trainer, argv: list[str], prog: str = PROG) -> str:
     """What Ctrl-C prints: where the run was, what it wrote, its last good checkpoint, and how to continue."""
     if trainer is None:
-        return f"{PROG}: interrupted before training started; nothing was saved"
+        return f"{prog}: interrupted before training started; nothing was saved"
     good = trainer.good_checkpoint()
     newest = trainer.last_saved
     where = f"interrupted at step {trainer.step}/{trainer.total_steps} ({trainer.where()})"
     if trainer.interrupt_checkpoint is not None:
         where += f"; wrote {trainer.interrupt_checkpoint} at this step"
     if good is None:
-        return f"{PROG}: {where}; no good checkpoint was written yet. Start again with: " \
-               f"{resume_command(argv, 'auto')}"
+        return f"{prog}: {where}; no good checkpoint was written yet. Start again with: " \
+               f"{resume_command(argv, 'auto', prog)}"
     target = "auto" if newest is not None and good.resolve() == newest.resolve() else good
-    return f"{PROG}: {where}; last good checkpoint {good}. Resume with: {resume_command(argv, target)}"
+    return f"{prog}: {where}; last good checkpoint {good}. Resume with: {resume_command(argv, target, prog)}"
 
 
 @contextlib.contextmanager
-def _ctrl_c_stops_after_the_step(trainer, argv: list[str]):
+def _ctrl_c_stops_after_the_step(trainer, argv: list[str], prog: str = PROG):
     """The first Ctrl-C asks the run to stop after the current step, writing checkpoint-last.pth there (so the
     resume is exact); a second one stops the process at once, with one line. Only on one rank: the ranks of a
     distributed run would have to agree on the step, so there Ctrl-C stops at once (the last checkpoint stays)."""
@@ -177,13 +181,13 @@ def _ctrl_c_stops_after_the_step(trainer, argv: list[str]):
             pressed.append(now)
             trainer.request_stop()
             # os.write, not print: a handler that prints while the main thread prints raises a reentrancy error.
-            os.write(2, f"{PROG}: Ctrl-C: stopping after this step, which is saved to checkpoint-last.pth (Ctrl-C "
+            os.write(2, f"{prog}: Ctrl-C: stopping after this step, which is saved to checkpoint-last.pth (Ctrl-C "
                         "again to stop at once)\n".encode())
             return
         if relayed and now - pressed[0] < 1.0:
             return
-        os.write(2, f"{PROG}: interrupted again at step {trainer.step}: stopped at once, without writing a "
-                    f"checkpoint; the newest complete one stays. Resume with: {resume_command(argv, 'auto')}\n"
+        os.write(2, f"{prog}: interrupted again at step {trainer.step}: stopped at once, without writing a "
+                    f"checkpoint; the newest complete one stays. Resume with: {resume_command(argv, 'auto', prog)}\n"
                  .encode())
         os._exit(130)
 
@@ -199,30 +203,35 @@ def _rank_prefix() -> str:
     return f"[rank {os.environ.get('RANK', 0)}] " if world > 1 else ""
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse, build the trainer, train. Returns the process exit code (0, 1, 2, or 130 on Ctrl-C)."""
+def run_command(prog: str, argv: list[str] | None, parse, train) -> int:
+    """A training command's life: parse ``argv`` with ``parse`` (flags -> config), then ``train(config)``, which
+    builds the run, hands it to ``started`` and trains. Every mistake and fault is one line ``<prog>: error: ...``;
+    returns the process exit code (0, 1, 2, or 130 on Ctrl-C)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("MAE_FAST_DEBUG", "0") not in ("", "0")
     from mae_fast.distributed import is_collective_timeout, teardown_distributed
 
-    trainer = config = None
+    runs: list = []  # the run, once built (for the Ctrl-C line and the last good checkpoint)
+    config = None
     try:
-        config = config_from_args(argv)
-        from mae_fast.trainer import MAETrainer
+        config = parse(argv)
 
-        trainer = MAETrainer(config)
-        with _ctrl_c_stops_after_the_step(trainer, argv):
-            trainer.fit()
+        @contextlib.contextmanager
+        def started(trainer):
+            runs.append(trainer)
+            with _ctrl_c_stops_after_the_step(trainer, argv, prog):
+                yield
+
+        train(config, started)
         teardown_distributed(finished=True)
-        if trainer.dist.is_main:
-            logging.getLogger("mae_fast").info("done: checkpoints and reconstructions in %s", config.output_dir)
         return 0
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":
-            print(_stop_line(trainer, argv), file=sys.stderr, flush=True)
+            print(_stop_line(runs[0] if runs else None, argv, prog), file=sys.stderr, flush=True)
         return 130
     except Exception as exc:
+        trainer = runs[0] if runs else None
         if isinstance(exc, RuntimeError) and not isinstance(exc, MaeFastError) and is_collective_timeout(exc):
             good = trainer.good_checkpoint() if trainer is not None else None
             exc = CollectiveTimeoutError(
@@ -232,11 +241,26 @@ def main(argv: list[str] | None = None) -> int:
             raise
         message = " ".join(str(exc).split())  # one line, whatever the message held
         if isinstance(exc, TrainingStopped) and exc.checkpoint is not None:
-            message += f". Resume with: {resume_command(argv, exc.checkpoint)}"
-        print(f"{_rank_prefix()}{PROG}: error: {message}", file=sys.stderr, flush=True)
+            message += f". Resume with: {resume_command(argv, exc.checkpoint, prog)}"
+        print(f"{_rank_prefix()}{prog}: error: {message}", file=sys.stderr, flush=True)
         return exc.exit_code
     finally:
         teardown_distributed()
+
+
+def _pretrain(config: RunConfig, started) -> None:
+    from mae_fast.trainer import MAETrainer
+
+    trainer = MAETrainer(config)
+    with started(trainer):
+        trainer.fit()
+    if trainer.dist.is_main:
+        logging.getLogger("mae_fast").info("done: checkpoints and reconstructions in %s", config.output_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, build the trainer, train. Returns the process exit code (0, 1, 2, or 130 on Ctrl-C)."""
+    return run_command(PROG, argv, config_from_args, _pretrain)
 
 
 if __name__ == "__main__":

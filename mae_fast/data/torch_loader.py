@@ -28,6 +28,13 @@ def _ignore_ctrl_c(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _own_generator(seed: int) -> torch.Generator:
+    """The DataLoader's own generator: each epoch's iterator draws its workers' base seed from it, which must not move
+    torch's global generator (drop path draws from that; a resumed run would draw otherwise). Every transform is seeded
+    by its slot, so nothing depends on the base seed."""
+    return torch.Generator().manual_seed(seed)
+
+
 class PretrainingTransform:
     """The pretraining per-sample transform: ``(img, seed) -> uint8 [3, size, size]``, random (``train``) or
     resize and center crop (see :mod:`mae_fast.data.transforms`)."""
@@ -109,7 +116,7 @@ class TorchLoader:
             ImageFiles(files, size, train, transform), batch_sampler=self.batches, num_workers=num_workers,
             pin_memory=pin_memory and self.device.type == "cuda", persistent_workers=num_workers > 0,
             prefetch_factor=4 if num_workers > 0 else None, timeout=600 if num_workers > 0 else 0,
-            worker_init_fn=_ignore_ctrl_c)
+            worker_init_fn=_ignore_ctrl_c, generator=_own_generator(seed))
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -282,7 +289,7 @@ class TorchShardLoader:
             EncodedImages(size, train, transform), batch_sampler=self.batches, num_workers=num_workers,
             collate_fn=_collate_encoded, pin_memory=pin_memory and self.device.type == "cuda",
             persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
-            timeout=600 if num_workers > 0 else 0, worker_init_fn=_ignore_ctrl_c)
+            timeout=600 if num_workers > 0 else 0, worker_init_fn=_ignore_ctrl_c, generator=_own_generator(seed))
 
     def __len__(self) -> int:
         return len(self.batches)

@@ -4,16 +4,16 @@ press Ctrl-C a second time while one is under way."""
 import sys
 import time
 
-import mae_fast.trainer
+import mae_fast.engine
 from mae_fast.pretrain import main
 
 if __name__ == "__main__":
-    real_save = mae_fast.trainer.save_checkpoint
+    real_save = mae_fast.engine.save_checkpoint
 
     def slow_save(state, path, *args, **kwargs):
         print(f"saving {path}", file=sys.stderr, flush=True)
         time.sleep(60)
         return real_save(state, path, *args, **kwargs)
 
-    mae_fast.trainer.save_checkpoint = slow_save
+    mae_fast.engine.save_checkpoint = slow_save
     sys.exit(main(sys.argv[1:]))
