@@ -13,11 +13,15 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 
-from mae_fast.attention import ATTN_BACKENDS, flash_attn_unavailable_reason
-from mae_fast.errors import ConfigError
-from mae_fast.fp8 import FP8_RECIPES
-from mae_fast.ops.dispatch import BACKENDS
+from mae_fast.errors import CheckpointError, ConfigError
+from mae_fast.presets import PRESETS, patch_size_of
 
+# Nothing here imports torch, so that a mistake in the flags is one line before torch loads (seconds). The names the
+# modules that run them define (mae_fast.attention.ATTN_BACKENDS, mae_fast.ops.dispatch.BACKENDS,
+# mae_fast.fp8.FP8_RECIPES) are repeated here for that reason; a test checks that they agree.
+ATTN_BACKENDS = ("auto", "flash_attn", "sdpa", "math")
+KERNEL_BACKENDS = ("auto", "cuda", "triton", "torch")
+FP8_RECIPES = ("tensorwise", "rowwise")
 DATA_BACKENDS = ("auto", "dali", "torch", "synthetic")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32", "fp8")
 OPTIMIZERS = ("adamw", "apex")
@@ -73,7 +77,9 @@ def _check_creatable(flag: str, path) -> None:
 def _check_patches_kept_and_masked(input_size: int, patch: int, mask_ratio: float) -> None:
     """Refuse an image size and mask ratio that leave no visible patch or no masked one (nothing to encode or nothing
     to reconstruct); the count is the masking's own, ``int(L * (1 - mask_ratio))``."""
-    from mae_fast.ops.sample_mask import num_kept
+
+    def num_kept(num_patches: int, ratio: float) -> int:  # mae_fast.ops.sample_mask.num_kept (a test checks it)
+        return int(num_patches * (1 - ratio))
 
     patches = (input_size // patch) ** 2
     if patches < 2:
@@ -100,8 +106,9 @@ class DataConfig:
 
     data_path: str | None = None
     """--data_path: an ImageNet-style folder (train/<class>/*), a flat folder of images, or a WebDataset shard set (a
-    folder of .tar files, a brace pattern such as train-{000000..000127}.tar, a text file listing shards, or
-    pipe:/http(s) URLs; see python -m mae_fast.prepare); unset: the built-in set."""
+    folder of .tar files, a brace pattern in quotes, which keep the shell from expanding it, such as
+    'train-{000000..000127}.tar', a text file listing shards, or pipe:/http(s) URLs; see python -m mae_fast.prepare);
+    unset: the built-in set."""
     val_path: str | None = None
     """--val_path: held-out images for the validation loss and reconstruction images (optional)."""
     backend: str = "auto"
@@ -183,21 +190,21 @@ class ModelConfig:
     """--grad_checkpointing: recompute blocks in backward to save activation memory."""
 
     def __post_init__(self):
-        from mae_fast.model import MODELS
-
         if self.name is not None:
-            _choice("model", self.name, tuple(MODELS))
+            _choice("model", self.name, tuple(PRESETS))
         if isinstance(self.mask_ratio, bool) or not isinstance(self.mask_ratio, (int, float)) \
                 or not 0 < self.mask_ratio < 1:
             raise _error("mask_ratio", self.mask_ratio, "must be in (0, 1): with no patch removed the loss is 0 and "
                          "nothing trains; the official value is 0.75")
         _choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
         if self.attn_backend == "flash_attn":
+            from mae_fast.attention import flash_attn_unavailable_reason
+
             reason = flash_attn_unavailable_reason()
             if reason:
                 raise _error("attn_backend", self.attn_backend, f"flash_attn cannot run: {reason}; or use "
                              "--attn_backend auto or sdpa")
-        _choice("kernel_backend", self.kernel_backend, BACKENDS)
+        _choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
 
 
 @dataclass
@@ -334,8 +341,6 @@ class RunConfig:
         _non_negative_int("start_epoch", self.start_epoch)
         if self.start_epoch >= self.epochs:
             raise _error("start_epoch", self.start_epoch, f"must be below --epochs {self.epochs} (nothing would train)")
-        from mae_fast.model import patch_size_of
-
         patch = patch_size_of(self.model.name)
         if self.data.input_size % patch:
             below, above = self.data.input_size // patch * patch, (self.data.input_size // patch + 1) * patch
@@ -372,6 +377,11 @@ class RunConfig:
         if self.max_steps is not None:
             _positive_int("max_steps", self.max_steps)
         _choice("device", self.device, ("auto", "cuda", "cpu"))
+        if self.resume not in ("", "auto") and not os.path.isfile(os.path.expanduser(self.resume)):
+            what = "is a folder, not a checkpoint file" if os.path.isdir(os.path.expanduser(self.resume)) else \
+                "does not exist"
+            raise CheckpointError(f"--resume: checkpoint {self.resume!r} {what}; give a checkpoint file, or auto for "
+                                  "the newest in --output_dir")
         if self.log_dir is None:
             self.log_dir = self.output_dir
         else:

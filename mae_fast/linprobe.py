@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mae_fast.cli import CommandParser
 from mae_fast.config import DataConfig, default_num_workers
 from mae_fast.errors import CheckpointError, ConfigError, DataError, MaeFastError, NonFiniteLossError
 from mae_fast.knn import top_k_accuracy
@@ -166,11 +167,10 @@ def train_head(train_x, train_y, val_x, val_y, num_classes: int, epochs: int = 9
     return head, {"top1": top_k_accuracy(logits, val_y, 1), "top5": top_k_accuracy(logits, val_y, 5)}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> CommandParser:
     """The command line of ``python -m mae_fast.linprobe``."""
-    parser = argparse.ArgumentParser(prog="python -m mae_fast.linprobe", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 2)[2],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser("mae_fast.linprobe", description=__doc__.split("\n\n")[0],
+                           epilog=__doc__.split("\n\n", 2)[2])
     parser.add_argument("--checkpoint", required=True, help="a mae_fast or official MAE checkpoint (.pth/.safetensors)")
     parser.add_argument("--data_path", required=True, help="ImageNet-layout folder: train/<class>/ (and val/<class>/)")
     parser.add_argument("--val_path", default=None, help="validation folder with class sub-folders (default: "
@@ -213,9 +213,14 @@ def run(args: argparse.Namespace) -> dict | None:
         raise ConfigError(f"--warmup_epochs: must be an integer >= 0, got {args.warmup_epochs}")
     if not (math.isfinite(args.blr) and args.blr > 0):
         raise ConfigError(f"--blr: must be a finite number > 0 (the official value is 0.1), got {args.blr}")
+    if not Path(args.checkpoint).expanduser().is_file():
+        raise CheckpointError(f"--checkpoint {args.checkpoint!r} does not exist (or is not a file)")
+    if not Path(args.data_path).expanduser().is_dir():
+        raise DataError(f"--data_path {args.data_path!r} does not exist or is not a folder; give one in ImageNet "
+                        "layout, with a class folder per class under train and val")
     dist_info = setup_distributed(args.device)
     device = dist_info.device
-    if args.val_path is None and not (Path(args.data_path) / "val").is_dir():
+    if args.val_path is None and not (Path(args.data_path).expanduser() / "val").is_dir():
         raise DataError(f"--data_path {args.data_path!r} has no val/ folder; give the validation images with "
                         "--val_path")
     train_files, train_labels, classes = labeled_images(args.data_path, "train")
@@ -232,7 +237,6 @@ def run(args: argparse.Namespace) -> dict | None:
     model, _ = build_model(state, preset, (args.input_size, args.input_size))
     model = model.to(device).eval()
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     settings = {"preset": preset, "pool": args.pool, "input_size": args.input_size}
     cache = out / f"features-{cache_key(checkpoint, train_files + val_files, settings)}.pt"
     features = None
@@ -260,6 +264,7 @@ def run(args: argparse.Namespace) -> dict | None:
                                       f"{bad} of {values.shape[0]} {split} images; its weights are not usable for a "
                                       "probe (nothing was cached)")
         if dist_info.is_main:
+            out.mkdir(parents=True, exist_ok=True)  # only now: a run stopped by an error leaves no empty folder
             save_features(features, cache)
             logger.info("extracted %d + %d features in %.1f s into %s", len(train_files), len(val_files),
                         time.perf_counter() - started, cache)

@@ -1,4 +1,4 @@
-"""torchrun -m mae_fast.pretrain: MAE pretraining with the official script's flags.
+"""python -m mae_fast.pretrain (or torchrun -m mae_fast.pretrain): MAE pretraining with the official script's flags.
 
 With no flags it pretrains a tiny MAE on the built-in image set (a few minutes on a CPU) and
 writes checkpoints, log.txt and reconstruction images to ./output_dir.
@@ -12,8 +12,10 @@ import os
 import shlex
 import sys
 
+from mae_fast.cli import CommandParser, first_missing_folder, remove_empty_folders
 from mae_fast.config import DataConfig, ModelConfig, OptimConfig, RunConfig, field_docs, fields
 from mae_fast.errors import CollectiveTimeoutError, MaeFastError, TrainingStopped
+from mae_fast.presets import PRESETS
 
 PROG = "mae_fast.pretrain"
 
@@ -56,8 +58,6 @@ METAVARS = {"data_path": "PATH", "val_path": "PATH", "output_dir": "PATH", "log_
 
 
 def _epilog() -> str:
-    from mae_fast.model import PRESETS
-
     presets = "\n".join(f"  {name:24s} {description}" for name, (description, _) in PRESETS.items())
     return (f"model presets (--model):\n{presets}\n\n"
             "A mistake in the flags or inputs ends with one line 'mae_fast.pretrain: error: ...' and exit code 2; a\n"
@@ -78,8 +78,7 @@ def _default_text(section: str, name: str, doc: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: every flag documented from the configuration dataclasses, with its default."""
-    parser = argparse.ArgumentParser(prog=f"torchrun -m {PROG}", description=__doc__.split(": ", 1)[1].strip(),
-                                     epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(PROG, description=__doc__.split(": ", 1)[1].strip(), epilog=_epilog())
     docs = {name: field_docs(cls) for name, cls in SECTIONS.items()}
     for flag, (section, name) in FLAGS.items():
         text = " ".join(docs[section][name].split(": ", 1)[-1].split())
@@ -153,6 +152,12 @@ def _stop_line(trainer, argv: list[str]) -> str:
     return f"{PROG}: {where}; last good checkpoint {good}. Resume with: {resume_command(argv, target)}"
 
 
+def _is_collective_timeout(exc: RuntimeError) -> bool:
+    from mae_fast.distributed import is_collective_timeout  # torch: only once the flags were good
+
+    return is_collective_timeout(exc)
+
+
 def _rank_prefix() -> str:
     world = int(os.environ.get("WORLD_SIZE", 1))
     return f"[rank {os.environ.get('RANK', 0)}] " if world > 1 else ""
@@ -163,11 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("MAE_FAST_DEBUG", "0") not in ("", "0")
-    from mae_fast.distributed import is_collective_timeout, teardown_distributed
 
     trainer = config = None
     try:
-        config = config_from_args(argv)
+        config = config_from_args(argv)  # before torch loads: a mistake in the flags is one line within a second
+        created = first_missing_folder(config.output_dir)  # removed again if the run stops before writing to it
+        from mae_fast.distributed import teardown_distributed
         from mae_fast.trainer import MAETrainer
 
         trainer = MAETrainer(config)
@@ -181,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             print(_stop_line(trainer, argv), file=sys.stderr, flush=True)
         return 130
     except Exception as exc:
-        if isinstance(exc, RuntimeError) and not isinstance(exc, MaeFastError) and is_collective_timeout(exc):
+        if isinstance(exc, RuntimeError) and not isinstance(exc, MaeFastError) and _is_collective_timeout(exc):
             good = trainer.good_checkpoint() if trainer is not None else None
             exc = CollectiveTimeoutError(
                 f"a collective waited longer than --dist_timeout {config.dist_timeout:g} s for the other ranks (one "
@@ -194,7 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{_rank_prefix()}{PROG}: error: {message}", file=sys.stderr, flush=True)
         return exc.exit_code
     finally:
-        teardown_distributed()
+        if config is not None:  # the flags were good: torch is loaded, a process group may be up
+            from mae_fast.distributed import teardown_distributed
+
+            teardown_distributed()
+            if os.environ.get("RANK", "0") == "0":
+                remove_empty_folders(config.output_dir, up_to=created)
 
 
 if __name__ == "__main__":

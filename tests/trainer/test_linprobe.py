@@ -84,6 +84,16 @@ def test_bad_folders_are_one_line(tmp_path, capsys, case):
     assert expected in err and "Traceback" not in err
 
 
+def test_a_data_path_that_does_not_exist_is_named_as_such(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert main(args(missing, checkpoint(tmp_path), tmp_path / "probe")) == 2
+    err = capsys.readouterr().err
+    assert f"--data_path {str(missing)!r} does not exist" in err and "val/" not in err and "Traceback" not in err
+    assert main(args(tmp_path, tmp_path / "nope.pth", tmp_path / "probe")) == 2
+    assert f"--checkpoint {str(tmp_path / 'nope.pth')!r} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "probe").exists()  # nothing written, no folder left behind
+
+
 def test_torchrun_extracts_on_every_rank_and_gives_the_same_probe(tmp_path):
     import os
     import subprocess

@@ -1,0 +1,163 @@
+"""What every command shows a newcomer: one line per mistake, named as launched, before torch loads; help texts that
+state each default once."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mae_fast import export, info, linprobe, prepare, pretrain
+from helpers import tiny_args, write_images
+
+ROOT = Path(__file__).resolve().parents[2]
+MODULES = {"mae_fast.pretrain": pretrain, "mae_fast.prepare": prepare, "mae_fast.linprobe": linprobe,
+           "mae_fast.export": export, "mae_fast.info": info}
+
+
+def only_line(capsys, command: str) -> str:
+    captured = capsys.readouterr()
+    assert "usage:" not in captured.err and "Traceback" not in captured.err, captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"{command}: error: "), lines[0]
+    return lines[0]
+
+
+def exit_code(main, argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+@pytest.mark.parametrize("command,argv,flag,value", [
+    ("mae_fast.pretrain", ["--batch_size", "abc"], "--batch_size", "'abc'"),
+    ("mae_fast.pretrain", ["--mask_ratio", "lots"], "--mask_ratio", "'lots'"),
+    ("mae_fast.prepare", ["src", "dst", "--workers", "x"], "--workers", "'x'"),
+    ("mae_fast.linprobe", ["--checkpoint", "c", "--data_path", "d", "--epochs", "ten"], "--epochs", "'ten'"),
+    ("mae_fast.linprobe", ["--checkpoint", "c", "--data_path", "d", "--pool", "max"], "--pool", "'max'"),
+    ("mae_fast.export", ["c.pth", "out", "--to", "onnx"], "--to", "'onnx'"),
+    ("mae_fast.info", ["--batch_size", "8.5"], "--batch_size", "'8.5'"),
+])
+def test_a_value_argparse_refuses_is_one_line_without_the_usage(capsys, command, argv, flag, value):
+    assert exit_code(MODULES[command].main, argv) == 2
+    line = only_line(capsys, command)
+    assert line.startswith(f"{command}: error: {flag}: must be ") and line.endswith(f"got {value}"), line
+
+
+def test_an_unknown_flag_is_one_line_that_points_to_help(capsys):
+    assert exit_code(pretrain.main, ["--batchsize", "4"]) == 2
+    line = only_line(capsys, "mae_fast.pretrain")
+    assert "--batchsize" in line and "--help" in line
+
+
+def test_the_usage_names_the_launcher_the_command_was_started_with(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for command, module in MODULES.items():
+        assert module.build_parser().format_usage().startswith(f"usage: python -m {command} "), command
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # torchrun sets it in every process it starts
+    assert pretrain.build_parser().format_usage().startswith("usage: torchrun -m mae_fast.pretrain ")
+
+
+def test_an_unquoted_brace_pattern_the_shell_expanded_is_one_line_saying_to_quote_it(tmp_path, capsys):
+    # bash turns --data_path 'shards/train-{000000..000003}.tar' unquoted into four arguments
+    names = [f"shards/train-{i:06d}.tar" for i in range(4)]
+    assert exit_code(pretrain.main, ["--data_path", *names, "--epochs", "1"]) == 2
+    line = only_line(capsys, "mae_fast.pretrain")
+    assert "--data_path takes one value, got 4" in line and "quotes" in line
+    assert "--data_path 'shards/train-{000000..000003}.tar'" in line
+    assert exit_code(pretrain.main, ["--val_path=a/x1.tar", "b/y.tar"]) == 2  # no pattern to rebuild: still says why
+    line = only_line(capsys, "mae_fast.pretrain")
+    assert "--val_path takes one value, got 2" in line and "quotes" in line
+    assert exit_code(pretrain.main, ["--epochs", "3", "4"]) == 2  # numbers: no pattern, no talk of quotes
+    assert only_line(capsys, "mae_fast.pretrain").endswith("--epochs takes one value, got 2 (3 4)")
+
+
+def test_the_errors_of_prepare_carry_the_command_name(tmp_path, capsys):
+    assert prepare.main([str(tmp_path / "nowhere"), str(tmp_path / "dst")]) == 2
+    assert "does not exist" in only_line(capsys, "mae_fast.prepare")
+    assert not (tmp_path / "dst").exists()
+
+
+def test_an_early_error_leaves_no_output_folder_it_created(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "new" / "out"
+    assert pretrain.main(tiny_args(empty, out)) == 2  # the data check comes after the output folder's
+    assert "holds no image files" in only_line(capsys, "mae_fast.pretrain")
+    assert not (tmp_path / "new").exists()
+    out = tmp_path / "out"
+    out.mkdir()  # a folder that was there stays
+    assert pretrain.main(tiny_args(empty, out)) == 2
+    assert out.is_dir()
+
+
+def test_a_resume_checkpoint_that_does_not_exist_names_the_flag(tmp_path, capsys):
+    missing = tmp_path / "nope.pth"
+    assert pretrain.main(["--resume", str(missing)]) == 2
+    line = only_line(capsys, "mae_fast.pretrain")
+    assert line.startswith("mae_fast.pretrain: error: --resume: ") and str(missing) in line and "auto" in line
+
+
+def torch_free_run(code: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter that fails if anything imported torch."""
+    code += "\nassert 'torch' not in sys.modules, 'torch was imported'\n"
+    return subprocess.run([sys.executable, "-c", "import sys\n" + code], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("argv", [["--batch_size", "abc"], ["--data_path", "/no/such/folder"], ["--mask_ratio", "0"],
+                                  ["--model", "vit_giant"], ["--input_size", "40"], ["--resume", "/no/such.pth"],
+                                  ["--help"]])
+def test_flag_mistakes_and_help_come_before_torch_loads(argv):
+    run = torch_free_run(f"from mae_fast.pretrain import main\ntry:\n    code = main({argv!r})\n"
+                         "except SystemExit as exc:\n    code = exc.code\nassert code in (0, 2), code")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "mae_fast.pretrain: error: --" in run.stderr or argv == ["--help"], run.stderr
+
+
+def test_prepare_does_not_load_torch(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "src").mkdir()
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(tmp_path / "src" / "a.jpg")
+    run = torch_free_run(f"from mae_fast.prepare import main\nassert main([{str(tmp_path / 'src')!r}, "
+                         f"{str(tmp_path / 'dst')!r}, '--workers', '1']) == 0")
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_help_states_each_default_once():
+    for command, module in MODULES.items():
+        text = module.build_parser().format_help()
+        assert "(default: None)" not in text, command
+        # one entry per option: its line and the indented lines under it
+        entries = re.split(r"\n(?=  -)", text.split("options:", 1)[1].split("\n\n", 1)[0])
+        for entry in entries:
+            assert entry.count("default") <= 1, (command, entry)
+        for action in module.build_parser()._actions:  # and a value a flag takes when not given is shown
+            if action.option_strings and action.default is not None and action.default is not False \
+                    and action.default != "==SUPPRESS==":
+                entry = next(e for e in entries if e.strip().startswith(action.option_strings[0]))
+                assert "default" in entry, (command, entry)
+
+
+def test_the_names_the_flags_are_checked_against_are_the_ones_the_modules_run():
+    from mae_fast import attention, config, fp8, model
+    from mae_fast.ops import dispatch
+    from mae_fast.ops.sample_mask import num_kept
+
+    assert config.ATTN_BACKENDS == attention.ATTN_BACKENDS
+    assert config.KERNEL_BACKENDS == dispatch.BACKENDS
+    assert config.FP8_RECIPES == fp8.FP8_RECIPES
+    assert set(config.PRESETS) == set(model.MODELS)
+    for side in (2, 3, 14, 16):  # 4 to 256 patches
+        for ratio in (0.01, 0.2, 0.5, 0.75, 0.8, 0.9, 0.99):
+            kept = num_kept(side * side, ratio)
+            try:
+                config._check_patches_kept_and_masked(side * 16, 16, ratio)
+                refused = False
+            except ValueError:
+                refused = True
+            assert refused == (not 1 <= kept < side * side), (side, ratio)
