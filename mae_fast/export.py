@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from mae_fast.cli import CommandParser
-from mae_fast.errors import CheckpointError, ConfigError, MaeFastError, OutputDirError
+from mae_fast.errors import CheckpointError, ConfigError, MaeFastError, OutputDirError, install_hint
 from mae_fast.model import MODELS, PRESETS, MAEViT, create_model
 
 TARGETS = ("timm", "hf", "safetensors")
@@ -55,7 +55,7 @@ def _library(name: str, extra: str):
         return __import__(name)
     except ImportError as exc:
         raise ConfigError(f"--to: exporting needs the {name} package, which is not installed ({exc}); install it "
-                          f"with pip install 'mae_fast[{extra}]'") from exc
+                          f"with {install_hint(extra)}") from exc
 
 
 def read_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None]:

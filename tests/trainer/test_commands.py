@@ -1,5 +1,5 @@
 """What every command shows a newcomer: one line per mistake, named as launched, before torch loads; help texts that
-state each default once."""
+state each default once; install hints that match the README."""
 
 import re
 import subprocess
@@ -141,6 +141,34 @@ def test_help_states_each_default_once():
                     and action.default != "==SUPPRESS==":
                 entry = next(e for e in entries if e.strip().startswith(action.option_strings[0]))
                 assert "default" in entry, (command, entry)
+
+
+def test_install_hints_are_the_readmes_command():
+    readme = (ROOT / "README.md").read_text()
+    extras = set(re.findall(r'pip install -e "\.\[(\w+)\]"', readme))
+    assert {"dali", "fp8", "export", "flash"} <= extras | set(re.findall(r'`"\.\[(\w+)\]"`', readme))
+    sources = [p for folder in ("mae_fast", "kernels") for p in (ROOT / folder).rglob("*.py")]
+    for path in sources:
+        text = path.read_text()
+        assert "mae_fast[" not in text, f"{path}: an install hint other than the README's pip install -e \".[extra]\""
+    from mae_fast.errors import install_hint
+
+    assert install_hint("fp8") == 'pip install -e ".[fp8]" (in the mae_fast folder)'
+
+
+def test_missing_libraries_name_the_readmes_install_command(monkeypatch):
+    from mae_fast.attention import flash_attn_unavailable_reason
+    from mae_fast.data.dali_loader import dali_unavailable_reason
+    from mae_fast.fp8 import torchao_unavailable_reason
+
+    for module in ("torchao.float8", "nvidia.dali", "nvidia.dali.fn", "flash_attn"):
+        monkeypatch.setitem(sys.modules, module, None)  # an import that fails, as when the package is missing
+    import mae_fast.attention
+
+    monkeypatch.setattr(mae_fast.attention, "_FLASH_ATTN", {})
+    assert 'pip install -e ".[fp8]"' in torchao_unavailable_reason()
+    assert 'pip install -e ".[dali]"' in dali_unavailable_reason()
+    assert 'pip install -e ".[flash]"' in flash_attn_unavailable_reason()
 
 
 def test_the_names_the_flags_are_checked_against_are_the_ones_the_modules_run():
