@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field, fields
 
 from mae_fast.errors import CheckpointError, ConfigError
-from mae_fast.presets import PRESETS, patch_size_of
+from mae_fast.presets import CPU_PRESETS, PRESETS, patch_size_of
 
 # Nothing here imports torch, so that a mistake in the flags is one line before torch loads (seconds). The names the
 # modules that run them define (mae_fast.attention.ATTN_BACKENDS, mae_fast.ops.dispatch.BACKENDS,
@@ -415,12 +415,24 @@ class RunConfig:
         """True for the built-in demo: no --data_path and not the synthetic backend."""
         return self.data.data_path is None and self.data.backend != "synthetic"
 
-    def warnings(self) -> list[str]:
-        """Settings that run but are likely mistakes, one sentence each (the trainer logs them once)."""
+    def warnings(self, device=None) -> list[str]:
+        """Settings that run but are likely mistakes, one sentence each (the trainer logs them once).
+
+        Args:
+            device: the ``torch.device`` the run trains on (a preset meant for GPUs on a CPU is named), or None.
+        """
         found = []
         if self.optim.warmup_epochs >= self.epochs:
             found.append(f"--warmup_epochs {self.optim.warmup_epochs:g} is not below --epochs {self.epochs}: the "
                          "learning rate never reaches its peak and the cosine decay never starts")
+        if device is not None and device.type == "cpu" and self.model.name not in CPU_PRESETS:
+            official = "" if self.is_demo else " (with --data_path, each flag left out takes the official recipe's " \
+                f"value: --model {OFFICIAL_DEFAULTS['model']}, --input_size {OFFICIAL_DEFAULTS['input_size']}, " \
+                f"--batch_size {OFFICIAL_DEFAULTS['batch_size']}, --epochs {OFFICIAL_DEFAULTS['epochs']})"
+            found.append(f"--model {self.model.name} at {self.data.input_size} px, batch {self.data.batch_size}, runs "
+                         f"on a CPU: it is meant for GPUs and trains very slowly here{official}; the presets for CPUs "
+                         f"are {' and '.join(CPU_PRESETS)}, as in the built-in demo (--model {DEMO_DEFAULTS['model']} "
+                         f"--input_size {DEMO_DEFAULTS['input_size']} --batch_size {DEMO_DEFAULTS['batch_size']})")
         return found
 
 

@@ -6,7 +6,8 @@
 The features of the training and validation images (``--data_path`` in ImageNet layout:
 ``train/<class>/``, ``val/<class>/``; ``--val_path`` for a separate validation folder) are
 extracted once, without masking (``MAEViT.extract_features``, ``--pool mean|cls``, resize and
-center crop), and cached in ``--output_dir``: a later run with the same checkpoint file, images and
+center crop), with progress lines (``train features: batch 12/40, 310 images/s, ETA 9s``), and
+cached in ``--output_dir``: a later run with the same checkpoint file, images and
 settings reuses them. The cache is written atomically with its shapes and a SHA-256 of its tensors;
 one that does not match them, the image counts, or holds non-finite values is extracted again (with
 one warning), and one holding objects other than tensors is refused. Non-finite features or a head
@@ -42,6 +43,7 @@ from mae_fast.cli import CommandParser
 from mae_fast.config import DataConfig, default_num_workers
 from mae_fast.errors import CheckpointError, ConfigError, DataError, MaeFastError, NonFiniteLossError
 from mae_fast.knn import top_k_accuracy
+from mae_fast.progress import report_progress
 
 logger = logging.getLogger("mae_fast")
 
@@ -167,6 +169,19 @@ def train_head(train_x, train_y, val_x, val_y, num_classes: int, epochs: int = 9
     return head, {"top1": top_k_accuracy(logits, val_y, 1), "top5": top_k_accuracy(logits, val_y, 5)}
 
 
+class _Reported:
+    """A loader whose epochs log their progress (:func:`mae_fast.progress.report_progress`)."""
+
+    def __init__(self, loader, label: str, world_size: int, is_main: bool):
+        self.loader, self.label, self.world_size, self.is_main = loader, label, world_size, is_main
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int):
+        return report_progress(self.loader.epoch(epoch), len(self.loader), self.label, self.world_size, self.is_main)
+
+
 def build_parser() -> CommandParser:
     """The command line of ``python -m mae_fast.linprobe``."""
     parser = CommandParser("mae_fast.linprobe", description=__doc__.split("\n\n")[0],
@@ -255,7 +270,8 @@ def run(args: argparse.Namespace) -> dict | None:
         started = time.perf_counter()
         features = {}
         for split, files in (("train", train_files), ("val", val_files)):
-            loader = build_eval_loader(data, files, dist_info.rank, dist_info.world_size, device, args.seed)
+            loader = _Reported(build_eval_loader(data, files, dist_info.rank, dist_info.world_size, device, args.seed),
+                               f"{split} features", dist_info.world_size, dist_info.is_main)
             features[split] = extract_features(model, loader, len(files), device, autocast, args.pool).cpu()
         for split, values in features.items():
             bad = int((~torch.isfinite(values)).any(dim=1).sum())

@@ -30,6 +30,9 @@ PRESETS: dict[str, tuple[str, dict]] = {
              decoder_num_heads=16, mlp_ratio=4)),
 }
 
+#: The presets that train in reasonable time on a CPU; the others are meant for GPUs.
+CPU_PRESETS = ("mae_vit_tiny_patch16", "mae_vit_small_patch16")
+
 
 def patch_size_of(name: str) -> int:
     """The patch size of a preset, without building it."""

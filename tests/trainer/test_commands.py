@@ -171,6 +171,96 @@ def test_missing_libraries_name_the_readmes_install_command(monkeypatch):
     assert 'pip install -e ".[flash]"' in flash_attn_unavailable_reason()
 
 
+def test_the_first_progress_line_comes_within_seconds_not_only_every_log_every_steps(monkeypatch):
+    import torch
+
+    from mae_fast import progress as progress_module
+
+    clock = [100.0]
+    monkeypatch.setattr(progress_module.time, "perf_counter", lambda: clock[0])
+    progress = progress_module.Progress(total_steps=1000, start_step=0, epochs=1, images_per_batch=4,
+                                        device=torch.device("cpu"), is_main=False)
+    progress.start_epoch(0, 0, 1000)
+    assert not progress.line_due(1, log_every=100)  # right after the start
+    assert progress.line_due(100, log_every=100)  # --log_every as before
+    clock[0] += progress_module.FIRST_LINE_SECONDS
+    assert progress.line_due(3, log_every=100)  # the run's first line, seconds after its start
+    progress.batch_done(torch.tensor(1.0))
+    progress.log_step(3, 3, 1e-3)
+    clock[0] += progress_module.FIRST_LINE_SECONDS
+    assert not progress.line_due(4, log_every=100)  # then --log_every again ...
+    clock[0] += progress_module.LINE_SECONDS
+    assert progress.line_due(5, log_every=100)  # ... or a line when none came for a while
+    several = progress_module.Progress(1000, 0, 1, 4, torch.device("cpu"), is_main=False, world_size=2)
+    several.start_epoch(0, 0, 1000)
+    clock[0] += 1000
+    # ranks agree without a collective: the run's first step, then every --log_every steps
+    assert several.line_due(1, log_every=100) and not several.line_due(2, log_every=100)
+
+
+def test_the_eta_leaves_out_the_time_before_training_and_the_first_step(monkeypatch):
+    import torch
+
+    from mae_fast import progress as progress_module
+
+    clock = [0.0]
+    monkeypatch.setattr(progress_module.time, "perf_counter", lambda: clock[0])
+    progress = progress_module.Progress(total_steps=101, start_step=0, epochs=1, images_per_batch=4,
+                                        device=torch.device("cpu"), is_main=False)
+    clock[0] += 30.0  # the model's build, a kNN at initialization
+    progress.start_epoch(0, 0, 101)
+    clock[0] += 10.0  # a first step that compiles
+    progress.batch_done(torch.tensor(1.0))
+    assert progress.log_step(1, 1, 1e-3)["eta_s"] == 100 * 10.0  # its own time only, not the 30 s before
+    for step in range(2, 12):
+        clock[0] += 0.5  # the steps after it
+        progress.batch_done(torch.tensor(1.0))
+    assert progress.log_step(11, 11, 1e-3)["eta_s"] == 90 * 0.5
+
+
+def test_a_run_prints_its_first_step_line_before_log_every_steps(tmp_path, capfd, monkeypatch):
+    monkeypatch.setattr("mae_fast.progress.FIRST_LINE_SECONDS", 0.0)
+    data = write_images(tmp_path / "data", 12)  # 3 steps
+    assert pretrain.main(tiny_args(data, tmp_path / "out", "--epochs", "1", "--log_every", "1000")) == 0
+    steps = [line.split(" (")[0] for line in capfd.readouterr().out.splitlines() if line.startswith("step ")]
+    assert steps == ["step 1/3", "step 3/3"]
+
+
+def test_the_start_line_names_the_preset_and_settings_that_run(tmp_path, caplog):
+    import logging
+
+    from mae_fast.trainer import MAETrainer
+
+    data = write_images(tmp_path / "data", 8)
+    with caplog.at_level(logging.INFO, logger="mae_fast"):
+        trainer = MAETrainer(pretrain.config_from_args(tiny_args(data, tmp_path / "out", "--epochs", "3")))
+    line = trainer.describe()
+    for shown in ("model mae_vit_tiny_patch16", "32px", "mask ratio 0.75", "on cpu", "batch 4", "3 epochs",
+                  "8 images"):
+        assert shown in line, (shown, line)
+    assert not [r for r in caplog.records if "on a CPU" in r.getMessage()]  # a preset for CPUs: no warning
+
+
+def test_a_large_preset_on_a_cpu_warns_once(tmp_path, caplog):
+    import logging
+
+    import torch
+
+    from mae_fast.trainer import MAETrainer
+
+    config = pretrain.config_from_args(["--data_path", str(tmp_path)])  # --data_path alone: the official ViT-L
+    warnings = [w for w in config.warnings(torch.device("cpu")) if "on a CPU" in w]
+    assert len(warnings) == 1
+    assert "mae_vit_large_patch16" in warnings[0] and "224 px" in warnings[0] and "batch 64" in warnings[0]
+    assert "mae_vit_tiny_patch16" in warnings[0] and "mae_vit_small_patch16" in warnings[0]
+    assert not [w for w in config.warnings(torch.device("cuda", 0)) if "on a CPU" in w]
+    data = write_images(tmp_path / "data", 4)
+    with caplog.at_level(logging.WARNING, logger="mae_fast"):
+        MAETrainer(pretrain.config_from_args(tiny_args(data, tmp_path / "out", "--model", "mae_vit_base_patch16")))
+    found = [r.getMessage() for r in caplog.records if "on a CPU" in r.getMessage()]
+    assert len(found) == 1 and "mae_vit_base_patch16" in found[0]
+
+
 def test_the_names_the_flags_are_checked_against_are_the_ones_the_modules_run():
     from mae_fast import attention, config, fp8, model
     from mae_fast.ops import dispatch
