@@ -1,7 +1,8 @@
 """``python -m mae_fast.prepare SRC DST``: turn an image folder into a training-ready WebDataset shard set.
 
 Every image of SRC (ImageNet-style ``SRC/train/<class>/*`` or ``SRC/<class>/*``, or a flat folder,
-searched recursively) is decoded, resized so its shorter side is at most ``--max_side`` pixels
+searched recursively; of an ImageNet-style SRC only ``train/`` is packed, and a ``val/`` beside it is named
+with the command that packs it on its own) is decoded, resized so its shorter side is at most ``--max_side`` pixels
 (bicubic; smaller images are kept as they are), re-encoded as JPEG at ``--quality`` and packed, in
 an order shuffled by ``--seed``, into shards of about ``--shard_size`` bytes:
 ``DST/shard-000000.tar`` ... Each shard has DALI's index file beside it (``shard-000000.idx``) and
@@ -240,6 +241,11 @@ def prepare(src: str, dst: str, max_side: int = 256, quality: int = 90, shard_si
     files = [files[i] for i in order]
     settings = {"max_side": max_side, "quality": quality, "shard_size": shard_size, "seed": seed}
     out = Path(os.path.expanduser(dst))
+    val = Path(source) / "val"
+    if (Path(source) / "train").is_dir() and val.is_dir():
+        logger.info("prepare: %s is not packed, only %s/train: validation reads it as it is (--val_path %s; the kNN "
+                    "monitor and linprobe need its class folders), or pack it on its own: python -m mae_fast.prepare "
+                    "%s %s-val", val, source, val, val, out.absolute())
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -366,8 +372,10 @@ def _duration(seconds: float) -> str:
 def build_parser() -> CommandParser:
     """The command line of ``python -m mae_fast.prepare``."""
     parser = CommandParser(
-        PROG, description="Turn an image folder into a WebDataset shard set that trains with --data_path DST.")
-    parser.add_argument("src", help="an ImageNet-style (SRC/train/<class>/*) or flat folder of images")
+        PROG, description="Turn an image folder into a WebDataset shard set that trains with --data_path DST. "
+                          "From an ImageNet-style SRC it packs train/ only.")
+    parser.add_argument("src", help="an ImageNet-style (SRC/train/<class>/*, of which train/ is packed) or flat folder "
+                                    "of images")
     parser.add_argument("dst", help="the folder for the shards, their index files and manifest.json")
     parser.add_argument("--max_side", type=int, default=256, help="the shorter side is resized to at most this")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality of the re-encoded images")
