@@ -1,7 +1,7 @@
 """python -m mae_fast.pretrain (or torchrun -m mae_fast.pretrain): MAE pretraining with the official script's flags.
 
-With no flags it pretrains a tiny MAE on the built-in image set (a few minutes on a CPU) and
-writes checkpoints, log.txt and reconstruction images to ./output_dir.
+With no flags it pretrains a tiny MAE on the built-in image set, sized for a CPU (the README gives
+a measured time), and writes checkpoints, log.txt and reconstruction images to ./output_dir.
 """
 
 from __future__ import annotations

@@ -30,11 +30,80 @@ def test_each_python_block_runs_as_written_on_a_cpu(tmp_path, index):
     assert run.returncode == 0, run.stderr[-3000:]
 
 
-def test_the_quick_start_states_its_measured_time_on_a_cpu():
-    quick_start = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    assert re.search(r"Measured on\s+a 2-core CPU", quick_start)
-    assert re.search(r"took \d+ min \d+ s", quick_start)
+def section(title: str) -> str:
+    return README.split(title, 1)[1].split("\n## ", 1)[0]
+
+
+def sentence_with(pattern: str, text: str) -> str:
+    """The sentence of ``text`` (the README wraps its lines) in which ``pattern`` matches."""
+    match = re.search(pattern, text)
+    assert match, pattern
+    start = max(text.rfind(". ", 0, match.start()), text.rfind("\n\n", 0, match.start()))
+    end = text.find(". ", match.end())
+    return " ".join(text[start + 1:end if end >= 0 else None].split())
+
+
+def test_the_quick_start_and_the_probe_state_their_times_with_the_machine_and_its_load():
+    quick_start = section("## Quick start")
     assert "python -m mae_fast.pretrain" in quick_start
+    claim = sentence_with(r"took \d+ min \d+ s", quick_start)
+    assert "2-core" in claim and "no GPU" in claim and re.search(r"busy|quiet", claim), claim
+    probe = sentence_with(r"the probe took \d+ s", README)
+    assert "2-core" in probe and re.search(r"busy|quiet", probe), probe
+
+
+def test_the_cuda_build_is_announced_before_the_test_command_with_how_to_see_its_progress():
+    command = next(line.strip() for line in README.splitlines() if "&& pytest tests && pytest bench" in line)
+    before = README[:README.index(command)].split("## Quick start", 1)[1]
+    said = sentence_with(r"compiles the CUDA ops", before)
+    assert "GPU or not" in said and re.search(r"\d+ min", said) and "still running" in said, said
+    assert "pip install -v" in command  # pip shows the build's output, a line per compiled file, only with -v
+    assert "MAE_FAST_SKIP_CUDA_BUILD=1 pip install" in before  # the way around it, before the command
+    assert command in (ROOT / ".ci" / "run").read_text()  # CI runs what the README tells a user to run
+
+
+def test_brace_patterns_are_quoted_as_the_shell_needs_them():
+    from mae_fast.config import DataConfig, field_docs
+
+    for text in (README, field_docs(DataConfig)["data_path"]):
+        patterns = re.findall(r"\S*\{\d+\.\.\d+\}\S*", text)
+        assert patterns
+        for pattern in patterns:
+            assert re.match(r"[(`]*'", pattern), pattern  # unquoted, bash expands it into one argument per name
+
+
+def test_the_readme_says_where_the_logs_and_the_built_in_set_go_and_which_decoder_runs(monkeypatch, tmp_path):
+    from mae_fast.config import RunConfig
+    from mae_fast.data import builtin, dali_loader, resolve_data_backend
+
+    assert "tensorboard --logdir output_dir" in README and RunConfig().log_dir == RunConfig().output_dir
+    said = sentence_with(r"`MAE_FAST_CACHE`", section("## Quick start"))
+    assert "built-in image set" in said and "~/.cache/mae_fast" in said, said
+    monkeypatch.setenv("MAE_FAST_CACHE", str(tmp_path))
+    assert builtin.default_cache_dir() == tmp_path
+    said = sentence_with(r'pip install -e "\.\[dali\]"', README)
+    assert "CUDA 13" in said, said
+    assert 'dali = ["nvidia-dali-cuda130"]' in (ROOT / "pyproject.toml").read_text()
+    said = sentence_with(r"switches `--data_backend auto`", README)
+    assert "demo" in said and "--data_backend torch" in said, said
+    monkeypatch.setattr(dali_loader, "dali_unavailable_reason", lambda: None)  # DALI importable
+    assert resolve_data_backend("auto") == "dali"
+
+
+def test_the_prediction_column_is_explained_and_the_loss_leaves_visible_patches_untrained():
+    import torch
+
+    from mae_fast import create_model
+
+    said = sentence_with(r"visible patches look like noise", README)
+    assert "prediction" in said and "masked patches" in said, said
+    model = create_model("mae_vit_tiny_patch16", img_size=32, kernel_backend="torch")
+    images = torch.randn(2, 3, 32, 32)
+    latent, mask, ids_restore = model.forward_encoder(images, 0.5)
+    pred = model.forward_decoder(latent, ids_restore).detach().requires_grad_()
+    model.forward_loss(images, pred, mask).backward()
+    visible = mask == 0
+    assert visible.any() and (pred.grad[visible] == 0).all() and (pred.grad[~visible] != 0).any()
 
 
 def test_the_cpu_only_test_command_skips_the_cuda_build_and_shows_skip_reasons(monkeypatch):
@@ -57,6 +126,13 @@ def test_the_step_line_shown_in_the_readme_is_the_trainers_format():
     assert re.fullmatch(r"step \d+/\d+ \(epoch \d+/\d+, batch \d+/\d+\): loss [\d.]+, lr [\d.e-]+, [\d,]+ images/s, "
                         r"data wait \d+%, ETA \w+", shown)
     assert shown.endswith(format_duration(65))
+
+
+def test_when_progress_lines_come_is_what_the_trainer_does():
+    from mae_fast.progress import FIRST_LINE_SECONDS, LINE_SECONDS
+
+    said = sentence_with(r"the first step that ends \d+ s or more after the start", README)
+    assert f"ends {FIRST_LINE_SECONDS:g} s or more" in said and f"after {LINE_SECONDS:g} s without a line" in said
 
 
 def _commands(prefix: str) -> list[str]:
