@@ -10,7 +10,10 @@
   ``CUDA_HOME``                   the toolkit folder (the one holding ``lib64/libcudart.so``); found
                                   from nvcc's location when unset
   ``MAE_FAST_CUDA_ARCHS``         compute capabilities, default ``80;90`` (plus PTX for the newest)
-  ``MAE_FAST_SKIP_CUDA_BUILD=1``  never build the extension
+  ``MAE_FAST_SKIP_CUDA_BUILD=1``  never build the extension; the package then holds
+                                  ``cuda_build_skipped.txt`` saying so (ignored by git, removed by
+                                  any run without the variable), so that the tests can tell a
+                                  build skipped on purpose from one that failed
   ``MAE_FAST_FORCE_CUDA_BUILD=1`` a missing toolkit or CPU-only torch is an error, not a skip
   ``MAX_JOBS``                    parallel compile jobs (default: the machine's cores)
 
@@ -26,6 +29,8 @@ from setuptools import find_packages, setup
 
 PACKAGES = ["mae_fast", *(f"mae_fast.{p}" for p in find_packages("mae_fast")), "mae_fast.kernels"]
 HERE = os.path.dirname(os.path.abspath(__file__))
+#: The note that MAE_FAST_SKIP_CUDA_BUILD=1 skipped the build (mae_fast.ops.dispatch reads it: CUDA_BUILD_SKIPPED_FILE).
+SKIPPED_NOTE = os.path.join(HERE, "mae_fast", "cuda_build_skipped.txt")
 
 
 def _find_cuda_home():
@@ -49,9 +54,23 @@ def _skip(reason):
     return [], {}
 
 
+def _note_skipped_on_purpose(skipped: bool) -> None:
+    """Leave the note that the build was skipped on purpose in the package, or remove an earlier one."""
+    if not os.path.isdir(os.path.dirname(SKIPPED_NOTE)):
+        return
+    if skipped:
+        with open(SKIPPED_NOTE, "w") as f:
+            f.write("MAE_FAST_SKIP_CUDA_BUILD=1 was set when mae_fast was installed: mae_fast._C was not built "
+                    "on purpose\n")
+    elif os.path.exists(SKIPPED_NOTE):
+        os.remove(SKIPPED_NOTE)
+
+
 def cuda_extension():
     """(ext_modules, cmdclass) for mae_fast._C, or empty ones when it cannot or should not be built."""
-    if os.environ.get("MAE_FAST_SKIP_CUDA_BUILD") == "1":
+    skipped = os.environ.get("MAE_FAST_SKIP_CUDA_BUILD") == "1"
+    _note_skipped_on_purpose(skipped)
+    if skipped:
         return [], {}
     sources = sorted(glob.glob(os.path.join("csrc", "*.cu")) + glob.glob(os.path.join("csrc", "*.cpp")))
     if not sources:
@@ -82,6 +101,7 @@ ext_modules, cmdclass = cuda_extension()
 setup(
     packages=PACKAGES,
     package_dir={"mae_fast": "mae_fast", "mae_fast.kernels": "kernels"},
+    package_data={"mae_fast": [os.path.basename(SKIPPED_NOTE)]},  # a wheel built without the extension says why
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

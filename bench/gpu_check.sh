@@ -16,6 +16,8 @@
 #               loss's forward+backward, which its target names); BENCH_FILTER (pytest -k) changes the selection
 #   step_bench  the training step, only the cases its targets name (STEP_CASES changes them): compiled bf16 and
 #               Hugging Face on ViT-B/16, then eager and the official code, then ViT-L/16 compiled and FP8
+#   finetune_bench  the fine-tuning step's target cases (FINETUNE_CASES): compiled bf16 and timm on ViT-B/16,
+#               compiled bf16 and FP8 on ViT-L/16
 #   trainer     python -m mae_fast.pretrain, ViT-B/16, batch 256, blocks compiled, synthetic images on the GPU
 #               (TRAIN_FLAGS, TRAIN_STEPS change it); its log lines give images/s, MFU and peak memory
 #   tests       the rest of the test suite natively (attention backends, bf16 training, DALI mixed decoding
@@ -23,8 +25,9 @@
 #   data_bench  the data loaders on ImageNet-like JPEGs (the DALI GPU figure needs DALI among the wheels)
 #   summary     bench/summarize.py: tables, every speed target met, MISSED or not measured; the phases table
 #
-# Time: each phase has a limit (<NAME>_TIMEOUT overrides it) and none runs past CHECK_BUDGET (default 420 s, less
-# 15 s kept for the summary): a later phase gets what is left, or is skipped. A phase at its limit is interrupted
+# Time: each phase has a limit (<NAME>_TIMEOUT overrides it) and none runs past CHECK_BUDGET (default 480 s, less
+# 15 s kept for the summary): a later phase gets what is left, or is skipped (a second call with CHECK_PHASES naming
+# the skipped phases measures them). A phase at its limit is interrupted
 # (SIGINT, so pytest still writes its reports; SIGKILL 15 s later), the check fails, later phases still run, and
 # everything measured so far is kept (each finished benchmark is appended to bench_partial.jsonl). phases.md says
 # for each phase whether it finished, failed, was cut at its limit or was skipped.
@@ -48,7 +51,7 @@ started=$SECONDS
 exec 3>&1  # the console, for messages from inside redirected commands
 log() { echo "[gpu_check +$((SECONDS - started))s] $*" >&3; }
 have() { $PY -c "import $1" >/dev/null 2>&1; }
-CHECK_BUDGET=${CHECK_BUDGET:-420}
+CHECK_BUDGET=${CHECK_BUDGET:-480}
 status=0
 
 device=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_') if torch.cuda.is_available() else 'no_gpu')" 2>/dev/null || echo unknown)
@@ -178,6 +181,15 @@ done
 phase step_bench 150 "${pytest_run[@]}" "${step_ids[@]}" "${bench_opts[@]}" \
   --benchmark-json="$RESULTS_DIR/step_bench.json" --benchmark-save=step_bench
 
+# The fine-tuning step, the cases its targets name: compiled bf16 and timm on ViT-B/16, compiled bf16 and FP8 on ViT-L/16.
+ft_ids=(); for case in ${FINETUNE_CASES:-vit_base_patch16-mae_fast-compile vit_base_patch16-timm \
+    vit_large_patch16-mae_fast-compile vit_large_patch16-mae_fast-fp8}; do
+  ft_ids+=("bench/test_finetune_step.py::test_finetune_step[$case]")
+done
+[ "$DRY" = 1 ] && ft_ids=(bench/test_finetune_step.py)
+phase finetune_bench 120 "${pytest_run[@]}" "${ft_ids[@]}" "${bench_opts[@]}" \
+  --benchmark-json="$RESULTS_DIR/finetune_bench.json" --benchmark-save=finetune_bench
+
 # The trainer's log lines, out of the progress bar's carriage returns.
 train_lines() { tr '\r' '\n' <"$RESULTS_DIR/trainer.log" 2>/dev/null | grep -E "^ *step [0-9]+/[0-9]+ " | sed 's/^ *//'; }
 train_dir=$(mktemp -d)
@@ -202,7 +214,7 @@ phase data_bench 90 "${pytest_run[@]}" bench/test_data_loaders.py "${bench_opts[
 
 # --- summary -------------------------------------------------------------------------------------------------------
 results=()
-for f in op_bench step_bench data_bench; do [ -s "$RESULTS_DIR/$f.json" ] && results+=("$RESULTS_DIR/$f.json"); done
+for f in op_bench step_bench finetune_bench data_bench; do [ -s "$RESULTS_DIR/$f.json" ] && results+=("$RESULTS_DIR/$f.json"); done
 [ -s "$RESULTS_DIR/bench_partial.jsonl" ] && results+=("$RESULTS_DIR/bench_partial.jsonl")
 { $PY bench/summarize.py "${results[@]}"
   if [ -n "$(train_lines)" ]; then

@@ -2,7 +2,8 @@
 
 A checkpoint is a dict with the official keys (``model`` in the official key layout,
 ``optimizer``, ``epoch``, ``scaler``) plus mae_fast's (``step``, ``step_in_epoch``, ``config``,
-``rng``, ``loss_stats``, ``log_line``, ``format``). It is written to a temporary file in the same
+``rng``, ``loss_stats``, ``log_line``, ``epoch_sums``: every rank's running loss sums of an epoch
+saved in its middle, ``format``). It is written to a temporary file in the same
 folder and renamed into place, so a crash never leaves a half-written checkpoint under a
 checkpoint's name; temporary files left by a killed save are removed at the next start
 (:func:`remove_stale_temporaries`). Loading uses ``torch.load(weights_only=True)``.
@@ -34,7 +35,8 @@ _TEMPORARY = re.compile(r"\.checkpoint-.*\.pth\.tmp-\d+")
 _NAMES = re.compile(r"checkpoint-(\d+|last|prev)\.pth")
 
 __all__ = ["CheckpointError", "FORMAT", "LAST", "PREV", "save_checkpoint", "load_checkpoint", "load_file",
-           "read_summary", "find_latest", "find_checkpoints", "remove_stale_temporaries", "check_writable"]
+           "load_safetensors", "read_summary", "find_latest", "find_checkpoints", "checkpoints_newest_first",
+           "remove_stale_temporaries", "check_writable"]
 
 
 def _os_error_line(exc: OSError) -> str:
@@ -147,8 +149,10 @@ def _keep_copy(path: Path, keep: Path) -> None:
 @contextlib.contextmanager
 def _ctrl_c_after_the_save():
     """Hold a Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt: torch.save interrupted half-way
-    raises an unrelated error from its zip writer, and the checkpoint would be lost for nothing."""
-    if threading.current_thread() is not threading.main_thread():
+    raises an unrelated error from its zip writer, and the checkpoint would be lost for nothing. A handler other
+    than Python's own (``mae_fast.pretrain``'s, which asks the run to stop after the step) is left in place."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield
         return
     received = []
@@ -165,22 +169,44 @@ def _ctrl_c_after_the_save():
 _FIELD_TYPES = {"model": dict, "optimizer": dict, "epoch": int, "step": int, "step_in_epoch": int}
 
 
-def load_file(path: Path, mmap: bool = False):
+def _reason(exc: BaseException) -> str:
+    """The telling part of torch.load's (or safetensors') error, short: its ``Unsupported ...`` line where it has one
+    (torch's text around it advises weights_only=False, which is not advice to pass on), else its first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    telling = next((line for line in lines if "Unsupported" in line), lines[0] if lines else "")
+    telling = telling.split("WeightsUnpickler error:")[-1].strip()
+    return f"{type(exc).__name__}: {telling[:160]}" if telling else type(exc).__name__
+
+
+def load_file(path: str | os.PathLike, mmap: bool = False):
     """``torch.load(weights_only=True)`` onto the CPU, its failures turned into :class:`CheckpointError`."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        text = str(exc)
-        if "weights_only" in text or "Unsupported global" in text or "Weights only load failed" in text:
+        if "Unsupported global" in str(exc):  # a pickle that names classes or functions: refused, never run
             raise CheckpointError(f"checkpoint {str(path)!r} contains objects that are not plain tensors; refusing "
-                                  "to unpickle it (only load a file you trust, with torch.load(weights_only=False), "
-                                  "and save its tensors again)") from exc
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: it is truncated or not a torch checkpoint "
-                              f"({type(exc).__name__}: {text.splitlines()[0] if text else ''})") from exc
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        text = str(exc)
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: it is truncated or not a torch checkpoint "
-                              f"({type(exc).__name__}: {text.splitlines()[0] if text else ''})") from exc
+                                  f"to unpickle it ({_reason(exc)}). Only load a file you trust, with "
+                                  "torch.load(weights_only=False), and save its tensors again") from exc
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: it is not a checkpoint, or it is truncated "
+                              f"({_reason(exc)})") from exc
+    except Exception as exc:  # whatever torch.load makes of bytes that are not a torch file
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: it is not a checkpoint, or it is truncated "
+                              f"({_reason(exc)})") from exc
+
+
+def load_safetensors(path: str | os.PathLike) -> dict:
+    """The tensors of a ``.safetensors`` file, on the CPU.
+
+    Raises:
+        CheckpointError: the file is missing, truncated or not a safetensors file.
+    """
+    from safetensors.torch import load_file as load_tensors
+
+    try:
+        return load_tensors(os.fspath(path))
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: it is not a safetensors file, or it is "
+                              f"truncated ({_reason(exc)})") from exc
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -232,7 +258,13 @@ def find_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(p for p in folder.iterdir() if _NAMES.fullmatch(p.name) and p.is_file())
 
 
+def checkpoints_newest_first(output_dir: str | os.PathLike) -> list[Path]:
+    """The checkpoints in ``output_dir``, most recently written first (``checkpoint-prev.pth`` is never newer than
+    ``checkpoint-last.pth``)."""
+    return sorted(find_checkpoints(output_dir), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
+
 def find_latest(output_dir: str | os.PathLike) -> Path | None:
-    """The most recently written checkpoint in ``output_dir`` (``checkpoint-prev.pth`` is never newer than
-    ``checkpoint-last.pth``; it counts only where the last is missing, e.g. deleted by hand)."""
-    return max(find_checkpoints(output_dir), key=lambda p: p.stat().st_mtime_ns, default=None)
+    """The most recently written checkpoint in ``output_dir`` (``checkpoint-prev.pth`` counts only where the last
+    is missing, e.g. deleted by hand), or None."""
+    return next(iter(checkpoints_newest_first(output_dir)), None)

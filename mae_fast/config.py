@@ -263,7 +263,8 @@ class RunConfig:
     epochs: int | None = None
     """--epochs: epochs to train (default 400; 20 for the demo)."""
     start_epoch: int = 0
-    """--start_epoch: first epoch, below --epochs (a checkpoint given by --resume overrides it)."""
+    """--start_epoch: first epoch, 0-based as in the official script (1 skips the first), below --epochs (a checkpoint
+    given by --resume overrides it)."""
     accum_iter: int = 1
     """--accum_iter: gradient accumulation steps per optimizer step (derived from --global_batch when that is
     given)."""
@@ -296,13 +297,16 @@ class RunConfig:
     fsdp: bool = False
     """--fsdp: shard parameters, gradients and optimizer state (FSDP2) instead of DDP."""
     save_every: int = 20
-    """--save_every: write checkpoint-<epoch>.pth every N epochs (and at the end)."""
+    """--save_every: write checkpoint-<epoch>.pth every N epochs (and at the end); <epoch> is 0-based, as in the
+    official names: checkpoint-19.pth is the 20th epoch's."""
     save_last_every: int = 500
     """--save_last_every: write the rolling checkpoint-last.pth every N optimizer steps (0: only at epoch ends); the
     one before it is kept as checkpoint-prev.pth while the loss was in its normal range."""
     loss_spike_factor: float = 3.0
-    """--loss_spike_factor: a step loss above this many times its recent mean counts as having left the normal range
-    (as NaN and inf do): checkpoints from then on are not named good (0: only NaN and inf count)."""
+    """--loss_spike_factor: a step loss above this many times its normal level (the median of the recent in-range
+    losses, at most the loss the run started at) counts as having left the normal range (as NaN and inf do):
+    checkpoints from then on are not named good, and a run that ends out of range exits 1 (0: only NaN and inf
+    count)."""
     dist_timeout: float = 900.0
     """--dist_timeout: seconds a collective may wait for the other ranks before the job stops with an error (a
     stalled or dead rank); above a first compile and a large checkpoint write."""
@@ -451,4 +455,71 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-__all__ = ["DataConfig", "ModelConfig", "OptimConfig", "RunConfig", "field_docs", "fields"]
+# ---------------------------------------------------------------------------------------------- fine-tuning
+
+#: Fine-tuning's defaults where they differ from pretraining's: the official main_finetune.py's, and the built-in
+#: demo's (no --data_path: ViT-Ti/16 from the quick start's checkpoint, on the built-in set's classes).
+FINETUNE_DEFAULTS = dict(model="vit_base_patch16", input_size=224, batch_size=64, epochs=50, warmup_epochs=5)
+FINETUNE_DEMO_DEFAULTS = dict(model="vit_tiny_patch16", input_size=64, batch_size=32, epochs=10, warmup_epochs=1)
+
+
+@dataclass
+class AugConfig:
+    """The fine-tuning augmentation, the official recipe's (timm's RandAugment, random erasing, mixup and cutmix)."""
+
+    aa: str | None = "rand-m9-mstd0.5-inc1"
+    """--aa: the AutoAugment policy, as timm names it (none: off)."""
+    color_jitter: float | None = None
+    """--color_jitter: color jitter factor (used only when --aa is off, as in timm)."""
+    smoothing: float = 0.1
+    """--smoothing: label smoothing."""
+    reprob: float = 0.25
+    """--reprob: random erasing probability."""
+    remode: str = "pixel"
+    """--remode: random erasing fill: pixel (per-pixel normal values), rand (per-channel) or const (zeros)."""
+    recount: int = 1
+    """--recount: random erasing count."""
+    resplit: bool = False
+    """--resplit: do not erase the first (clean) augmentation split."""
+    mixup: float = 0.0
+    """--mixup: mixup alpha; mixup is on when > 0."""
+    cutmix: float = 0.0
+    """--cutmix: cutmix alpha; cutmix is on when > 0."""
+    cutmix_minmax: list[float] | None = None
+    """--cutmix_minmax: cutmix min/max area ratio (overrides --cutmix's alpha when set)."""
+    mixup_prob: float = 1.0
+    """--mixup_prob: probability of mixup or cutmix per batch."""
+    mixup_switch_prob: float = 0.5
+    """--mixup_switch_prob: probability of cutmix instead of mixup when both are on."""
+    mixup_mode: str = "batch"
+    """--mixup_mode: how mixup/cutmix parameters are drawn: batch, pair or elem."""
+
+    def __post_init__(self):
+        if self.aa is not None and self.aa.lower() in ("", "none"):
+            self.aa = None
+        for flag in ("smoothing", "reprob", "mixup_prob", "mixup_switch_prob"):
+            value = getattr(self, flag)
+            _non_negative(flag, value)
+            if value > 1:
+                raise _error(flag, value, "must be in [0, 1]")
+        if self.smoothing >= 1:
+            raise _error("smoothing", self.smoothing, "must be below 1")
+        _non_negative("mixup", self.mixup)
+        _non_negative("cutmix", self.cutmix)
+        if self.color_jitter is not None:
+            _non_negative("color_jitter", self.color_jitter)
+        _choice("remode", self.remode, ("pixel", "rand", "const"))
+        _positive_int("recount", self.recount)
+        _choice("mixup_mode", self.mixup_mode, ("batch", "pair", "elem"))
+        if self.cutmix_minmax is not None:
+            low_high = self.cutmix_minmax
+            if len(low_high) != 2 or not 0 < low_high[0] < low_high[1] <= 1:
+                raise _error("cutmix_minmax", self.cutmix_minmax, "must be two numbers 0 < min < max <= 1")
+
+    @property
+    def mixup_active(self) -> bool:
+        """Mixup or cutmix is on (as the official script decides it)."""
+        return self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None
+
+
+__all__ = ["AugConfig", "DataConfig", "ModelConfig", "OptimConfig", "RunConfig", "field_docs", "fields"]

@@ -61,9 +61,13 @@ class NonFiniteLossError(TrainingStopped):
     """The loss became NaN or infinite; the run stopped without saving the broken state."""
 
 
+class DivergedError(TrainingStopped):
+    """The run ended with its loss still far out of its normal range: what it trained is not usable."""
+
+
 class CollectiveTimeoutError(TrainingStopped):
     """A collective did not complete within ``--dist_timeout``: another rank stalled or died."""
 
 
 __all__ = ["install_hint", "MaeFastError", "ConfigError", "DataError", "CheckpointError", "BackendUnavailableError",
-           "OutputDirError", "TrainingStopped", "NonFiniteLossError", "CollectiveTimeoutError"]
+           "OutputDirError", "TrainingStopped", "NonFiniteLossError", "DivergedError", "CollectiveTimeoutError"]

@@ -68,9 +68,9 @@ def read_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | 
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from mae_fast.checkpoint import load_safetensors
 
-        return load_file(str(path)), None
+        return load_safetensors(path), None
     from mae_fast.checkpoint import load_file
 
     loaded = load_file(path)

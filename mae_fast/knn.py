@@ -80,10 +80,16 @@ def top_k_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int = 1) -> fl
 
 
 @torch.no_grad()
-def extract_features(model, loader, num_samples: int, device: torch.device, autocast, pool: str) -> torch.Tensor:
-    """Features [num_samples, D] (float32, dataset order) of every image ``loader`` deals to the ranks, on every rank.
+def extract_features(model, loader, num_samples: int, device: torch.device, autocast,
+                     pool: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of every image ``loader`` deals to the ranks, on every rank.
 
-    ``loader`` is one rank's evaluation loader (``epoch(0)`` yields ``(images, indices)``, -1 for padding).
+    ``loader`` is one rank's evaluation loader (``epoch(0)`` yields ``(images, indices)``, -1 for a marked slot:
+    padding, or an image that did not decode).
+
+    Returns:
+        ``features`` [num_samples, D] float32 in dataset order, and ``present`` [num_samples] bool: False for the
+        images no slot delivered (their rows are zeros; leave them out).
     """
     chunks, indices = [], []
     for images, index in loader.epoch(0):
@@ -101,7 +107,9 @@ def extract_features(model, loader, num_samples: int, device: torch.device, auto
     valid = local_index >= 0
     features = torch.zeros(num_samples, local.shape[1], device=device)
     features[local_index[valid]] = local[valid]
-    return features
+    present = torch.zeros(num_samples, dtype=torch.bool, device=device)
+    present[local_index[valid]] = True
+    return features, present
 
 
 class KnnMonitor:
@@ -153,10 +161,11 @@ class KnnMonitor:
         was_training = model.training
         model.eval()
         try:
-            bank = extract_features(model, self.bank_loader, self.num_bank, device, autocast, self.pool)
-            queries = extract_features(model, self.val_loader, self.num_val, device, autocast, self.pool)
+            bank, in_bank = extract_features(model, self.bank_loader, self.num_bank, device, autocast, self.pool)
+            queries, asked = extract_features(model, self.val_loader, self.num_val, device, autocast, self.pool)
         finally:
             model.train(was_training)
-        scores = weighted_knn(bank, self.bank_labels.to(device), queries, len(self.classes))
-        labels = self.val_labels.to(device)
+        # Images no slot delivered (marked slots only) are neither in the bank nor asked about.
+        scores = weighted_knn(bank[in_bank], self.bank_labels.to(device)[in_bank], queries[asked], len(self.classes))
+        labels = self.val_labels.to(device)[asked]
         return {"knn_top1": top_k_accuracy(scores, labels, 1), "knn_top5": top_k_accuracy(scores, labels, 5)}

@@ -48,7 +48,7 @@ from mae_fast.progress import report_progress
 logger = logging.getLogger("mae_fast")
 
 #: The layout of the feature cache: ``train`` and ``val`` tensors, their ``shapes`` and ``checksum``.
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: the indices of the images the rows are (some may be left out)
 
 
 def probe_head(dim: int, num_classes: int) -> nn.Sequential:
@@ -69,10 +69,10 @@ def cache_key(checkpoint: Path, files: list[str], settings: dict) -> str:
 
 
 def feature_checksum(features: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of the ``train`` and ``val`` tensors' bytes, in that order."""
+    """SHA-256 of the ``train`` and ``val`` tensors' bytes and of the indices of the images they hold, in that order."""
     digest = hashlib.sha256()
-    for split in ("train", "val"):
-        digest.update(features[split].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    for key in ("train", "val", "train_kept", "val_kept"):
+        digest.update(features[key].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -80,7 +80,7 @@ def save_features(features: dict[str, torch.Tensor], cache: Path) -> None:
     """Write the feature cache atomically (a temporary file beside it, then a rename) with its shapes and checksum."""
     tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
     try:
-        torch.save({"version": CACHE_VERSION, "train": features["train"], "val": features["val"],
+        torch.save({"version": CACHE_VERSION, **{key: features[key] for key in ("train", "val", "train_kept", "val_kept")},
                     "shapes": {split: list(features[split].shape) for split in ("train", "val")},
                     "checksum": feature_checksum(features)}, tmp)
         os.replace(tmp, cache)
@@ -89,8 +89,9 @@ def save_features(features: dict[str, torch.Tensor], cache: Path) -> None:
 
 
 def load_features(cache: Path, rows: dict[str, int]) -> tuple[dict[str, torch.Tensor] | None, str]:
-    """The cached features, or None and why they cannot be used: unreadable, another layout, shapes other than the
-    recorded ones or than ``rows`` (images per split), a checksum that does not match, non-finite values.
+    """The cached features (and ``<split>_kept``, the images whose rows they are), or None and why they cannot be
+    used: unreadable, another layout, shapes other than the recorded ones or than ``rows`` (images per split, some
+    of which may have been left out), a checksum that does not match, non-finite values.
 
     Raises:
         CheckpointError: the file holds objects other than tensors (a pickle); it is refused, not loaded.
@@ -117,11 +118,17 @@ def load_features(cache: Path, rows: dict[str, int]) -> tuple[dict[str, torch.Te
     features = {split: stored.get(split) for split in ("train", "val")}
     if not all(isinstance(t, torch.Tensor) and t.ndim == 2 and t.is_floating_point() for t in features.values()):
         return None, "it does not hold two feature matrices"
+    kept = {f"{split}_kept": stored.get(f"{split}_kept") for split in ("train", "val")}
+    if not all(isinstance(t, torch.Tensor) and t.ndim == 1 and t.dtype == torch.int64 for t in kept.values()):
+        return None, "it does not say which images its rows are"
     shapes = {split: list(t.shape) for split, t in features.items()}
     if stored.get("shapes") != shapes:
         return None, f"its shapes {shapes} are not the recorded {stored.get('shapes')}"
-    if any(features[split].shape[0] != rows[split] for split in rows) or shapes["train"][1] != shapes["val"][1]:
+    fits = all(features[split].shape[0] == kept[f"{split}_kept"].shape[0] <= rows[split] and
+               bool(((kept[f"{split}_kept"] >= 0) & (kept[f"{split}_kept"] < rows[split])).all()) for split in rows)
+    if not fits or shapes["train"][1] != shapes["val"][1]:
         return None, f"its shapes {shapes} do not fit {rows['train']} training and {rows['val']} validation images"
+    features.update(kept)
     if stored.get("checksum") != feature_checksum(features):
         return None, "its checksum does not match"
     if not all(bool(torch.isfinite(t).all()) for t in features.values()):
@@ -220,6 +227,7 @@ def run(args: argparse.Namespace) -> dict | None:
     from mae_fast.distributed import setup_distributed
     from mae_fast.export import build_model, infer_preset, read_state
     from mae_fast.knn import extract_features, labeled_images
+    from mae_fast.presets import patch_size_of
 
     for flag in ("epochs", "batch_size", "input_size", "extract_batch_size"):
         if getattr(args, flag) < 1:
@@ -249,6 +257,11 @@ def run(args: argparse.Namespace) -> dict | None:
     checkpoint = Path(args.checkpoint)
     state, named = read_state(checkpoint)
     preset = infer_preset(state, named, args.model)
+    patch = patch_size_of(preset)
+    if args.input_size % patch:
+        below, above = args.input_size // patch * patch, (args.input_size // patch + 1) * patch
+        raise ConfigError(f"--input_size: must be a multiple of the patch size {patch} of the checkpoint's {preset}, "
+                          f"for example {f'{below} or {above}' if below else above}, got {args.input_size}")
     model, _ = build_model(state, preset, (args.input_size, args.input_size))
     model = model.to(device).eval()
     out = Path(args.output_dir)
@@ -272,8 +285,11 @@ def run(args: argparse.Namespace) -> dict | None:
         for split, files in (("train", train_files), ("val", val_files)):
             loader = _Reported(build_eval_loader(data, files, dist_info.rank, dist_info.world_size, device, args.seed),
                                f"{split} features", dist_info.world_size, dist_info.is_main)
-            features[split] = extract_features(model, loader, len(files), device, autocast, args.pool).cpu()
-        for split, values in features.items():
+            rows, present = extract_features(model, loader, len(files), device, autocast, args.pool)
+            # Images no slot delivered (marked slots only) are left out, with their labels.
+            features[split], features[f"{split}_kept"] = rows[present].cpu(), present.nonzero()[:, 0].cpu()
+        for split in ("train", "val"):
+            values = features[split]
             bad = int((~torch.isfinite(values)).any(dim=1).sum())
             if bad:
                 raise CheckpointError(f"checkpoint {str(checkpoint)!r} gives non-finite features (NaN or inf) for "
@@ -286,6 +302,8 @@ def run(args: argparse.Namespace) -> dict | None:
                         time.perf_counter() - started, cache)
     if not dist_info.is_main:
         return None
+    if "train_kept" in features:
+        train_labels, val_labels = train_labels[features["train_kept"]], val_labels[features["val_kept"]]
     try:
         head, metrics = train_head(features["train"], train_labels, features["val"], val_labels, len(classes),
                                    args.epochs, args.warmup_epochs, args.batch_size, args.blr, args.seed)
@@ -294,7 +312,7 @@ def run(args: argparse.Namespace) -> dict | None:
     torch.save({"head": head.state_dict(), "classes": classes, "pool": args.pool, "preset": preset}, out / "head.pth")
     results = {"top1": metrics["top1"], "top5": metrics["top5"], "checkpoint": str(checkpoint), "preset": preset,
                "pool": args.pool, "input_size": args.input_size, "classes": len(classes),
-               "train_images": len(train_files), "val_images": len(val_files), "epochs": args.epochs,
+               "train_images": len(features["train"]), "val_images": len(features["val"]), "epochs": args.epochs,
                "batch_size": args.batch_size, "blr": args.blr}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results

@@ -326,11 +326,16 @@ class MAEViT(nn.Module):
                                  **self._pixel_stats(imgs))
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None,
-                return_pred: bool = True):
+                return_pred: bool = True, valid: torch.Tensor | None = None):
         """Returns ``(loss, pred, mask)``: float32 scalar, [B, L, p*p*C], [B, L] float32.
 
         ``return_pred=False`` gives ``None`` for ``pred`` (the training step's choice: ``pred`` is a
         view of the decoder output, which a sharded wrapper warns about returning).
+
+        ``valid`` ([B] bool or float on the images' device, optional) weights each image in the loss: an image
+        with 0 (a loader's padding slot, or one that did not decode) takes no part in it, and a batch with none
+        valid has loss 0. It is applied to the loss's mask on the device, so the step stays free of host
+        synchronization and compiles to one graph.
 
         ``imgs`` is [B, C, H, W]: normalized float images, or uint8 pixels (any strides, so an NHWC
         batch as ``permute(0, 3, 1, 2)``) that the fused ops normalize by ``pixel_mean`` and
@@ -340,7 +345,8 @@ class MAEViT(nn.Module):
         out = self._decode(latent, ids_restore)
         # The loss takes the whole output with an offset: slicing off the cls token would make backward
         # zero-fill and copy the whole gradient.
-        loss = self.forward_loss(imgs, out, mask)
+        scored = mask if valid is None else mask * valid.to(mask.dtype)[:, None]
+        loss = self.forward_loss(imgs, out, scored)
         return loss, (out[:, 1:] if return_pred else None), mask
 
     def _pixel_stats(self, imgs: torch.Tensor) -> dict:
@@ -409,14 +415,16 @@ class MAEViT(nn.Module):
         Raises:
             ValueError: not a state dict, or encoder keys missing when ``strict_encoder``, or a
                 parameter whose shape does not fit this model.
+            CheckpointError: a file that cannot be read (truncated, not a checkpoint, or holding objects
+                other than tensors).
         """
         if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
-            if str(os.fspath(checkpoint)).endswith(".safetensors"):  # as mae_fast.export writes them
-                from safetensors.torch import load_file
+            from mae_fast.checkpoint import load_file, load_safetensors
 
-                checkpoint = load_file(os.fspath(checkpoint))
+            if str(os.fspath(checkpoint)).endswith(".safetensors"):  # as mae_fast.export writes them
+                checkpoint = load_safetensors(checkpoint)
             else:
-                checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+                checkpoint = load_file(os.fspath(checkpoint))
         state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError("checkpoint must be a state dict of tensors or a dict with a 'model' state dict")

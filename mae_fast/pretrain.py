@@ -7,10 +7,14 @@ a measured time), and writes checkpoints, log.txt and reconstruction images to .
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shlex
+import signal
 import sys
+import threading
+import time
 
 from mae_fast.cli import CommandParser, first_missing_folder, remove_empty_folders
 from mae_fast.config import DataConfig, ModelConfig, OptimConfig, RunConfig, field_docs, fields
@@ -61,8 +65,8 @@ def _epilog() -> str:
     presets = "\n".join(f"  {name:24s} {description}" for name, (description, _) in PRESETS.items())
     return (f"model presets (--model):\n{presets}\n\n"
             "A mistake in the flags or inputs ends with one line 'mae_fast.pretrain: error: ...' and exit code 2; a\n"
-            "run that stops on its own (NaN loss, full disk, stalled rank) exits 1, Ctrl-C exits 130. Set\n"
-            "MAE_FAST_DEBUG=1 or pass --debug for the traceback.")
+            "run that stops on its own (NaN loss, full disk, stalled rank) or ends diverged exits 1, Ctrl-C exits\n"
+            "130. Set MAE_FAST_DEBUG=1 or pass --debug for the traceback.")
 
 
 def _default_text(section: str, name: str, doc: str) -> str:
@@ -139,15 +143,17 @@ def resume_command(argv: list[str], checkpoint) -> str:
 
 
 def _stop_line(trainer, argv: list[str]) -> str:
-    """What Ctrl-C prints: where the run was, its last checkpoint, and how to continue."""
+    """What Ctrl-C prints: where the run was, what it wrote, its last good checkpoint, and how to continue."""
     if trainer is None:
         return f"{PROG}: interrupted before training started; nothing was saved"
     good = trainer.good_checkpoint()
     newest = trainer.last_saved
-    where = (f"interrupted at step {trainer.step}/{trainer.total_steps} (epoch {trainer.epoch + 1}/"
-             f"{trainer.config.epochs})")
+    where = f"interrupted at step {trainer.step}/{trainer.total_steps} ({trainer.where()})"
+    if trainer.interrupt_checkpoint is not None:
+        where += f"; wrote {trainer.interrupt_checkpoint} at this step"
     if good is None:
-        return f"{PROG}: {where}; no checkpoint was written yet. Start again with: {resume_command(argv, 'auto')}"
+        return f"{PROG}: {where}; no good checkpoint was written yet. Start again with: " \
+               f"{resume_command(argv, 'auto')}"
     target = "auto" if newest is not None and good.resolve() == newest.resolve() else good
     return f"{PROG}: {where}; last good checkpoint {good}. Resume with: {resume_command(argv, target)}"
 
@@ -156,6 +162,41 @@ def _is_collective_timeout(exc: RuntimeError) -> bool:
     from mae_fast.distributed import is_collective_timeout  # torch: only once the flags were good
 
     return is_collective_timeout(exc)
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops_after_the_step(trainer, argv: list[str]):
+    """The first Ctrl-C asks the run to stop after the current step, writing checkpoint-last.pth there (so the
+    resume is exact); a second one stops the process at once, with one line. Only on one rank: the ranks of a
+    distributed run would have to agree on the step, so there Ctrl-C stops at once (the last checkpoint stays)."""
+    if trainer.dist.world_size > 1 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    # torchrun passes the terminal's Ctrl-C on to its worker a moment after the terminal did: one press.
+    relayed = "LOCAL_WORLD_SIZE" in os.environ
+    pressed: list[float] = []
+
+    def on_ctrl_c(signum, frame):
+        now = time.monotonic()
+        if not pressed:
+            pressed.append(now)
+            trainer.request_stop()
+            # os.write, not print: a handler that prints while the main thread prints raises a reentrancy error.
+            os.write(2, f"{PROG}: Ctrl-C: stopping after this step, which is saved to checkpoint-last.pth (Ctrl-C "
+                        "again to stop at once)\n".encode())
+            return
+        if relayed and now - pressed[0] < 1.0:
+            return
+        os.write(2, f"{PROG}: interrupted again at step {trainer.step}: stopped at once, without writing a "
+                    f"checkpoint; the newest complete one stays. Resume with: {resume_command(argv, 'auto')}\n"
+                 .encode())
+        os._exit(130)
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _rank_prefix() -> str:
@@ -177,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         from mae_fast.trainer import MAETrainer
 
         trainer = MAETrainer(config)
-        trainer.fit()
+        with _ctrl_c_stops_after_the_step(trainer, argv):
+            trainer.fit()
         teardown_distributed(finished=True)
         if trainer.dist.is_main:
             logging.getLogger("mae_fast").info("done: checkpoints and reconstructions in %s", config.output_dir)

@@ -59,21 +59,20 @@ class Progress:
         total_steps: optimizer steps the whole run will take (for ``step N/total`` and the ETA).
         start_step: the optimizer step the run starts (or resumes) at.
         epochs: epochs of the run.
-        images_per_batch: images per batch over all ranks.
         device: where the losses live.
         is_main: rank 0, which prints and writes TensorBoard.
         writer: a TensorBoard SummaryWriter or None.
         flops_per_image: training FLOPs per image, for MFU.
         peak_flops: the device's dense peak (FLOP/s), or None where unknown (no MFU then).
-        world_size: data-parallel ranks (the loss sums are averaged over them).
+        world_size: data-parallel ranks (MFU is per device).
         mfu_note: said after the MFU figure (" of the bf16 peak" for FP8 runs, which count against bf16's peak
             so runs stay comparable).
     """
 
-    def __init__(self, total_steps: int, start_step: int, epochs: int, images_per_batch: int, device: torch.device,
+    def __init__(self, total_steps: int, start_step: int, epochs: int, device: torch.device,
                  is_main: bool, writer=None, flops_per_image: float = 0.0, peak_flops: float | None = None,
                  world_size: int = 1, mfu_note: str = ""):
-        self.total_steps, self.epochs, self.images_per_batch = total_steps, epochs, images_per_batch
+        self.total_steps, self.epochs = total_steps, epochs
         self.device, self.is_main, self.writer = device, is_main, writer
         self.flops_per_image, self.peak_flops, self.world_size = flops_per_image, peak_flops, world_size
         self.mfu_note = mfu_note
@@ -84,22 +83,29 @@ class Progress:
 
     # ------------------------------------------------------------------ an epoch
 
-    def start_epoch(self, epoch: int, first_batch: int, num_batches: int) -> None:
-        """Reset the epoch's sums and open the progress bar (rank 0, only in a terminal)."""
+    def start_epoch(self, epoch: int, first_batch: int, num_batches: int, saved: dict | None = None) -> None:
+        """Reset the epoch's sums (or restore them from ``saved``, a :meth:`state` of the same epoch at
+        ``first_batch``) and open the progress bar (rank 0, only in a terminal)."""
         from tqdm import tqdm
 
         self.epoch, self.num_batches = epoch, num_batches
         if not self.lines:  # the run's clock starts with its training, not with the model's build or a first kNN
             self.run_start_time = self.last_line_time = self.eta_time = time.perf_counter()
-        self.loss_sum = torch.zeros((), device=self.device)
-        self.logged_sum = torch.zeros((), device=self.device)
-        self.batches = self.logged_batches = 0
-        self.epoch_images, self.epoch_start = 0, time.perf_counter()
-        self.window_images, self.window_wait, self.window_start = 0, 0.0, time.perf_counter()
-        self.data_wait = 0.0
+        # This rank's loss sums (each batch's loss times its valid images) and valid images, over the epoch and
+        # at the last log line; all-reduced only when a line is printed. A resumed epoch carries on with the
+        # sums of the run it resumes, so its mean is the uninterrupted run's.
+        saved = saved or {}
+        self.loss_sum = torch.tensor(float(saved.get("loss_sum", 0.0)), device=self.device)
+        self.logged_sum = torch.tensor(float(saved.get("logged_sum", 0.0)), device=self.device)
+        self.images, self.logged_images = int(saved.get("images", 0)), int(saved.get("logged_images", 0))
+        self.data_wait = float(saved.get("data_wait", 0.0))
+        # Rates count only what this process did (since the epoch started or resumed here).
+        self.images_here = self.logged_here = 0
+        self.epoch_images_here, self.epoch_start = 0, time.perf_counter()  # all ranks', at the last line
+        self.window_wait, self.window_start = 0.0, time.perf_counter()
         self.fetch_start = self.last_batch_end = time.perf_counter()
         # disable=None: tqdm leaves the bar out when stderr is not a terminal, so log files hold plain lines.
-        self.bar = tqdm(total=num_batches, initial=first_batch, desc=f"epoch {epoch}",
+        self.bar = tqdm(total=num_batches, initial=first_batch, desc=f"epoch {epoch + 1}/{self.epochs}",
                         disable=None if self.is_main else True, dynamic_ncols=True, leave=False)
 
     def data_ready(self) -> None:
@@ -108,12 +114,11 @@ class Progress:
         self.data_wait += wait
         self.window_wait += wait
 
-    def batch_done(self, loss: torch.Tensor) -> None:
-        """Add a batch's (detached) loss; no synchronization."""
-        self.loss_sum += loss
-        self.batches += 1
-        self.window_images += self.images_per_batch
-        self.epoch_images += self.images_per_batch
+    def batch_done(self, loss: torch.Tensor, images: int) -> None:
+        """Add a batch's (detached) loss, the mean over its ``images`` valid images; no synchronization."""
+        self.loss_sum += loss * images
+        self.images += images
+        self.images_here += images
         self.bar.update(1)
         self.fetch_start = self.last_batch_end = time.perf_counter()
 
@@ -138,15 +143,19 @@ class Progress:
             ``images_per_sec``, ``data_wait_s``, ``eta_s`` and, on GPUs, ``mfu`` (where the peak is known) and
             ``peak_memory_gb``.
         """
-        sums = all_reduce_sum(torch.stack([self.loss_sum, self.loss_sum - self.logged_sum])).tolist()
-        mean_loss = sums[0] / (self.batches * self.world_size)
-        window_loss = sums[1] / (max(self.batches - self.logged_batches, 1) * self.world_size)
-        self.logged_sum, self.logged_batches = self.loss_sum.clone(), self.batches
+        counts = torch.tensor([self.images, self.images - self.logged_images, self.images_here,
+                               self.images_here - self.logged_here], dtype=torch.float32, device=self.device)
+        sums = all_reduce_sum(torch.cat([torch.stack([self.loss_sum, self.loss_sum - self.logged_sum]), counts]))
+        loss_sum, window_sum, images, window_images, images_here, window_here = sums.tolist()
+        mean_loss = loss_sum / max(images, 1)
+        window_loss = window_sum / max(window_images, 1)
+        self.logged_sum, self.logged_images, self.logged_here = self.loss_sum.clone(), self.images, self.images_here
+        self.epoch_images_here = int(images_here)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         elapsed = max(now - self.window_start, 1e-9)
-        images_per_s = self.window_images / elapsed
+        images_per_s = window_here / elapsed
         # From the second line on, the ETA counts from the first, so a slow first step (a compile) does not skew it.
         steps_done = step - self.eta_step
         eta = (now - self.eta_time) / steps_done * (self.total_steps - step) if steps_done > 0 else float("nan")
@@ -170,7 +179,7 @@ class Progress:
                 self.writer.add_scalar("train/loss", mean_loss, step)
                 self.writer.add_scalar("train/lr", lr, step)
                 self.writer.add_scalar("train/images_per_sec", images_per_s, step)
-        self.window_images, self.window_wait, self.window_start = 0, 0.0, time.perf_counter()
+        self.window_wait, self.window_start = 0.0, time.perf_counter()
         self.lines, self.last_line_time = self.lines + 1, self.window_start
         if self.lines == 1:
             self.eta_step, self.eta_time = step, now
@@ -186,7 +195,7 @@ class Progress:
         self.close()
         seconds = self.last_batch_end - self.epoch_start  # the training, not the validation and saves after it
         line = (f"epoch {self.epoch + 1}/{self.epochs} done: mean loss {stats['train_loss']:.4f}, "
-                f"{self.epoch_images / max(seconds, 1e-9):,.0f} images/s, {format_duration(seconds)}")
+                f"{self.epoch_images_here / max(seconds, 1e-9):,.0f} images/s, {format_duration(seconds)}")
         if "val_loss" in stats:
             line += f", validation loss {stats['val_loss']:.4f}"
         if "knn_top1" in stats:
@@ -196,6 +205,11 @@ class Progress:
         if self.is_main:
             print(line, flush=True)
         return line
+
+    def state(self) -> dict:
+        """This rank's sums of the epoch so far (host values, one synchronization), for a checkpoint."""
+        return {"epoch": self.epoch, "loss_sum": float(self.loss_sum), "logged_sum": float(self.logged_sum),
+                "images": self.images, "logged_images": self.logged_images, "data_wait": self.data_wait}
 
     def close(self) -> None:
         """Close the progress bar (idempotent)."""

@@ -13,8 +13,9 @@ and checkpoint steps: the loss stays on the device in between.
 Checkpoints and faults: the rolling ``checkpoint-last.pth`` keeps the one before it as
 ``checkpoint-prev.pth`` while the loss was in its normal range (:mod:`mae_fast.monitor`); every
 checkpoint records the loss statistics at save time. When the run stops (a NaN/inf loss, Ctrl-C),
-it names the newest checkpoint written before the loss left its normal range; when a remote shard
-keeps failing, it writes ``checkpoint-last.pth`` where it stood (one rank) and names it.
+or ends with its loss still out of its normal range (a diverged run), it names the newest checkpoint
+written before the loss left its normal range; when a remote shard keeps failing, it writes
+``checkpoint-last.pth`` where it stood (one rank) and names it.
 """
 
 from __future__ import annotations
@@ -32,19 +33,20 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from mae_fast.checkpoint import (LAST, PREV, check_writable, find_checkpoints, find_latest, load_checkpoint,
-                                 read_summary, remove_stale_temporaries, save_checkpoint)
+from mae_fast.checkpoint import (LAST, PREV, check_writable, checkpoints_newest_first, find_checkpoints,
+                                 load_checkpoint, read_summary, remove_stale_temporaries, save_checkpoint)
 from mae_fast.config import RunConfig
 from mae_fast.data import build_eval_loader, build_loader
 from mae_fast.data.builtin import builtin_image_dir
 from mae_fast.data.shards import ShardReadError
 from mae_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, normalize
 from mae_fast.distributed import all_reduce_sum, setup_distributed
-from mae_fast.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputDirError, TrainingStopped
+from mae_fast.errors import (CheckpointError, ConfigError, DivergedError, NonFiniteLossError, OutputDirError,
+                             TrainingStopped)
 from mae_fast.fp8 import convert_to_fp8, fp8_unavailable_reason, precompute_fsdp_scales
 from mae_fast.knn import KnnMonitor
 from mae_fast.model import MAEViT, create_model
-from mae_fast.monitor import LossStats, LossWatch
+from mae_fast.monitor import RECOVERY_STEPS, LossStats, LossWatch
 from mae_fast.ops import IMPLEMENTATIONS, dispatch, patchify, unpatchify
 from mae_fast.progress import Progress
 from mae_fast.selfcheck import verify_kernel_backends
@@ -212,6 +214,11 @@ class MAETrainer:
         self.last_log_line: dict | None = None  # the newest epoch line of log.txt, also kept in checkpoints
         self.history: list[tuple[int, float]] = []
         self._warned_excursion = -1
+        self._all_valid: dict[int, torch.Tensor] = {}
+        self._resumed_sums: dict | None = None  # the epoch sums a mid-epoch resume carries on with
+        self.stop_requested = False  # set by request_stop (the first Ctrl-C)
+        self.interrupt_checkpoint: Path | None = None  # what the stop wrote
+        self._step_on_disk = 0  # the step of the newest checkpoint this run wrote or resumed from
         self._resume()
         self.writer = None
         if self.dist.is_main:
@@ -299,21 +306,22 @@ class MAETrainer:
         cfg = self.config
         if self.dist.is_main:
             logger.info("%s", self.describe())
-        self.progress = Progress(self.total_steps, self.step, cfg.epochs, cfg.data.batch_size * self.dist.world_size,
-                                 self.device, self.dist.is_main, self.writer,
+        self.progress = Progress(self.total_steps, self.step, cfg.epochs, self.device, self.dist.is_main, self.writer,
                                  self.model.flops_per_image(cfg.model.mask_ratio), peak_flops(self.device),
                                  self.dist.world_size, mfu_note=" of the bf16 peak" if self.precision == "fp8" else "")
         stats: dict = {}
-        if self.knn is not None and self.step == 0:
-            self.run_knn(label="at initialization")
         try:
+            if self.knn is not None and self.step == 0:
+                self.run_knn(label="at initialization")
             while self.epoch < cfg.epochs and not self.reached_max_steps():
+                self.stop_if_requested()  # a Ctrl-C during the epoch's end (validation, kNN, saves) lands here
                 stats = self.train_one_epoch()
                 if self.step_in_epoch < len(self.loader):  # stopped by --max_steps in the middle of an epoch
                     self.progress.close()
                     self.save(LAST)
                     break
                 stats = self.end_epoch(stats)
+            self.check_finished_in_range()
         except ShardReadError as exc:
             raise self._stopped_by_data(exc) from exc
         finally:
@@ -337,19 +345,23 @@ class MAETrainer:
         """One epoch from ``step_in_epoch`` on; returns the statistics of its last log line."""
         cfg, num_batches = self.config, len(self.loader)
         self.train_model.train()
-        self.progress.start_epoch(self.epoch, self.step_in_epoch, num_batches)
+        self.progress.start_epoch(self.epoch, self.step_in_epoch, num_batches, saved=self._resumed_sums)
+        self._resumed_sums = None
         stats: dict = {}
         batches = self.loader.epoch(self.epoch, start=self.step_in_epoch)
-        for batch_index, (images, _) in enumerate(batches, start=self.step_in_epoch):
+        for batch_index, (images, indices) in enumerate(batches, start=self.step_in_epoch):
             self.progress.data_ready()
             update = (batch_index + 1) % cfg.accum_iter == 0 or batch_index + 1 == num_batches
             if batch_index % cfg.accum_iter == 0:
                 self.set_lr(self.epoch + batch_index / num_batches)
-            loss = self.train_step(images, update)
-            self.loss_watch.observe(loss, self.step + 1)
+            valid = indices >= 0  # on the CPU, as the loaders deliver them: counting costs no synchronization
+            num_valid = int(valid.sum())
+            loss = self.train_step(images, update, valid)
+            if num_valid:  # a batch of marked slots only has loss 0, which says nothing of the run's health
+                self.loss_watch.observe(loss, self.step + 1)
             self.step += int(update)
             self.step_in_epoch = batch_index + 1
-            self.progress.batch_done(loss)
+            self.progress.batch_done(loss, num_valid)
 
             finished = self.step_in_epoch == num_batches or self.reached_max_steps()
             if (update and self.progress.line_due(self.step, cfg.log_every)) or finished:
@@ -358,17 +370,23 @@ class MAETrainer:
                 self.save(LAST)
             if self.reached_max_steps():
                 break
+            if update and not finished:  # at an epoch's last batch the epoch's end comes first
+                self.stop_if_requested()
         self.check_loss()
         return stats
 
-    def train_step(self, images: torch.Tensor, update: bool) -> torch.Tensor:
-        """One batch: mask, forward, backward, and with ``update`` the optimizer step. Returns the detached loss."""
+    def train_step(self, images: torch.Tensor, update: bool, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """One batch: mask, forward, backward, and with ``update`` the optimizer step. Returns the detached loss.
+
+        ``valid`` ([B] bool on the CPU, None: all) marks the images that count: the others (a loader's padding
+        slots and images that did not decode, index -1) take no part in the loss.
+        """
         world, rank = self.dist.world_size, self.dist.rank
         noise = torch.rand(world * self.config.data.batch_size, self.model.num_patches, device=self.device,
                            generator=self.noise_generator)[rank::world]
         with self._no_sync(update), self._autocast():
             loss, _, _ = self.train_model(images, mask_ratio=self.config.model.mask_ratio, noise=noise,
-                                          return_pred=False)
+                                          return_pred=False, valid=self._image_weights(valid, images.shape[0]))
         self.scaler.scale(loss / self.config.accum_iter).backward()
         if update:
             self.scaler.step(self.optimizer)
@@ -380,12 +398,54 @@ class MAETrainer:
                 precompute_fsdp_scales(self.model)
         return loss.detach()
 
+    def _image_weights(self, valid: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """[B] float32 on the device: 1 for the images that count, 0 for marked slots. A batch with every image valid
+        (nearly all of them) reuses one tensor of ones; the others copy theirs from pinned memory, without waiting."""
+        if valid is None or bool(valid.all()):
+            ones = self._all_valid.get(batch)
+            if ones is None:
+                ones = self._all_valid[batch] = torch.ones(batch, device=self.device)
+            return ones
+        weights = valid.to(torch.float32)
+        if self.device.type == "cuda":
+            weights = weights.pin_memory()
+        return weights.to(self.device, non_blocking=True)
+
+    def request_stop(self) -> None:
+        """Ask the run to stop after the current optimizer step (or the epoch's end, when it is under way): it then
+        writes ``checkpoint-last.pth`` there and raises KeyboardInterrupt. Safe to call from a signal handler; one
+        rank only (the ranks of a distributed run would have to agree on the step)."""
+        self.stop_requested = True
+
+    def stop_if_requested(self) -> None:
+        """With a stop requested: write ``checkpoint-last.pth`` at the current step unless a checkpoint of it is on
+        disk, then raise KeyboardInterrupt.
+
+        Raises:
+            KeyboardInterrupt: a stop was requested (:attr:`interrupt_checkpoint` names what was written).
+            NonFiniteLossError, OutputDirError: as :meth:`save`.
+        """
+        if not self.stop_requested:
+            return
+        if self.step != self._step_on_disk:
+            self.progress.close()
+            self.interrupt_checkpoint = self.save(LAST)
+        raise KeyboardInterrupt
+
     def set_lr(self, epoch: float) -> None:
         """The official schedule at a fractional epoch, set on every parameter group."""
         optim = self.config.optim
         self.lr = lr_at(epoch, self.base_lr, optim.min_lr, optim.warmup_epochs, self.config.epochs)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
+
+    def where(self) -> str:
+        """Where the run stands, counted from 1 as every message counts: ``epoch 3/20, batch 5/32`` (the last batch
+        done), or ``epoch 3/20 done`` at an epoch's end. (Files keep the official 0-based names: the third
+        epoch's are ``checkpoint-2.pth`` and ``reconstruction-epoch2.png``.)"""
+        if self.step_in_epoch == 0 and self.epoch > 0:
+            return f"epoch {self.epoch}/{self.config.epochs} done"
+        return f"epoch {self.epoch + 1}/{self.config.epochs}, batch {self.step_in_epoch}/{len(self.loader)}"
 
     def reached_max_steps(self) -> bool:
         return self.config.max_steps is not None and self.step >= self.config.max_steps
@@ -444,18 +504,37 @@ class MAETrainer:
             left = (f"; it had left its normal range at step {stats.excursion_start}"
                     if 0 <= stats.excursion_start < stats.first_nonfinite else "")
             raise NonFiniteLossError(
-                f"the loss became non-finite at step {stats.first_nonfinite} (epoch {self.epoch + 1}/"
-                f"{self.config.epochs}){left}; stopping without saving. The newest checkpoint written before the "
-                f"loss left its normal range is {good or 'none (none was written)'}", checkpoint=good)
+                f"the loss became non-finite at step {stats.first_nonfinite} ({self.where()}){left}; stopping "
+                f"without saving. The newest checkpoint written before the loss left its normal range is "
+                f"{good or 'none (none was written)'}", checkpoint=good)
         if stats.excursion_start >= 0 and stats.excursion_start != self._warned_excursion and self.dist.is_main:
-            logger.warning("the loss left its normal range at step %d (above %g x its recent mean %.4g); checkpoints "
-                           "from step %d on are not named good until it returns", stats.excursion_start,
-                           self.config.loss_spike_factor, stats.recent_mean, stats.excursion_start - 1)
+            logger.warning("the loss left its normal range at step %d (above %g x its normal level %.4g); checkpoints "
+                           "from step %d on are not named good until it has been back in range for %d steps",
+                           stats.excursion_start, self.config.loss_spike_factor, stats.normal,
+                           stats.excursion_start - 1, RECOVERY_STEPS)
         self._warned_excursion = stats.excursion_start
         return stats
 
+    def check_finished_in_range(self) -> None:
+        """At the end of a run: a loss still out of its normal range means the run diverged.
+
+        Raises:
+            DivergedError: naming where the loss left its range and the checkpoint from before that.
+        """
+        stats = self.check_loss()
+        if stats.in_range():
+            return
+        good = self.good_checkpoint(stats)
+        raise DivergedError(
+            f"the loss left its normal range at step {stats.excursion_start} (above {self.config.loss_spike_factor:g} "
+            f"x its normal level {stats.normal:.4g}) and was still out of it when the run ended at step {self.step} "
+            f"({self.where()}): the run diverged; lower the learning rate (--lr, or --blr "
+            f"{self.config.optim.blr:g}) or lengthen --warmup_epochs. The newest checkpoint written before the loss "
+            f"left its normal range is {good or 'none (none was written)'}", checkpoint=good)
+
     def good_checkpoint(self, stats: LossStats | None = None) -> Path | None:
-        """The newest checkpoint in the output folder whose parameters gave an in-range loss afterwards.
+        """The newest checkpoint in the output folder whose parameters gave an in-range loss afterwards, written
+        while no excursion was under way.
 
         Args:
             stats: the loss statistics to judge by (default: this rank's, without synchronizing).
@@ -465,7 +544,7 @@ class MAETrainer:
         best, best_key = None, None
         for path in find_checkpoints(self.output_dir):
             summary = read_summary(path)
-            if summary is None or summary["step"] > self.step or not stats.known_good(summary["step"]):
+            if summary is None or summary["step"] > self.step or not stats.checkpoint_is_good(summary):
                 continue
             key = (summary["step"], rank_of_name.get(path.name, 2))
             if best_key is None or key > best_key:
@@ -488,7 +567,33 @@ class MAETrainer:
         return {"model": model_state, "optimizer": optim_state, "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.step,
                 "config": dataclasses.asdict(self.config), "rng": rng, "loss_stats": loss_stats.as_dict(),
-                "log_line": self.last_log_line}
+                "log_line": self.last_log_line, "epoch_sums": self._epoch_sums()}
+
+    #: The per-rank sums of an epoch in progress that a checkpoint keeps (see :meth:`Progress.state`).
+    EPOCH_SUMS = ("loss_sum", "logged_sum", "images", "logged_images", "data_wait")
+
+    def _epoch_sums(self) -> dict | None:
+        """Every rank's running sums of the epoch in progress (a collective), so a run resumed mid-epoch logs the
+        epoch mean of the uninterrupted run; None at an epoch's end or before training."""
+        progress = getattr(self, "progress", None)
+        if progress is None or getattr(progress, "epoch", None) != self.epoch or self.step_in_epoch >= len(self.loader):
+            return None
+        mine = progress.state()
+        rows = torch.zeros(self.dist.world_size, len(self.EPOCH_SUMS), dtype=torch.float64, device=self.device)
+        rows[self.dist.rank] = torch.tensor([float(mine[k]) for k in self.EPOCH_SUMS], dtype=torch.float64)
+        return {"epoch": self.epoch, "ranks": all_reduce_sum(rows).cpu().tolist()}
+
+    def _restored_epoch_sums(self, saved: dict | None) -> dict | None:
+        """This rank's share of a checkpoint's epoch sums: its own row when the world size is the same, else the
+        totals on rank 0 (the epoch mean is the same either way)."""
+        if not saved or saved.get("epoch") != self.epoch or not self.step_in_epoch:
+            return None
+        rows = saved["ranks"]
+        if len(rows) == self.dist.world_size:
+            row = rows[self.dist.rank]
+        else:
+            row = [sum(column) if self.dist.is_main else 0.0 for column in zip(*rows)]
+        return dict(zip(self.EPOCH_SUMS, row))
 
     def _state_is_finite(self) -> bool:
         finite = torch.ones((), device=self.device)
@@ -526,7 +631,7 @@ class MAETrainer:
         failed = all_reduce_sum(torch.tensor(float(error is not None), device=self.device)).item()
         if failed:
             raise error or OutputDirError(f"rank 0 could not write {path}; see its error")
-        self.last_saved = path
+        self.last_saved, self._step_on_disk = path, self.step
         return path
 
     def _previous_last_name(self, loss_stats: LossStats) -> Path | None:
@@ -534,7 +639,7 @@ class MAETrainer:
         parameters are known good, else nowhere (it is replaced and the older checkpoint-prev.pth stays)."""
         last = self.output_dir / LAST
         summary = read_summary(last) if last.is_file() else None
-        return self.output_dir / PREV if summary is not None and loss_stats.known_good(summary["step"]) else None
+        return self.output_dir / PREV if summary is not None and loss_stats.checkpoint_is_good(summary) else None
 
     def _append_log_line(self, entry: dict) -> None:
         try:
@@ -560,12 +665,12 @@ class MAETrainer:
         resume = self.config.resume
         if not resume:
             return
-        path = find_latest(self.output_dir) if resume == "auto" else Path(resume)
+        path, state = self._read_resume_checkpoint()
         if path is None:
             if self.dist.is_main:
                 logger.info("--resume auto: no checkpoint in %s, starting fresh", self.output_dir)
             return
-        state = load_checkpoint(path)
+        self._check_fits(path, state["model"], state.get("config"))
         try:
             if self.config.fsdp:
                 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -594,13 +699,64 @@ class MAETrainer:
         self.epoch, self.step_in_epoch, self.step = state["epoch"], state.get("step_in_epoch", 0), state["step"]
         if self.step_in_epoch >= len(self.loader):
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
-        self.last_saved = path
+        self._resumed_sums = self._restored_epoch_sums(state.get("epoch_sums"))
+        self.last_saved, self._step_on_disk = path, self.step
         if self.dist.is_main:
-            logger.info("resumed from %s at epoch %d, batch %d, step %d", path, self.epoch, self.step_in_epoch,
-                        self.step)
+            logger.info("resumed from %s at step %d (%s)", path, self.step, self.where())
             if self.epoch >= self.config.epochs:
                 logger.info("the run in %s already finished its %d epochs; raise --epochs to train longer", path,
                             self.config.epochs)
+
+    def _read_resume_checkpoint(self) -> tuple[Path | None, dict | None]:
+        """``--resume``'s checkpoint and its state. With ``auto``, the newest in the output folder that can be read:
+        one cut short or damaged (a copy interrupted, a full disk) is passed over with one warning, so the run
+        resumes from ``checkpoint-prev.pth`` when ``checkpoint-last.pth`` is broken.
+
+        Raises:
+            CheckpointError: the named checkpoint (or, with ``auto``, every one there) cannot be read.
+        """
+        if self.config.resume != "auto":
+            path = Path(self.config.resume)
+            return path, load_checkpoint(path)
+        unreadable = []
+        for path in checkpoints_newest_first(self.output_dir):
+            try:
+                state = load_checkpoint(path)
+            except CheckpointError as exc:
+                unreadable.append((path, exc))
+                continue
+            if unreadable and self.dist.is_main:
+                logger.warning("--resume auto: %s cannot be read (%s); resuming from %s, the newest checkpoint that "
+                               "can", ", ".join(p.name for p, _ in unreadable), unreadable[0][1], path.name)
+            return path, state
+        if unreadable:
+            raise unreadable[0][1]
+        return None, None
+
+    def _check_fits(self, path: Path, saved: dict, saved_config: dict | None) -> None:
+        """Refuse a checkpoint whose parameters this run's model does not have, naming the first differences.
+
+        Raises:
+            CheckpointError: naming up to three mismatched keys with both shapes, and the ``--model`` and
+                ``--input_size`` the checkpoint was written with.
+        """
+        own = self.model.state_dict()
+        problems = [f"{key} is missing from the checkpoint" if key not in saved else
+                    f"{key} is {list(saved[key].shape)} in the checkpoint, {list(value.shape)} here"
+                    for key, value in own.items() if key not in saved or tuple(saved[key].shape) != tuple(value.shape)]
+        problems += [f"{key} is in the checkpoint, not in this model" for key in saved if key not in own]
+        if not problems:
+            return
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        written = ""
+        if isinstance(saved_config, dict):
+            name = (saved_config.get("model") or {}).get("name")
+            size = (saved_config.get("data") or {}).get("input_size")
+            if name and size:
+                written = f"; it was written with --model {name} --input_size {size}: resume with those"
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this run's model (--model "
+                              f"{self.config.model.name} --input_size {self.config.data.input_size}): "
+                              f"{'; '.join(problems[:3])}{more}{written}")
 
     # ------------------------------------------------------------------ validation
 
@@ -615,16 +771,25 @@ class MAETrainer:
             total = torch.zeros(2, device=self.device)
             for images, indices in self.val_loader.epoch(0):
                 noise = torch.rand(images.shape[0], self.model.num_patches, device=self.device, generator=generator)
+                valid = indices >= 0
                 with self._autocast():
-                    loss, _, _ = self.train_model(images, mask_ratio=mask_ratio, noise=noise, return_pred=False)
-                valid = (indices >= 0).sum().to(self.device)
-                total += torch.stack([loss.float() * valid, valid.float()])
+                    loss, _, _ = self.train_model(images, mask_ratio=mask_ratio, noise=noise, return_pred=False,
+                                                  valid=self._image_weights(valid, images.shape[0]))
+                count = valid.sum().to(self.device)
+                total += torch.stack([loss.float() * count, count.float()])
             loss_sum, count = all_reduce_sum(total).tolist()
             stats["val_loss"] = loss_sum / max(count, 1)
             if self.writer is not None:
                 self.writer.add_scalar("val/loss", stats["val_loss"], self.epoch)
-        # Every rank runs the preview forward (a sharded model needs them all); rank 0 writes it.
+        # Every rank runs the preview forward (a sharded model needs them all), so all skip it if any rank has no
+        # image that decodes; rank 0 writes it.
         images = self._preview_images()
+        missing = all_reduce_sum(torch.tensor(float(images is None), device=self.device)).item()
+        if missing:
+            if self.dist.is_main:
+                logger.warning("no reconstruction preview this epoch: none of the first images decodes")
+            self.model.train()
+            return stats
         noise = torch.rand(images.shape[0], self.model.num_patches, device=self.device, generator=generator)
         with self._autocast():
             _, pred, mask = self.model(images, mask_ratio=mask_ratio, noise=noise)
@@ -641,30 +806,57 @@ class MAETrainer:
         self.model.train()
         return stats
 
-    def _preview_images(self, count: int = 8) -> torch.Tensor:
-        """The first images of the validation (else training) data, resized and centre-cropped, normalized."""
+    def _preview_images(self, count: int = 8) -> torch.Tensor | None:
+        """The first ``count`` images of the validation (else training) data that decode, resized and centre-cropped,
+        normalized; None when none does (no preview then). Images that do not decode, or a shard that cannot be
+        read, are passed over: the preview never stops a run."""
         import io
+        import itertools
 
-        from mae_fast.data.files import open_rgb
+        from mae_fast.data import files as image_files
 
         loader = self.val_loader or self.loader
         size = self.config.data.input_size
-        files = getattr(loader, "files", None)
+        paths = getattr(loader, "files", None)
         shard_set = getattr(loader, "shard_set", None)
-        if files:
-            sources = files[:count]
-        elif shard_set is not None:
+        if not paths and shard_set is None:  # synthetic data
+            return torch.randn(count, 3, size, size, device=self.device)
+        tries = count * PREVIEW_TRIES
+        if paths:
+            sources = iter(paths[:tries])
+        else:
             from mae_fast.data.shards import stream_images
 
-            images = stream_images(shard_set.paths[0])
-            sources = [io.BytesIO(image.data) for image, _ in zip(images, range(count))]
-            images.close()
-        else:  # synthetic data
-            return torch.randn(count, 3, size, size, device=self.device)
-        batch = [eval_transform(open_rgb(source), size) for source in sources]
+            def shard_members():
+                for path in shard_set.paths:
+                    images = stream_images(path)
+                    try:
+                        for image in images:
+                            yield io.BytesIO(image.data)
+                    except Exception as exc:  # a shard that breaks: the preview reads on in the next one
+                        logger.warning("the reconstruction preview passes over %s: %s", path, exc)
+                    finally:
+                        images.close()
+
+            sources = itertools.islice(shard_members(), tries)
+        batch, skipped = [], 0
+        for source in sources:
+            try:
+                batch.append(eval_transform(image_files.open_rgb(source), size))
+            except Exception:
+                skipped += 1
+                continue
+            if len(batch) == count:
+                break
+        if skipped and self.dist.is_main:
+            logger.warning("the reconstruction preview passed over %d image(s) that do not decode", skipped)
+        if not batch:
+            return None
         return normalize(torch.stack(batch).to(self.device), torch.float32)
 
 
+#: Images the preview reads, per image it shows, before it gives up looking for ones that decode.
+PREVIEW_TRIES = 8
 #: The reconstruction image's columns, left to right.
 RECONSTRUCTION_COLUMNS = ("original", "masked input", "prediction", "prediction + visible")
 #: Narrower images are enlarged by a whole factor in the reconstruction image, so the labels fit over them.

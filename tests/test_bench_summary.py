@@ -100,12 +100,12 @@ def test_summary_from_json_and_from_partial_lines_agree(summarize, tmp_path):
     text = summarize.summary(summarize.load(str(full)))
     assert text.splitlines()[0] == "# mae_fast benchmarks on NVIDIA H100 80GB HBM3 (2026-11-28)"
     assert "| gather_tokens | vit_b16 | backward | cuda | 0.250 | 2,430.0 | 81 |" in text
-    assert "| mae_fast | mae_vit_base_patch16 | 256 | bf16 | 3,000 | 45.0% |" in text
+    assert "| pretrain | mae_fast | mae_vit_base_patch16 | 256 | bf16 | 3,000 | 45.0% |" in text
     assert "| MISSED |" in text
     # Measured here: every op and step target; the two data targets are not, and say which phase measures them.
     assert "| data_images_per_sec_gpu (8000) | needs DALI from shards with mixed decoding on a GPU (DALI installed) | - | " \
            "NOT MEASURED (phase data_bench) |" in text
-    assert text.splitlines()[-1] == "Targets: 9 met, 5 MISSED, 2 of 9 NOT MEASURED."
+    assert text.splitlines()[-1] == "Targets: 9 met, 5 MISSED, 5 of 12 NOT MEASURED."
     from_lines = summarize.summary(summarize.load(str(partial)))
     # Everything but the date (taken from the file's time) is the same.
     assert from_lines.splitlines()[1:] == text.splitlines()[1:]
@@ -175,3 +175,25 @@ def test_data_loader_targets(summarize):
     gpu = {"datetime": "2026-11-28T10:00:00", "benchmarks": [data("dali", "shards", "crop", 9100.0, "NVIDIA H200")]}
     (target,) = summarize.data_target_rows(summarize.rows(gpu)[2])
     assert target[0].startswith("DALI from shards >= 8,000") and target[3]
+
+
+def test_fine_tuning_targets(summarize):
+    def ft(provider, ips, mfu=None, preset="vit_base_patch16", precision="bf16"):
+        entry = step(provider, ips, mfu, preset=preset, precision=precision)
+        entry["extra_info"]["task"] = "finetune"
+        entry["name"] = entry["name"].replace("test_train_step", "test_finetune_step")
+        return entry
+
+    results = {"datetime": "2026-11-28T10:00:00", "benchmarks": [
+        ft("mae_fast-compile", 1400.0, 0.43), ft("timm", 1000.0, 0.31),
+        ft("mae_fast-compile", 500.0, 0.44, preset="vit_large_patch16"),
+        ft("mae_fast-fp8", 600.0, 0.53, preset="vit_large_patch16", precision="fp8"),
+        step("huggingface", 999.0)]}  # a pretraining step of the same provider name space: not mixed in
+    ops, steps, _ = summarize.rows(results)
+    verdicts = {name: (measured, met) for name, _, measured, met in summarize.target_rows(ops, steps)}
+    assert verdicts["fine-tuning step >= 1.3x timm"] == ("1.40x", True)
+    assert verdicts["fine-tuning step MFU >= 40%"] == ("43.0%", True)
+    assert verdicts["fine-tuning FP8 step >= 1.3x compiled bf16"] == ("1.20x", False)
+    text = summarize.summary(results)
+    assert "| finetune | timm | vit_base_patch16 | 256 | bf16 | 1,000 | 31.0% |" in text
+    assert "finetune_mfu (0.4)" not in text  # judged, so not listed as NOT MEASURED

@@ -30,14 +30,16 @@ def test_the_step_is_one_graph_with_no_recompilation(kernel_backend):
     step = torch.compile(model, fullgraph=True, backend=counter)
     images = torch.randn(4, 3, 32, 32, device=device)
 
-    def train_step():
-        loss, _, _ = step(images, mask_ratio=0.75, noise=torch.rand(4, 4, device=device))  # a new mask each step
+    def train_step(valid=torch.ones(4, device=device)):
+        loss, _, _ = step(images, mask_ratio=0.75, noise=torch.rand(4, 4, device=device),  # a new mask each step
+                          valid=valid)
         loss.backward()
         return loss
 
     for _ in range(3):
         train_step()
-    assert counter.frame_count == 1  # one graph, whatever the mask
+    train_step(torch.tensor([1.0, 0.0, 1.0, 1.0], device=device))  # a marked slot weighs 0, on the device
+    assert counter.frame_count == 1  # one graph, whatever the mask and the marked slots
     model.eval()
     with torch.no_grad():
         step(images, mask_ratio=0.75, noise=torch.rand(4, 4, device=device))
@@ -64,11 +66,13 @@ def test_the_compiled_step_never_synchronizes_with_the_host():
     generator = torch.Generator(device=device).manual_seed(0)
     watch = LossWatch(device)
     images = torch.randn(8, 3, 64, 64, device=device)
+    marked = torch.tensor([1.0] * 7 + [0.0]).pin_memory()  # a batch with a marked slot, as the trainer copies it
 
     def train_step(index):
         noise = torch.rand(8, model.num_patches, device=device, generator=generator)
+        valid = marked.to(device, non_blocking=True) if index % 2 else torch.ones(8, device=device)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _, _ = step(images, mask_ratio=0.75, noise=noise)
+            loss, _, _ = step(images, mask_ratio=0.75, noise=noise, valid=valid)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

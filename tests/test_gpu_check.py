@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
-PHASES = ["selfcheck", "ops_tests", "op_bench", "step_bench", "trainer", "tests", "data_bench"]
+PHASES = ["selfcheck", "ops_tests", "op_bench", "step_bench", "finetune_bench", "trainer", "tests", "data_bench"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="the GPU check is a bash script using timeout(1)")
@@ -60,7 +60,7 @@ def test_dry_run_passes_end_to_end_with_the_fallback_import(tmp_path):
     summary = (results / "summary.md").read_text()
     assert "## Self-test (python -m mae_fast.info --check --quick)" in summary and "| attention[sdpa] |" in summary
     assert "NOT MEASURED (phase op_bench)" in summary  # a dry run measures nothing, and says so
-    assert done.stdout.splitlines()[-1].endswith("done (status 0): Targets: 0 met, 0 MISSED, 9 of 9 NOT MEASURED.")
+    assert done.stdout.splitlines()[-1].endswith("done (status 0): Targets: 0 met, 0 MISSED, 12 of 12 NOT MEASURED.")
 
 
 def test_a_cut_phase_and_the_phases_left_out_are_reported(tmp_path):

@@ -267,14 +267,23 @@ def test_unmasked_encoder_equals_forward_features():
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "auto"])
-def test_attention_backends_agree_with_math(backend):
+def test_attention_backends_agree_with_math(backend, monkeypatch):
+    # Both backends must resolve to sdpa on the CPU and call it, once per block; otherwise a backend that fell back to
+    # math would be compared with math and agree.
     imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
     torch.manual_seed(5)
     ref = small_model(attn_backend="math")
     torch.manual_seed(5)
     other = small_model(attn_backend=backend)
-    torch.testing.assert_close(other(imgs, noise=noise)[1], ref(imgs, noise=noise)[1], atol=1e-5, rtol=1e-5)
-    assert other.attn_backend_for("cpu", torch.float32) == "sdpa" if backend == "auto" else backend
+    assert other.attn_backend_for("cpu", torch.float32) == "sdpa"
+    sdpa, calls = F.scaled_dot_product_attention, []
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    expected = ref(imgs, noise=noise)[1]
+    assert not calls  # the reference is the written-out softmax
+    got = other(imgs, noise=noise)[1]
+    num_blocks = len(other.blocks) + len(other.decoder_blocks)
+    assert len(calls) == num_blocks, f"scaled_dot_product_attention ran {len(calls)} times for {num_blocks} blocks"
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_explicit_flash_attn_explains_why_it_cannot_run():

@@ -9,8 +9,8 @@
 Every backend shards and shuffles by :mod:`mae_fast.data.sampler` and yields
 ``(images, indices)``: normalized float images [B, 3, S, S] on the training device (or, with
 ``dtype=torch.uint8``, the pixels as uint8, which the trainer asks for: the model's fused ops
-normalize them as they read them) and the dataset index of each (-1 for the padding slots of
-the last batch).
+normalize them as they read them) and the dataset index of each on the CPU (-1 for a marked
+slot: padding, or an image that did not decode; the trainer gives those weight 0 in the loss).
 
 The loaders (and torch) are imported when a loader is built, so that the command line can check
 ``--data_path`` with :mod:`mae_fast.data.shards` before torch loads.

@@ -2,9 +2,12 @@
 
 One pipeline per run decodes the batches the main process feeds it: the encoded bytes of this
 rank's images in the order :mod:`mae_fast.data.sampler` deals them (files of a folder, or members
-of a shard set read front to back). It decodes only a random crop of each training image
-(``decoders.image_random_crop``, area 0.2-1.0, aspect 3/4-4/3) with ``device="mixed"`` on a GPU
-(CPU-only with ``device_id=None`` elsewhere), resizes it (bicubic), flips half of them, and writes
+of a shard set read front to back), with each training image's crop box and flip. The main process
+draws those from the slot's augmentation seed alone (:func:`mae_fast.data.transforms.train_crops`:
+the official area 0.2-1.0 and aspect 3/4-4/3, in pixels of the size its header gives), so a run
+resumed mid-epoch, whose pipeline is new, augments every remaining image as the uninterrupted run
+did. The pipeline decodes only that crop (``decoders.image_slice``) with ``device="mixed"`` on a
+GPU (CPU-only with ``device_id=None`` elsewhere), resizes it (bicubic), flips it as told, and writes
 CHW uint8 pixels (``dtype=torch.uint8``: the model's fused ops normalize them) or
 ImageNet-normalized floats. Decoding runs ``PREFETCH_DEPTH`` batches ahead of the training step.
 The nvJPEG hardware decoder's share (``hw_decoder_load``) is left at DALI's default: it has not
@@ -26,9 +29,10 @@ import logging
 import torch
 
 from mae_fast.data import files as image_checks
+from mae_fast.data.files import image_size
 from mae_fast.data.sampler import batches_per_epoch, epoch_indices, shard_batches_per_epoch
 from mae_fast.errors import BackendUnavailableError, DataError, install_hint
-from mae_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RATIO, SCALE
+from mae_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_crops
 
 logger = logging.getLogger("mae_fast")
 
@@ -52,12 +56,13 @@ def build_pipeline(batch_size: int, size: int, seed: int, device_id: int | None,
                    raw: bool = False, crop_decode: bool = True):
     """A built DALI pipeline that decodes the encoded images fed to its input ``"encoded"``, one batch per run.
 
-    Training: ``decoders.image_random_crop`` decodes only a random crop (area 0.2-1.0 of the image,
-    aspect 3/4-4/3, 10 attempts then the whole image's centre, the official distribution), then
-    resizes it to ``size`` (bicubic) and flips half of the images; ``crop_decode=False`` decodes
-    whole images and crops after (``random_resized_crop``, the same distribution), for comparison.
+    Training: each image's crop comes in through the inputs ``"anchor"`` and ``"shape"`` (float32 [2] each, x and
+    y in pixels of the image as stored) and its flip through ``"mirror"`` (int32 0 or 1), as
+    :func:`feed_training_batch` draws them. ``decoders.image_slice`` decodes only the crop, then it is resized to
+    ``size`` (bicubic) and flipped; ``crop_decode=False`` decodes whole images and crops after, for comparison.
     Evaluation: shorter side resized to ``size``, centre crop. Output [B, 3, size, size]: float32
-    ImageNet-normalized, or with ``raw`` the uint8 pixels (the fused ops normalize them on the device).
+    ImageNet-normalized, or with ``raw`` the uint8 pixels (the fused ops normalize them on the device). The
+    pipeline draws no random numbers of its own.
     """
     from nvidia.dali import fn, pipeline_def, types
 
@@ -67,19 +72,24 @@ def build_pipeline(batch_size: int, size: int, seed: int, device_id: int | None,
                   prefetch_queue_depth=PREFETCH_DEPTH)
     def pipe():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-        if train and crop_decode:
-            decoded = fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB,
-                                                    random_area=list(SCALE), random_aspect_ratio=list(RATIO),
-                                                    num_attempts=10)
-            images = fn.resize(decoded, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=False)
-        elif train:
-            decoded = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
-            images = fn.random_resized_crop(decoded, size=[size, size], random_area=list(SCALE),
-                                            random_aspect_ratio=list(RATIO), interp_type=types.INTERP_CUBIC)
+        if train:
+            anchor = fn.external_source(name="anchor", dtype=types.FLOAT, ndim=1)
+            shape = fn.external_source(name="shape", dtype=types.FLOAT, ndim=1)
+            mirror = fn.external_source(name="mirror", dtype=types.INT32, ndim=0)
+            # Boxes in pixels of the image as stored (EXIF orientation not applied, as the torch loader reads it),
+            # whose size the box was drawn for.
+            where = dict(normalized_anchor=False, normalized_shape=False)
+            if crop_decode:
+                cropped = fn.decoders.image_slice(encoded, anchor, shape, device=decoder, output_type=types.RGB,
+                                                  adjust_orientation=False, **where)
+            else:
+                decoded = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, adjust_orientation=False)
+                cropped = fn.slice(decoded, anchor, shape, **where)
+            images = fn.resize(cropped, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=False)
         else:
             decoded = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
             images = fn.resize(decoded, resize_shorter=size, interp_type=types.INTERP_CUBIC)
-        mirror = fn.random.coin_flip(probability=0.5) if train else 0
+            mirror = 0
         crop = None if train else (size, size)
         if raw:
             return fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW", crop=crop, mirror=mirror)
@@ -91,14 +101,29 @@ def build_pipeline(batch_size: int, size: int, seed: int, device_id: int | None,
     return pipeline
 
 
+def feed_training_batch(pipeline, arrays: list, seeds) -> None:
+    """Feed one training batch: the encoded images, and each one's crop (in pixels) and flip, drawn from its slot's
+    seed by :func:`~mae_fast.data.transforms.train_crops` for the size its header gives. An image whose header
+    tells no size gets its top-left pixel (DALI decodes it, or says why it cannot)."""
+    import numpy as np
+
+    sizes = [image_size(array) or (1, 1) for array in arrays]
+    boxes, flips, _ = train_crops([w for w, _ in sizes], [h for _, h in sizes], np.asarray(seeds, dtype=np.int64))
+    anchor, shape = boxes[:, :2].astype(np.float32), boxes[:, 2:].astype(np.float32)
+    pipeline.feed_input("encoded", arrays)
+    pipeline.feed_input("anchor", anchor)
+    pipeline.feed_input("shape", shape)
+    pipeline.feed_input("mirror", flips.astype(np.int32))
+
+
 class DaliLoader:
     """Iterates one rank's batches through one DALI pipeline, built once per run and fed each batch's encoded images.
 
     The epoch's order comes from :mod:`mae_fast.data.sampler` (a folder: a permutation dealt
     round-robin; a shard set: shards read front to back); the main process reads the encoded bytes
-    (files, or shard members) and feeds them, so resuming mid-epoch starts at the batch it left off
-    at. DALI draws augmentation from its own generator (seeded by seed and rank at build), so a
-    resumed run sees the remaining images, with fresh crops.
+    (files, or shard members) and feeds them with each image's crop and flip, drawn from its slot's
+    seed, so resuming mid-epoch starts at the batch it left off at and gives the same pixels the
+    uninterrupted run had.
     """
 
     backend = "dali"
@@ -139,7 +164,8 @@ class DaliLoader:
         return self.pipeline
 
     def _batches(self, epoch: int, start: int):
-        """Yield ``(encoded arrays, names, indices)`` per batch of ``epoch`` from batch ``start`` on."""
+        """Yield ``(encoded arrays, names, indices, seeds)`` per batch of ``epoch`` from batch ``start`` on (the
+        slots' augmentation seeds, as the sampler deals them)."""
         import numpy as np
 
         B = self.batch_size
@@ -157,20 +183,29 @@ class DaliLoader:
                         problems[name] = check(data, "dali")
                 arrays = [np.frombuffer(data, dtype=np.uint8) for data, _, _ in items]
                 names = [name for _, _, name in items]
+                seeds = [seed for _, seed, _ in items]
                 idx = torch.tensor(indices, dtype=torch.int64)
                 bad = {slot: problems[name] for slot, name in enumerate(names) if problems[name] is not None}
                 if bad:
-                    self._leave_out(arrays, names, idx, bad, f"batch {step} of epoch {epoch}")
-                yield arrays, names, idx
+                    self._leave_out(arrays, names, idx, bad, f"batch {start + step + 1} of epoch {epoch + 1}")
+                yield arrays, names, idx, seeds
             return
-        indices, valid, _ = epoch_indices(self.num_samples, B, self.rank, self.world_size, epoch, self.seed,
-                                          shuffle=self.train)
+        indices, valid, seeds = epoch_indices(self.num_samples, B, self.rank, self.world_size, epoch, self.seed,
+                                              shuffle=self.train)
         for step in range(start, len(self)):
             chosen = indices[step * B:(step + 1) * B]
             names = [self.files[i] for i in chosen]
             idx = torch.from_numpy(chosen.copy())
             idx[~torch.from_numpy(valid[step * B:(step + 1) * B].copy())] = -1
-            yield [np.fromfile(name, dtype=np.uint8) for name in names], names, idx
+            yield [np.fromfile(name, dtype=np.uint8) for name in names], names, idx, seeds[step * B:(step + 1) * B]
+
+    def _feed_one(self, pipeline, batch) -> None:
+        """Feed one batch ``(arrays, names, indices, seeds)``: training batches with their crops drawn from the seeds."""
+        arrays, _, _, seeds = batch
+        if self.train:
+            feed_training_batch(pipeline, arrays, seeds)
+        else:
+            pipeline.feed_input("encoded", arrays)
 
     @staticmethod
     def _leave_out(arrays, names, idx, bad: dict[int, str], where: str) -> None:
@@ -192,7 +227,7 @@ class DaliLoader:
 
     def _without_undecodable(self, batch, where: str):
         """``batch`` with the members that fail a CPU decode left out (see :meth:`_leave_out`), and whether any did."""
-        arrays, names, idx = list(batch[0]), list(batch[1]), batch[2].clone()
+        arrays, names, idx, seeds = list(batch[0]), list(batch[1]), batch[2].clone(), batch[3]
         problems = {}
         for array, name in zip(arrays, names):
             if name not in problems:
@@ -200,7 +235,7 @@ class DaliLoader:
         bad = {slot: problems[name] for slot, name in enumerate(names) if problems[name] is not None}
         if bad:
             self._leave_out(arrays, names, idx, bad, where)
-        return (arrays, names, idx), bool(bad)
+        return (arrays, names, idx, seeds), bool(bad)
 
     def _feed(self, pipeline, batches, pending: list) -> None:
         """Keep ``PREFETCH_DEPTH`` batches in flight; ``pending`` lists them, oldest first (None: a filler to drop)."""
@@ -212,7 +247,7 @@ class DaliLoader:
                 return
             for k in range(PREFETCH_DEPTH):
                 batch = fed[min(k, len(fed) - 1)]
-                pipeline.feed_input("encoded", batch[0])
+                self._feed_one(pipeline, batch)
                 pending.append(batch if k < len(fed) else None)
             pipeline.schedule_run()
             self.primed = True
@@ -221,7 +256,7 @@ class DaliLoader:
             batch = next(batches, None)
             if batch is None:
                 return
-            pipeline.feed_input("encoded", batch[0])
+            self._feed_one(pipeline, batch)
             pipeline.schedule_run()
             pending.append(batch)
 
@@ -235,7 +270,7 @@ class DaliLoader:
         """
         pipeline = self._build()
         batches = self._batches(epoch, start)
-        pending = []  # the batches fed, (arrays, names, indices), oldest first; None: a filler to drop
+        pending = []  # the batches fed, (arrays, names, indices, seeds), oldest first; None: a filler to drop
         self._feed(pipeline, batches, pending)
         step = start
         while pending:
@@ -245,15 +280,15 @@ class DaliLoader:
             except RuntimeError as exc:
                 self.pipeline, self.primed = None, False  # a failed pipeline is not reused
                 in_flight = [b for b in [entry, *pending] if b is not None]
-                checked = [self._without_undecodable(b, f"batch {step + k} of epoch {epoch}")
+                checked = [self._without_undecodable(b, f"batch {step + k + 1} of epoch {epoch + 1}")
                            for k, b in enumerate(in_flight)] if self.shard_set else []
                 if not any(changed for _, changed in checked):  # an image folder is checked before training
                     first_line = next((line for line in str(exc).splitlines() if line.strip()), "")
                     names = entry[1] if entry else []
                     how = ("though each decodes on the CPU; remove or replace it" if self.shard_set else
                            "remove or replace it, or check the data with --verify_images decode")
-                    raise DataError(f"DALI failed at batch {step} of epoch {epoch}: one of {names} could not be "
-                                    f"decoded ({first_line.strip()}); {how}") from exc
+                    raise DataError(f"DALI failed at batch {step + 1} of epoch {epoch + 1}: one of {names} could not "
+                                    f"be decoded ({first_line.strip()}); {how}") from exc
                 # The batches in flight again, without the members that fail, on a new pipeline.
                 batches = itertools.chain([batch for batch, _ in checked], batches)
                 pending.clear()

@@ -76,6 +76,38 @@ def image_format(head: bytes) -> str | None:
     return next((name for signature, name in _SIGNATURES.items() if head.startswith(signature)), None)
 
 
+def image_size(data) -> tuple[int, int] | None:
+    """``(width, height)`` of an encoded image (bytes, or a uint8 array) from its header, or None when it cannot be
+    told. JPEG and PNG are read directly (a few microseconds); other formats through Pillow's header parser."""
+    view = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
+    n = len(view)
+    if n >= 24 and bytes(view[:8]) == b"\x89PNG\r\n\x1a\n":
+        return int.from_bytes(view[16:20], "big"), int.from_bytes(view[20:24], "big")
+    if n >= 4 and bytes(view[:2]) == b"\xff\xd8":
+        position = 2
+        while position + 9 < n:
+            if view[position] != 0xFF:
+                return None
+            marker = view[position + 1]
+            if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD8:  # fill byte, or a marker without length
+                position += 1 if marker == 0xFF else 2
+                continue
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start of frame
+                return (int.from_bytes(view[position + 7:position + 9], "big"),
+                        int.from_bytes(view[position + 5:position + 7], "big"))
+            position += 2 + int.from_bytes(view[position + 2:position + 4], "big")
+        return None
+    try:
+        import io
+
+        from PIL import Image
+
+        with Image.open(io.BytesIO(bytes(view))) as img:
+            return img.size
+    except Exception:
+        return None
+
+
 def header_problem(path: str, backend: str = "torch") -> str | None:
     """Why a file is not an image ``backend`` can read, by a cheap check of its first and last bytes, or None."""
     try:

@@ -14,6 +14,14 @@ from mae_fast.data.transforms import eval_transform, normalize, train_transform
 logger = logging.getLogger("mae_fast")
 
 
+def _ignore_ctrl_c(worker_id: int) -> None:
+    """A loader worker leaves Ctrl-C to the main process, which stops the run after the step (a terminal's Ctrl-C
+    reaches the workers too, and a worker it killed would end the run with an error instead)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class ImageFiles(torch.utils.data.Dataset):
     """Decodes ``files[index]`` to 8-bit RGB (grayscale, CMYK, palette, 16-bit alike; see ``open_rgb``) and augments it.
 
@@ -76,7 +84,8 @@ class TorchLoader:
         self.loader = torch.utils.data.DataLoader(
             ImageFiles(files, size, train), batch_sampler=self.batches, num_workers=num_workers,
             pin_memory=pin_memory and self.device.type == "cuda", persistent_workers=num_workers > 0,
-            prefetch_factor=4 if num_workers > 0 else None, timeout=600 if num_workers > 0 else 0)
+            prefetch_factor=4 if num_workers > 0 else None, timeout=600 if num_workers > 0 else 0,
+            worker_init_fn=_ignore_ctrl_c)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -215,7 +224,7 @@ class TorchShardLoader:
             EncodedImages(size, train), batch_sampler=self.batches, num_workers=num_workers,
             collate_fn=_collate_encoded, pin_memory=pin_memory and self.device.type == "cuda",
             persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
-            timeout=600 if num_workers > 0 else 0)
+            timeout=600 if num_workers > 0 else 0, worker_init_fn=_ignore_ctrl_c)
 
     def __len__(self) -> int:
         return len(self.batches)

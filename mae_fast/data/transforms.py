@@ -47,6 +47,57 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, s
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+def slot_uniforms(seeds: np.ndarray, count: int) -> np.ndarray:
+    """float64 [len(seeds), count] in [0, 1): ``count`` draws per seed, a fixed function of the seed alone (splitmix64
+    of seed and draw number), so they are the same whichever batch, rank or process computes them."""
+    golden = np.uint64(0x9E3779B97F4A7C15)
+    state = np.asarray(seeds, dtype=np.int64).astype(np.uint64)[:, None] + \
+        (np.arange(1, count + 1, dtype=np.uint64) * golden)[None, :]
+    z = (state ^ (state >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+def train_crops(widths, heights, seeds, scale=SCALE, ratio=RATIO) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Crop boxes and flips of a batch, each drawn from its slot's seed alone (:func:`slot_uniforms`), with
+    :func:`random_resized_crop_box`'s distribution: ten tries at an area fraction in ``scale`` and a log-uniform
+    aspect in ``ratio``, the first that fits, else a centre crop clamped to ``ratio``; then a flip with
+    probability 1/2. Vectorized: a few microseconds a batch, for the DALI loader's main process.
+
+    Args:
+        widths, heights: int [B], the images' sizes.
+        seeds: int [B], the slots' augmentation seeds (see :mod:`mae_fast.data.sampler`).
+
+    Returns:
+        ``boxes`` int64 [B, 4] (left, top, width, height), ``flips`` bool [B], ``fitted`` bool [B] (False where
+        the centre crop was taken).
+    """
+    width = np.asarray(widths, dtype=np.float64)[:, None]
+    height = np.asarray(heights, dtype=np.float64)[:, None]
+    u = slot_uniforms(seeds, 23)
+    target = width * height * (scale[0] + (scale[1] - scale[0]) * u[:, :10])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = np.exp(log_lo + (log_hi - log_lo) * u[:, 10:20])
+    w, h = np.round(np.sqrt(target * aspect)), np.round(np.sqrt(target / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.argmax(axis=1)
+    rows = np.arange(len(first))
+    fitted = fits.any(axis=1)
+    w, h = w[rows, first], h[rows, first]
+    width, height = width[:, 0], height[:, 0]
+    left = np.floor(u[:, 20] * (width - w + 1))
+    top = np.floor(u[:, 21] * (height - h + 1))
+    in_ratio = width / height
+    centre_w = np.where(in_ratio > max(ratio), np.round(height * max(ratio)), width)
+    centre_h = np.where(in_ratio < min(ratio), np.round(width / min(ratio)), height)
+    w, h = np.where(fitted, w, centre_w), np.where(fitted, h, centre_h)
+    left = np.where(fitted, left, (width - w) // 2)
+    top = np.where(fitted, top, (height - h) // 2)
+    boxes = np.stack([left, top, w, h], axis=1).astype(np.int64)
+    return boxes, u[:, 22] < 0.5, fitted
+
+
 def train_transform(img, size: int, seed: int) -> torch.Tensor:
     """PIL RGB image -> uint8 [3, size, size]: random resized crop (bicubic) and random flip."""
     from PIL import Image

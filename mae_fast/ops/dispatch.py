@@ -94,11 +94,33 @@ def define_cuda_op(schema: str, fake: Callable) -> None:
     torch.library.register_fake(f"mae_fast::{schema.split('(', 1)[0]}", fake, lib=_CUDA_LIBRARY)
 
 
+#: The note setup.py leaves in the package when ``MAE_FAST_SKIP_CUDA_BUILD=1`` skipped building mae_fast._C.
+CUDA_BUILD_SKIPPED_FILE = "cuda_build_skipped.txt"
+
+
+def cuda_build_skipped(package_dir: str | os.PathLike | None = None) -> str | None:
+    """Why the install skipped building mae_fast._C on purpose (setup.py's note in the package), or None.
+
+    ``package_dir``: the ``mae_fast`` folder to look in (default: this package's).
+    """
+    folder = package_dir or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        with open(os.path.join(folder, CUDA_BUILD_SKIPPED_FILE)) as f:
+            return f.read().strip() or "skipped"
+    except OSError:
+        return None
+
+
 @torch.compiler.assume_constant_result
 def _cuda_extension_error() -> str | None:
     err = _import_error("mae_fast._C")
     if err is None:
         return None
+    skipped = cuda_build_skipped()
+    if skipped:
+        return (f"the CUDA extension mae_fast._C is not built ({skipped}); build it with "
+                "`pip install --no-build-isolation -e .` without MAE_FAST_SKIP_CUDA_BUILD=1, using a CUDA build "
+                "of torch and nvcc, with CUDA_HOME naming the toolkit folder (see setup.py)")
     return (f"the CUDA extension mae_fast._C is not built or failed to load ({err}); build it with "
             "`pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`) using a CUDA build "
             "of torch and nvcc, with CUDA_HOME naming the toolkit folder (see setup.py)")

@@ -80,8 +80,9 @@ def crop_statistics(images, width=200, height=160):
 
 @pytest.mark.parametrize("crop_decode", [True, False])
 def test_dali_crops_follow_the_official_distribution(tmp_path, crop_decode):
-    # DALI decodes only the crop (decoders.image_random_crop) by default: its crops must be distributed as the
-    # official RandomResizedCrop's, whose statistics the torch loader's implementation gives by sampling.
+    # DALI decodes only the crop (decoders.image_slice, the box drawn by train_crops) by default: its crops must be
+    # distributed as the official RandomResizedCrop's, whose statistics the torch loader's implementation gives by
+    # sampling.
     if dali_unavailable_reason():
         pytest.skip(dali_unavailable_reason())
     import math as m
@@ -152,6 +153,18 @@ def test_resuming_mid_epoch_gives_the_remaining_batches(tmp_path, backend):
     full = [indices for _, indices in ld.epoch(2)]
     rest = [indices for _, indices in ld.epoch(2, start=2)]
     assert len(rest) == len(full) - 2 and all(torch.equal(a, b) for a, b in zip(full[2:], rest))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_loader_built_anew_resumes_mid_epoch_with_the_same_augmented_pixels(tmp_path, backend):
+    # A resumed run builds its loader anew: the crops and flips of the remaining batches must be the ones the
+    # uninterrupted run drew, on DALI as on the torch loader.
+    for i, (width, height) in enumerate([(200, 160), (120, 180), (90, 90), (160, 100), (150, 150), (110, 70)]):
+        write_coordinate_image(tmp_path / f"coords{i}.png", width, height)
+    full = [images for images, _ in loader(tmp_path, backend, batch=2, size=32, dtype=torch.uint8).epoch(1)]
+    rest = [images for images, _ in loader(tmp_path, backend, batch=2, size=32, dtype=torch.uint8).epoch(1, start=1)]
+    assert len(rest) == len(full) - 1
+    assert all(torch.equal(a, b) for a, b in zip(full[1:], rest))
 
 
 @pytest.mark.parametrize("verify", ["header", "decode"])

@@ -1,6 +1,8 @@
 """WebDataset shard sets: naming them, counting them, and reading them on both loader backends."""
 
+import json
 import logging
+import os
 import tarfile
 
 import numpy as np
@@ -9,6 +11,7 @@ import torch
 
 from mae_fast.config import DataConfig
 from mae_fast.data import build_loader, dali_unavailable_reason
+from mae_fast.data import shards
 from mae_fast.data.sampler import shard_epoch_plan
 from mae_fast.data.shards import expand_braces, is_shard_spec, load_shard_set, read_index, shard_paths, stream_images
 from mae_fast.errors import DataError
@@ -98,17 +101,36 @@ def test_a_sample_is_its_first_image_member(tmp_path):
     assert [im.data for im in piped] == [im.data for im in images[1:]]
 
 
-def test_counts_come_from_the_manifest_the_index_or_one_read(tmp_path, caplog):
-    paths = write_shards(tmp_path, [3, 5])
+def test_counts_come_from_the_manifest_the_index_or_one_read(tmp_path, caplog, monkeypatch):
+    # Each source is made to give a count only it could give (a manifest says 30, an index lists 2 of 5 samples) and
+    # the shards read are recorded: reading every shard, or skipping the manifest or the index, gives other counts.
+    paths = write_shards(tmp_path, [3, 5, 4])
+    read = []
+    scan_shard = shards.scan_shard
+    monkeypatch.setattr(shards, "scan_shard",
+                        lambda path, *rest: read.append(os.path.basename(path)) or scan_shard(path, *rest))
+
     assert read_index(str(paths[0])) is None
-    shard_set = load_shard_set(str(tmp_path))
-    assert shard_set.counts == [3, 5]
+    assert load_shard_set(str(tmp_path)).counts == [3, 5, 4]  # neither manifest nor index: each shard read once
+    assert sorted(read) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     assert read_index(str(paths[0])) == 3  # the read wrote DALI's index file beside the shard
     assert (tmp_path / "shard-000000.idx").read_text().startswith("v1.2 3\n")
-    (tmp_path / "manifest.json").write_text('{"shards": [{"name": "shard-000000.tar", "count": 3, "bytes": 1}]}')
+
+    manifest = {"shards": [{"name": "shard-000000.tar", "count": 30, "bytes": paths[0].stat().st_size}]}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))  # shard 0 keeps its index (3): the manifest wins
+    index = (tmp_path / "shard-000001.idx").read_text().splitlines(keepends=True)
+    (tmp_path / "shard-000001.idx").write_text("v1.2 2\n" + "".join(index[1:3]))
+    (tmp_path / "shard-000002.idx").unlink()
+    read.clear()
+    assert load_shard_set(str(tmp_path)).counts == [30, 2, 4]
+    assert read == ["shard-000002.tar"]
+
+    manifest["shards"][0]["bytes"] = 1
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    read.clear()
     with caplog.at_level(logging.WARNING, logger="mae_fast"):
-        assert load_shard_set(str(tmp_path)).counts == [3, 5]  # the size disagrees: counted again, and said so
-    assert "differ from manifest.json" in caplog.text
+        assert load_shard_set(str(tmp_path)).counts == [3, 2, 4]  # the size disagrees: counted again, and said so
+    assert "differ from manifest.json" in caplog.text and read == ["shard-000000.tar"]
 
 
 def test_urls_and_commands_that_fail_name_the_shard(tmp_path, monkeypatch):
@@ -175,6 +197,23 @@ def test_resuming_mid_epoch_continues_with_the_unseen_images(tmp_path, backend):
         for images, indices in rest:  # the right pixels too, read from the middle of a shard
             assert [n for n, i in zip(numbers(images), indices.tolist()) if i >= 0] == [i for i in indices.tolist()
                                                                                        if i >= 0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_loader_built_anew_resumes_mid_epoch_with_the_same_augmented_pixels(tmp_path, backend):
+    from image_files import write_coordinate_image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, (width, height) in enumerate([(200, 160), (120, 180), (90, 90), (160, 100), (150, 150), (110, 70)]):
+        write_coordinate_image(folder / f"coords{i}.png", width, height)
+    from mae_fast.prepare import prepare
+
+    prepare(str(folder), str(tmp_path / "shards"), max_side=200, shard_size=40_000, workers=1)
+    full = [images for images, _ in loader(tmp_path / "shards", backend, batch=2, size=32).epoch(1)]
+    rest = [images for images, _ in loader(tmp_path / "shards", backend, batch=2, size=32).epoch(1, start=1)]
+    assert len(rest) == len(full) - 1
+    assert all(torch.equal(a, b) for a, b in zip(full[1:], rest))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -12,7 +12,7 @@ from mae_fast.ops import IMPLEMENTATIONS, dispatch
 from mae_fast.ops.shapes import TEST_SHAPES, OpShape
 
 __all__ = ["TEST_SHAPES", "OpShape", "SHAPE_IDS", "DTYPES", "kernel_backends", "device", "noncontiguous",
-           "assert_close_to_reference", "check_backend", "poisoned_allocations"]
+           "assert_close_to_reference", "check_backend", "poisoned_allocations", "normalized_by_definition"]
 
 SHAPE_IDS = [s.name for s in TEST_SHAPES]
 DTYPES = (torch.float32, torch.bfloat16)
@@ -57,6 +57,14 @@ def noncontiguous(t: torch.Tensor) -> torch.Tensor:
     wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
     wide[..., ::2] = t
     return wide[..., ::2]
+
+
+def normalized_by_definition(pixels: torch.Tensor, mean, std, dtype: torch.dtype) -> torch.Tensor:
+    """``(pixel - mean[c]) / std[c]`` of uint8 ``pixels`` in ``dtype`` on the CPU, written out here rather than with
+    :func:`mae_fast.ops.normalize_images` (which the torch backends' uint8 path uses)."""
+    m = torch.tensor(mean, dtype=dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=dtype).view(1, -1, 1, 1)
+    return (pixels.cpu().to(dtype) - m) / s
 
 
 def assert_close_to_reference(out: torch.Tensor, ref_hi: torch.Tensor, ref_lo: torch.Tensor, floor: float = 1e-6,

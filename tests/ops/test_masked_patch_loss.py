@@ -4,16 +4,18 @@ import pytest
 import torch
 
 from mae_fast.ops import masked_patch_loss, sample_mask
-from op_testing import DTYPES, SHAPE_IDS, TEST_SHAPES, check_backend, device, kernel_backends
+from op_testing import (DTYPES, SHAPE_IDS, TEST_SHAPES, assert_close_to_reference, check_backend, device,
+                        kernel_backends, normalized_by_definition)
 
 BACKENDS = kernel_backends("masked_patch_loss")
 
 
 
 def loss_by_definition(pred, imgs, mask, p, norm_pix, eps=1e-6):
+    """The loss in float64, patch by patch; a 0-dim tensor that autograd can differentiate with respect to pred."""
     B, C, H, W = imgs.shape
     gw = W // p
-    total, count = 0.0, 0.0
+    total, count = torch.zeros((), dtype=torch.float64), 0.0
     for b in range(B):
         for l in range(pred.shape[1]):
             if mask[b, l] == 0:
@@ -22,9 +24,9 @@ def loss_by_definition(pred, imgs, mask, p, norm_pix, eps=1e-6):
             t = imgs[b, :, h * p:(h + 1) * p, w * p:(w + 1) * p].permute(1, 2, 0).reshape(-1).double()
             if norm_pix:
                 t = (t - t.mean()) / (t.var(unbiased=True) + eps).sqrt()
-            total += float(mask[b, l]) * ((pred[b, l].double() - t) ** 2).mean().item()
+            total = total + float(mask[b, l]) * ((pred[b, l].double() - t) ** 2).mean()
             count += float(mask[b, l])
-    return total / count if count else 0.0
+    return total / count if count else total
 
 
 @pytest.mark.parametrize("shape", TEST_SHAPES, ids=SHAPE_IDS)
@@ -35,7 +37,8 @@ def test_masked_patch_loss_definition(shape, norm_pix):
     _, _, mask = sample_mask(shape.batch, shape.num_patches, shape.mask_ratio)
     loss = masked_patch_loss(pred, imgs, mask, shape.patch_size, norm_pix=norm_pix, backend="torch")
     assert loss.dim() == 0
-    assert loss.item() == pytest.approx(loss_by_definition(pred, imgs, mask, shape.patch_size, norm_pix), rel=1e-12, abs=1e-12)
+    expected = loss_by_definition(pred, imgs, mask, shape.patch_size, norm_pix).item()
+    assert loss.item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
 
 
 def test_masked_patch_loss_fp32_output_and_bool_mask():
@@ -198,6 +201,9 @@ MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("shape", TEST_SHAPES[:3], ids=SHAPE_IDS[:3])
 def test_uint8_images_and_offset_match_normalizing_first_and_slicing(backend, shape, layout):
+    # The loss and gradient of every backend, the reference included, against pixels normalized in float64 and a
+    # loss written out patch by patch here; the tolerance is the float32 reference's own error on float images
+    # normalized here too (not with normalize_images, which the torch backend's uint8 path uses).
     from mae_fast.ops import normalize_images
     MEAN_, STD_ = MEAN[:shape.channels], STD[:shape.channels]
     pixels = torch.randint(0, 256, (shape.batch, shape.channels, shape.height, shape.width), dtype=torch.uint8)
@@ -207,13 +213,27 @@ def test_uint8_images_and_offset_match_normalizing_first_and_slicing(backend, sh
     _, _, mask = sample_mask(shape.batch, shape.num_patches, shape.mask_ratio, device=device())
     full = torch.randn(shape.batch, 1 + shape.num_patches, shape.patch_dim, device=device(), requires_grad=True)
     loss = masked_patch_loss(full, pixels, mask, shape.patch_size, backend=backend, pred_offset=1, mean=MEAN_, std=STD_)
-    sliced = full.detach()[:, 1:].clone().requires_grad_()
-    expected = masked_patch_loss(sliced, normalize_images(pixels, MEAN_, STD_), mask, shape.patch_size, backend=backend)
-    assert torch.equal(loss, expected)  # the same kernel on the same float32 values
     grad, = torch.autograd.grad(loss * 0.3, full)
-    expected_grad, = torch.autograd.grad(expected * 0.3, sliced)
     assert torch.all(grad[:, 0] == 0)
-    assert torch.equal(grad[:, 1:], expected_grad)
+
+    exact_pred = full.detach()[:, 1:].cpu().double().requires_grad_()
+    exact = loss_by_definition(exact_pred, normalized_by_definition(pixels, MEAN_, STD_, torch.float64), mask.cpu(),
+                               shape.patch_size, norm_pix=True)
+    exact_grad, = torch.autograd.grad(exact * 0.3, exact_pred)
+    single_pred = full.detach()[:, 1:].cpu().clone().requires_grad_()
+    single = masked_patch_loss(single_pred, normalized_by_definition(pixels, MEAN_, STD_, torch.float32), mask.cpu(),
+                               shape.patch_size, backend="torch")
+    single_grad, = torch.autograd.grad(single * 0.3, single_pred)
+    assert_close_to_reference(loss.detach().cpu(), exact.detach(), single.detach(), name="loss")
+    assert_close_to_reference(grad[:, 1:].cpu(), exact_grad, single_grad, name="pred gradient")
+
+    if backend != "torch":  # the kernels: bit for bit what normalizing first and slicing give
+        sliced = full.detach()[:, 1:].clone().requires_grad_()
+        expected = masked_patch_loss(sliced, normalize_images(pixels, MEAN_, STD_), mask, shape.patch_size,
+                                     backend=backend)
+        assert torch.equal(loss, expected)  # the same kernel on the same float32 values
+        expected_grad, = torch.autograd.grad(expected * 0.3, sliced)
+        assert torch.equal(grad[:, 1:], expected_grad)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+
+#: The fused ops a training step runs, with whether its backward runs one of their ops too (uint8 images and the frozen
+#: position table take no gradient), and the prefix of their Triton and CUDA kernels' names (add_pos_embed runs
+#: gather_tokens' kernels).
+STEP_FUSED_OPS = {"gather_patches": (False, "gather_patches_"), "add_pos_embed": (False, "gather_tokens_"),
+                  "restore_tokens": (True, "restore_tokens_"), "masked_patch_loss": (True, "masked_patch_loss_")}
 
 
 def write_images(folder: Path, count: int = 16, size: int = 40) -> Path:
@@ -36,3 +44,32 @@ def colored_classes(root: Path, per_class: int = 6, classes=("red", "green", "bl
                 shade = tuple(max(0, min(255, c + 8 * i - 20)) for c in colors[name])
                 Image.new("RGB", (40, 40), shade).save(folder / f"{i}.jpg")
     return root
+
+
+def profile_fused_ops(fn) -> tuple[Counter, Counter]:
+    """Run ``fn()`` under torch.profiler; return ``(ops, kernels)``: how often each ``mae_fast::`` custom op was
+    called (``"mae_fast::restore_tokens_triton_backward"``, ...) and each GPU kernel launched, by name (none on a
+    CPU, where interpreted Triton launches nothing)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profile:
+        fn()
+    ops, kernels = Counter(), Counter()
+    for event in profile.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.name] += 1
+        elif event.name.startswith("mae_fast::"):
+            ops[event.name] += 1
+    return ops, kernels
+
+
+def fused_op_runs(ops: Counter, kernels: Counter) -> dict[str, dict[str, int]]:
+    """Per op of :data:`STEP_FUSED_OPS`: calls of its Triton and CUDA ops (forward, backward) and launches of GPU
+    kernels named after it, from :func:`profile_fused_ops`."""
+    runs = {}
+    for op, (_, prefix) in STEP_FUSED_OPS.items():
+        runs[op] = {"forward": sum(ops[f"mae_fast::{op}_{b}"] for b in ("triton", "cuda")),
+                    "backward": sum(ops[f"mae_fast::{op}_{b}_backward"] for b in ("triton", "cuda")),
+                    "gpu_kernels": sum(n for name, n in kernels.items() if prefix in name and "kernel" in name)}
+    return runs

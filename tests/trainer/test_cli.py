@@ -210,3 +210,65 @@ def test_a_run_writes_the_labelled_png(tmp_path):
 def test_presets_are_described_once():
     assert set(PRESETS) == set(MODELS)
     assert MODELS["mae_vit_base_patch16"].__doc__.startswith("Official mae_vit_base_patch16_dec512d8b")
+
+
+def test_messages_count_epochs_and_batches_from_1_and_files_keep_the_official_names(tmp_path, caplog, monkeypatch):
+    import tqdm
+
+    data = write_images(tmp_path / "data", 16)  # 4 batches an epoch
+    out = tmp_path / "out"
+    assert main(tiny_args(data, out, "--max_steps", "3", "--log_every", "100")) == 0
+    bars = []
+    real_bar = tqdm.tqdm
+    monkeypatch.setattr(tqdm, "tqdm", lambda *a, **k: bars.append(k["desc"]) or real_bar(*a, **k))
+    with caplog.at_level(logging.INFO, logger="mae_fast"):
+        assert main(tiny_args(data, out, "--log_every", "100", "--resume", "auto")) == 0
+        assert "at step 3 (epoch 1/2, batch 3/4)" in caplog.text  # three batches of the first epoch done
+        assert bars == ["epoch 1/2", "epoch 2/2"]
+        caplog.clear()
+        assert main(tiny_args(data, out, "--log_every", "100", "--resume", "auto")) == 0
+        assert "at step 8 (epoch 2/2 done)" in caplog.text
+    # Files keep the official 0-based names: the second (last) epoch is checkpoint-1.pth.
+    assert (out / "checkpoint-1.pth").is_file() and (out / "reconstruction-epoch1.png").is_file()
+    assert not (out / "checkpoint-2.pth").exists()
+
+
+def test_bytes_that_are_not_a_checkpoint_are_called_so(tmp_path, capsys):
+    data = write_images(tmp_path / "data", 4)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint at all")
+    for path in (junk, text):
+        assert main(tiny_args(data, tmp_path / "out", "--resume", str(path))) == 2
+        line = one_error_line(capsys)
+        assert f"cannot read checkpoint {str(path)!r}: it is not a checkpoint" in line
+        assert "weights_only" not in line and "plain tensors" not in line
+
+
+def test_a_checkpoint_of_another_model_names_the_first_mismatched_keys_and_shapes(tmp_path, capsys):
+    data = write_images(tmp_path / "data", 4)
+    out = tmp_path / "out"
+    assert main(tiny_args(data, out, "--max_steps", "1")) == 0
+    capsys.readouterr()
+    assert main(tiny_args(data, out, "--resume", "auto", "--model", "mae_vit_small_patch16")) == 2
+    line = one_error_line(capsys)
+    assert "does not fit this run's model" in line and "Error(s) in loading" not in line
+    assert "cls_token is [1, 1, 192] in the checkpoint, [1, 1, 384] here" in line
+    assert "--model mae_vit_tiny_patch16" in line  # what it was written by
+    assert main(tiny_args(data, out, "--resume", "auto", "--input_size", "48")) == 2
+    line = one_error_line(capsys)
+    assert "pos_embed is [1, 5, 192] in the checkpoint, [1, 10, 192] here" in line and "--input_size 32" in line
+
+
+def test_resume_auto_falls_back_to_checkpoint_prev_when_checkpoint_last_is_truncated(tmp_path, caplog):
+    data = write_images(tmp_path / "data", 16)
+    out = tmp_path / "out"
+    assert main(tiny_args(data, out, "--max_steps", "2", "--save_last_every", "1")) == 0
+    last = out / "checkpoint-last.pth"
+    last.write_bytes(last.read_bytes()[:2000])  # a copy cut short
+    with caplog.at_level(logging.WARNING, logger="mae_fast"):
+        trainer = MAETrainer(config_from_args(tiny_args(data, out, "--resume", "auto")))
+    assert trainer.step == 1 and trainer.last_saved == out / "checkpoint-prev.pth"
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "checkpoint-last.pth" in warning and "checkpoint-prev.pth" in warning and "cannot be read" in warning

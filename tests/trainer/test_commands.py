@@ -178,20 +178,20 @@ def test_the_first_progress_line_comes_within_seconds_not_only_every_log_every_s
 
     clock = [100.0]
     monkeypatch.setattr(progress_module.time, "perf_counter", lambda: clock[0])
-    progress = progress_module.Progress(total_steps=1000, start_step=0, epochs=1, images_per_batch=4,
+    progress = progress_module.Progress(total_steps=1000, start_step=0, epochs=1,
                                         device=torch.device("cpu"), is_main=False)
     progress.start_epoch(0, 0, 1000)
     assert not progress.line_due(1, log_every=100)  # right after the start
     assert progress.line_due(100, log_every=100)  # --log_every as before
     clock[0] += progress_module.FIRST_LINE_SECONDS
     assert progress.line_due(3, log_every=100)  # the run's first line, seconds after its start
-    progress.batch_done(torch.tensor(1.0))
+    progress.batch_done(torch.tensor(1.0), 4)
     progress.log_step(3, 3, 1e-3)
     clock[0] += progress_module.FIRST_LINE_SECONDS
     assert not progress.line_due(4, log_every=100)  # then --log_every again ...
     clock[0] += progress_module.LINE_SECONDS
     assert progress.line_due(5, log_every=100)  # ... or a line when none came for a while
-    several = progress_module.Progress(1000, 0, 1, 4, torch.device("cpu"), is_main=False, world_size=2)
+    several = progress_module.Progress(1000, 0, 1, torch.device("cpu"), is_main=False, world_size=2)
     several.start_epoch(0, 0, 1000)
     clock[0] += 1000
     # ranks agree without a collective: the run's first step, then every --log_every steps
@@ -205,16 +205,16 @@ def test_the_eta_leaves_out_the_time_before_training_and_the_first_step(monkeypa
 
     clock = [0.0]
     monkeypatch.setattr(progress_module.time, "perf_counter", lambda: clock[0])
-    progress = progress_module.Progress(total_steps=101, start_step=0, epochs=1, images_per_batch=4,
+    progress = progress_module.Progress(total_steps=101, start_step=0, epochs=1,
                                         device=torch.device("cpu"), is_main=False)
     clock[0] += 30.0  # the model's build, a kNN at initialization
     progress.start_epoch(0, 0, 101)
     clock[0] += 10.0  # a first step that compiles
-    progress.batch_done(torch.tensor(1.0))
+    progress.batch_done(torch.tensor(1.0), 4)
     assert progress.log_step(1, 1, 1e-3)["eta_s"] == 100 * 10.0  # its own time only, not the 30 s before
     for step in range(2, 12):
         clock[0] += 0.5  # the steps after it
-        progress.batch_done(torch.tensor(1.0))
+        progress.batch_done(torch.tensor(1.0), 4)
     assert progress.log_step(11, 11, 1e-3)["eta_s"] == 90 * 0.5
 
 

@@ -178,7 +178,7 @@ def test_a_cache_that_does_not_match_is_recomputed_with_one_warning(tmp_path, mo
     elif damage == "old_format":
         torch.save({"train": stored["train"], "val": stored["val"]}, cache)
     else:
-        features = {split: stored[split].clone() for split in ("train", "val")}
+        features = {key: stored[key].clone() for key in ("train", "val", "train_kept", "val_kept")}
         if damage == "too_few_rows":
             features["train"] = features["train"][:2]
         elif damage == "nan_features":
@@ -190,7 +190,7 @@ def test_a_cache_that_does_not_match_is_recomputed_with_one_warning(tmp_path, mo
         if keep is None:  # consistent shapes and checksum, wrong content for these images
             from mae_fast.linprobe import feature_checksum
 
-            rewritten["shapes"] = {split: list(t.shape) for split, t in features.items()}
+            rewritten["shapes"] = {split: list(features[split].shape) for split in ("train", "val")}
             rewritten["checksum"] = feature_checksum(features)
         torch.save(rewritten, cache)
     with caplog.at_level(logging.WARNING, logger="mae_fast"):
@@ -263,3 +263,15 @@ def test_schedule_flags_that_cannot_train_are_refused(tmp_path, capsys, monkeypa
     assert main(args(data, checkpoint(tmp_path), tmp_path / "probe", flag, value)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and re.search(message, err) and not calls  # before any work
+
+
+def test_a_corrupt_safetensors_file_and_a_bad_input_size_are_one_line(tmp_path, capsys):
+    data = colored_classes(tmp_path / "data", per_class=2)
+    corrupt = tmp_path / "weights.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + bytes(64))
+    assert main(args(data, corrupt, tmp_path / "probe")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"cannot read checkpoint {str(corrupt)!r}" in err
+    assert main(args(data, checkpoint(tmp_path), tmp_path / "probe", "--input_size", "30")) == 2
+    err = capsys.readouterr().err
+    assert "--input_size" in err and "--img_size" not in err and "for example 16 or 32" in err and "got 30" in err

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from mae_fast.checkpoint import CheckpointError, load_checkpoint
+from mae_fast.data import dali_unavailable_reason
 from mae_fast.errors import ConfigError
 from mae_fast.pretrain import config_from_args, main
-from mae_fast.trainer import MAETrainer, NonFiniteLossError, lr_at
-from helpers import tiny_args, write_images
+from mae_fast.trainer import MAETrainer, NonFiniteLossError
+from helpers import STEP_FUSED_OPS, fused_op_runs, profile_fused_ops, tiny_args, write_images
 
 
 def trained(args):
@@ -50,15 +51,50 @@ def test_log_lines_are_plain_lines_when_the_output_is_not_a_terminal(tmp_path, c
     assert "images/s" in steps[-1]
 
 
+def official_lr(epoch: float, base_lr: float, min_lr: float, warmup_epochs: float, epochs: int) -> float:
+    """The official MAE schedule, written out here rather than imported, so that a wrong ``lr_at`` shows."""
+    if epoch < warmup_epochs:
+        return base_lr * epoch / warmup_epochs
+    progress = (epoch - warmup_epochs) / (epochs - warmup_epochs)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def test_lr_follows_the_schedule_each_step_and_accumulation_steps_less_often(tmp_path):
-    data = write_images(tmp_path / "data", 16)
-    trainer = trained(tiny_args(data, tmp_path / "out", "--accum_iter", "2", "--max_steps", "3"))
-    # 16 images / batch 4 = 4 batches an epoch; accum 2 -> 2 optimizer steps an epoch.
-    assert trainer.step == 3 and trainer.epoch == 1 and trainer.step_in_epoch == 2
-    assert trainer.effective_batch == 8 and trainer.base_lr == pytest.approx(1e-2 * 8 / 256)
-    # The last lr set was at batch 0 of epoch 1.
-    expected = lr_at(1.0, trainer.base_lr, 0.0, 1, 2)
-    assert all(g["lr"] == pytest.approx(expected) for g in trainer.optimizer.param_groups)
+    # Guards against a trainer that does not apply the schedule (lr_at replaced by a constant base_lr passes a check
+    # of the last rate alone), that sets it on every batch instead of once per accumulation group, or that steps the
+    # optimizer with a rate other than the one set. The rate is recorded at every batch and every optimizer step.
+    data = write_images(tmp_path / "data", 10)
+    trainer = MAETrainer(config_from_args(tiny_args(data, tmp_path / "out", "--batch_size", "2", "--accum_iter", "2",
+                                                    "--min_lr", "5e-5")))
+    batches, steps = [], []
+    train_step = trainer.train_step
+
+    def recording_train_step(images, update, *rest):
+        batches.append(([g["lr"] for g in trainer.optimizer.param_groups], update))
+        return train_step(images, update, *rest)
+
+    trainer.train_step = recording_train_step
+    trainer.optimizer.register_step_pre_hook(
+        lambda optimizer, args, kwargs: steps.append([g["lr"] for g in optimizer.param_groups]))
+    trainer.fit()
+
+    # 10 images / batch 2 = 5 batches an epoch; accum 2 -> groups [0, 1], [2, 3], [4]: 3 optimizer steps an epoch.
+    assert trainer.step == 6 and trainer.epoch == 2
+    assert trainer.effective_batch == 4 and trainer.base_lr == pytest.approx(1e-2 * 4 / 256)
+    base_lr, min_lr = trainer.base_lr, 5e-5
+    # Each batch runs at the rate of its group's first batch, epoch + batch_index / 5: warmup over epoch 0, cosine
+    # over epoch 1.
+    expected = [official_lr(epoch + (i - i % 2) / 5, base_lr, min_lr, 1, 2) for epoch in range(2) for i in range(5)]
+    assert [0.0, 0.0, 0.4 * base_lr, 0.4 * base_lr] == pytest.approx(expected[:4])
+    assert expected[5] == pytest.approx(base_lr)
+    assert len(batches) == 10 and [update for _, update in batches] == [False, True, False, True, True] * 2
+    for index, (rates, _) in enumerate(batches):  # both parameter groups, decay and no decay
+        assert rates == pytest.approx([expected[index]] * 2, rel=1e-12, abs=0.0), f"batch {index}"
+    # The optimizer steps at the end of each group, at the rate the group started with.
+    assert len(steps) == 6
+    for index, rates in zip([1, 3, 4, 6, 8, 9], steps):
+        assert rates == pytest.approx([expected[index]] * 2, rel=1e-12, abs=0.0), f"step at batch {index}"
+    assert trainer.lr == pytest.approx(official_lr(1.8, base_lr, min_lr, 1, 2), rel=1e-12)
 
 
 def test_resume_continues_the_same_run(tmp_path):
@@ -74,6 +110,32 @@ def test_resume_continues_the_same_run(tmp_path):
     assert [v for _, v in joined] == pytest.approx([v for _, v in straight.history], rel=1e-6)
     for (name, a), b in zip(straight.model.state_dict().items(), second.model.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_the_epoch_mean_in_log_txt_after_a_mid_epoch_resume_is_the_uninterrupted_runs(tmp_path):
+    data = write_images(tmp_path / "data", 16)  # 4 batches an epoch
+    trained(tiny_args(data, tmp_path / "straight", "--log_every", "100"))
+    trained(tiny_args(data, tmp_path / "split", "--log_every", "100", "--max_steps", "3"))  # stops in epoch 0
+    trained(tiny_args(data, tmp_path / "split", "--log_every", "100", "--resume", "auto"))
+
+    def epoch_lines(out):
+        return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+
+    straight, split = epoch_lines(tmp_path / "straight"), epoch_lines(tmp_path / "split")
+    assert [e["epoch"] for e in split] == [0, 1]
+    assert [e["train_loss"] for e in split] == pytest.approx([e["train_loss"] for e in straight], rel=1e-6)
+
+
+@pytest.mark.skipif(dali_unavailable_reason() is not None, reason=str(dali_unavailable_reason()))
+def test_a_dali_run_resumed_mid_epoch_trains_like_one_run(tmp_path):
+    # The resumed run's pipeline is new: its crops and flips still follow each slot's seed.
+    data = write_images(tmp_path / "data", 16)
+    dali = ("--data_backend", "dali", "--log_every", "1")
+    straight = trained(tiny_args(data, tmp_path / "straight", *dali, "--max_steps", "6"))
+    first = trained(tiny_args(data, tmp_path / "split", *dali, "--max_steps", "3"))  # stops inside epoch 0
+    second = trained(tiny_args(data, tmp_path / "split", *dali, "--max_steps", "6", "--resume", "auto"))
+    joined = first.history + second.history
+    assert [v for _, v in joined] == pytest.approx([v for _, v in straight.history], rel=1e-6)
 
 
 def test_a_prepared_shard_set_trains_and_resumes_mid_epoch_like_one_run(tmp_path):
@@ -143,7 +205,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     good = out / "checkpoint-last.pth"
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(good.read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match="truncated or not a torch checkpoint"):
+    with pytest.raises(CheckpointError, match="it is not a checkpoint, or it is truncated"):
         MAETrainer(config_from_args(tiny_args(data, out, "--resume", str(truncated))))
     foreign = tmp_path / "foreign.pth"
     torch.save({"model": {"w": torch.zeros(1)}}, foreign)
@@ -207,11 +269,39 @@ def test_apex_optimizer_without_apex_is_a_clear_error(tmp_path):
         MAETrainer(config_from_args(tiny_args(data, tmp_path / "out", "--optimizer", "apex")))
 
 
+def test_the_profile_shows_which_fused_ops_each_step_ran(tmp_path):
+    # The mechanism of the GPU test below, checked where it can be: with --kernel_backend triton (interpreted on a
+    # CPU) the profile counts each fused op once per step, forward and backward; with the torch reference, never.
+    from mae_fast.ops import dispatch
+    reason = dispatch._why_not("triton", [torch.zeros(1)])
+    if reason:
+        pytest.skip(f"Triton cannot run here: {reason}")
+    data = write_images(tmp_path / "data", 16)  # 4 batches an epoch: 2 steps stop inside it, no evaluation forward
+    runs = {}
+    for backend in ("triton", "torch"):
+        trainer = MAETrainer(config_from_args(tiny_args(data, tmp_path / backend, "--max_steps", "2",
+                                                        "--kernel_backend", backend)))
+        runs[backend] = fused_op_runs(*profile_fused_ops(trainer.fit))
+    assert runs["triton"] == {op: {"forward": 2, "backward": 2 if backward else 0, "gpu_kernels": 0}
+                              for op, (backward, _) in STEP_FUSED_OPS.items()}
+    assert runs["torch"] == {op: {"forward": 0, "backward": 0, "gpu_kernels": 0} for op in STEP_FUSED_OPS}
+
+
 @pytest.mark.gpu
 def test_gpu_bf16_training_with_fused_kernels(tmp_path):
+    # What ran, from a profile of the run (describe() only says what dispatch would choose): every step called each
+    # fused op on its Triton or CUDA backend, forward and backward, and GPU kernels named after it were launched.
     data = write_images(tmp_path / "data", 32)
-    trainer = trained(tiny_args(data, tmp_path / "out", "--device", "cuda", "--epochs", "4", "--norm_pix_loss"))
+    trainer = MAETrainer(config_from_args(tiny_args(data, tmp_path / "out", "--device", "cuda", "--epochs", "4",
+                                                    "--norm_pix_loss")))
+    ops, kernels = profile_fused_ops(trainer.fit)
     assert trainer.precision == "bf16" and trainer.optimizer.defaults["fused"]
     losses = [v for _, v in trainer.history]
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
-    assert "gather_patches=triton" in trainer.describe() or "gather_patches=cuda" in trainer.describe()
+    steps = trainer.step
+    assert steps == 32  # 8 batches an epoch, 4 epochs
+    runs = fused_op_runs(ops, kernels)
+    for op, (backward, _) in STEP_FUSED_OPS.items():
+        run = runs[op]
+        assert run["forward"] >= steps and run["backward"] == (steps if backward else 0), (op, run, dict(ops))
+        assert run["gpu_kernels"] >= run["forward"] + run["backward"], (op, run, sorted(kernels))
