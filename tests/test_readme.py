@@ -2,7 +2,6 @@
 
 import os
 import re
-import runpy
 import shutil
 import subprocess
 import sys
@@ -53,14 +52,53 @@ def test_the_quick_start_and_the_probe_state_their_times_with_the_machine_and_it
     assert "2-core" in probe and re.search(r"busy|quiet", probe), probe
 
 
+TEST_COMMAND = next(line.strip() for line in README.splitlines() if "&& pytest tests -rs && pytest bench" in line)
+
+
 def test_the_cuda_build_is_announced_before_the_test_command_with_how_to_see_its_progress():
-    command = next(line.strip() for line in README.splitlines() if "&& pytest tests && pytest bench" in line)
-    before = README[:README.index(command)].split("## Quick start", 1)[1]
+    before = README[:README.index(TEST_COMMAND)].split("## Quick start", 1)[1]
     said = sentence_with(r"compiles the CUDA ops", before)
-    assert "GPU or not" in said and re.search(r"\d+ min", said) and "still running" in said, said
-    assert "pip install -v" in command  # pip shows the build's output, a line per compiled file, only with -v
-    assert "MAE_FAST_SKIP_CUDA_BUILD=1 pip install" in before  # the way around it, before the command
-    assert command in (ROOT / ".ci" / "run").read_text()  # CI runs what the README tells a user to run
+    assert "only where they can run" in said and "a GPU is visible" in said, said
+    said = sentence_with(r"`torch.cuda.is_available\(\)`", before)
+    assert "only asks the driver" in said, said
+    said = sentence_with(r"To build without a GPU", before)
+    assert "MAE_FAST_FORCE_CUDA_BUILD=1" in said and "GPU-less node for a GPU cluster" in said, said
+    assert re.search(r"\d+ min", said) and "still" in said, said
+    assert "pip install -v" in TEST_COMMAND  # pip shows the build's output, a line per compiled file, only with -v
+    assert "MAE_FAST_SKIP_CUDA_BUILD" not in TEST_COMMAND and "MAE_FAST_FORCE_CUDA_BUILD" not in TEST_COMMAND
+
+
+def test_ci_runs_the_readme_command_with_the_cuda_build_forced_and_fails_when_a_test_fails(tmp_path):
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert TEST_COMMAND in ci  # CI runs what the README tells a user to run ...
+    said = sentence_with(r"CI \(`\.ci/run`\)", README)
+    assert "MAE_FAST_FORCE_CUDA_BUILD=1 MAE_FAST_CUDA_ARCHS=90" in said and "fails when any test fails" in said, said
+    # ... run here with stand-ins for python3, pip and pytest on a copy of the script: pip records the variables
+    # the install sees, and `pytest tests` fails as a failing test makes it fail.
+    (tmp_path / ".ci").mkdir()
+    shutil.copy(ROOT / ".ci" / "run", tmp_path / ".ci" / "run")
+    stand_ins = tmp_path / "bin"
+    stand_ins.mkdir()
+    scripts = {
+        "python3": f'mkdir -p .venv/bin && echo "export PATH={stand_ins}:\\$PATH" > .venv/bin/activate',
+        "pip": 'echo "$* FORCE=${MAE_FAST_FORCE_CUDA_BUILD:-} ARCHS=${MAE_FAST_CUDA_ARCHS:-}" >> pip.log',
+        "pytest": 'echo "$*" >> pytest.log; [ "$1" != tests ] || exit "${TESTS_EXIT:-0}"',
+    }
+    for name, body in scripts.items():
+        (stand_ins / name).write_text(f"#!/bin/bash\n{body}\n")
+        (stand_ins / name).chmod(0o755)
+    env = {"PATH": f"{stand_ins}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    for exit_code in (0, 1):
+        for log in ("pip.log", "pytest.log"):
+            (tmp_path / log).unlink(missing_ok=True)
+        run = subprocess.run(["bash", str(tmp_path / ".ci" / "run")], env={**env, "TESTS_EXIT": str(exit_code)},
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == exit_code, run.stderr
+        installs = (tmp_path / "pip.log").read_text().splitlines()
+        assert installs[-1].startswith("install -v --no-build-isolation -e") and \
+            installs[-1].endswith("FORCE=1 ARCHS=90"), installs
+        ran = (tmp_path / "pytest.log").read_text().splitlines()
+        assert ran == (["tests -rs", "bench --benchmark-disable"] if exit_code == 0 else ["tests -rs"]), ran
 
 
 def test_brace_patterns_are_quoted_as_the_shell_needs_them():
@@ -107,36 +145,14 @@ def test_the_prediction_column_is_explained_and_the_loss_leaves_visible_patches_
     assert visible.any() and (pred.grad[visible] == 0).all() and (pred.grad[~visible] != 0).any()
 
 
-def test_the_cpu_only_test_command_skips_the_cuda_build_and_shows_skip_reasons(tmp_path, monkeypatch):
+def test_the_test_command_shows_skip_reasons_and_the_readme_names_the_note_a_skipped_build_leaves():
     from mae_fast.ops import dispatch
 
-    command = next(line.strip() for line in README.splitlines() if "MAE_FAST_SKIP_CUDA_BUILD=1 pip install" in line)
-    assert "MAE_FAST_SKIP_CUDA_BUILD=1 pip install" in command and command.endswith("pytest tests -rs")
-    assert f"mae_fast/{dispatch.CUDA_BUILD_SKIPPED_FILE}" in README
-    # The variable is set for pip alone, so setup.py must leave in the package what pytest reads later: the note
-    # that tests/ops/test_cuda_extension.py skips on instead of failing where nvcc and a CUDA torch would build.
-    # setup.py runs here on a copy (the checkout's package keeps its own note), as pip runs it, with setup() itself
-    # left out; a run without the variable (every real build is one) removes the note.
-    for name in ("setup.py", "pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, tmp_path / name)
-    (tmp_path / "mae_fast").mkdir()
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["setup.py", "--name"])
-    for variable in ("MAE_FAST_SKIP_CUDA_BUILD", "MAE_FAST_FORCE_CUDA_BUILD"):
-        monkeypatch.delenv(variable, raising=False)
-    import setuptools
-
-    calls = []
-    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: calls.append(kwargs))
-    monkeypatch.setenv("MAE_FAST_SKIP_CUDA_BUILD", "1")
-    runpy.run_path(str(tmp_path / "setup.py"))
-    assert calls[-1]["ext_modules"] == [] and calls[-1]["cmdclass"] == {}
-    assert calls[-1]["package_data"] == {"mae_fast": [dispatch.CUDA_BUILD_SKIPPED_FILE]}  # wheels carry the note
-    note = dispatch.cuda_build_skipped(tmp_path / "mae_fast")
-    assert note is not None and "MAE_FAST_SKIP_CUDA_BUILD=1" in note and "on purpose" in note
-    monkeypatch.delenv("MAE_FAST_SKIP_CUDA_BUILD")
-    runpy.run_path(str(tmp_path / "setup.py"))  # no csrc/ in the copy: the build is skipped, but not on purpose
-    assert dispatch.cuda_build_skipped(tmp_path / "mae_fast") is None and len(calls) == 2
+    assert TEST_COMMAND.split(" && pytest bench")[0].endswith("pytest tests -rs")
+    said = sentence_with(r"A skipped build leaves", README)
+    assert f"`mae_fast/{dispatch.CUDA_BUILD_SKIPPED_FILE}`" in said and "no GPU was visible" in said, said
+    assert "MAE_FAST_SKIP_CUDA_BUILD=1" in said, said
+    # What setup.py leaves, and how the extension test reads it: tests/ops/test_cuda_extension.py.
 
 
 def test_the_step_line_shown_in_the_readme_is_the_trainers_format():
