@@ -102,13 +102,24 @@ def test_ci_runs_the_readme_command_with_the_cuda_build_forced_and_fails_when_a_
 
 
 def test_brace_patterns_are_quoted_as_the_shell_needs_them():
+    import ast
+    import importlib
+
     from mae_fast.config import DataConfig, field_docs
 
-    for text in (README, field_docs(DataConfig)["data_path"]):
-        patterns = re.findall(r"\S*\{\d+\.\.\d+\}\S*", text)
-        assert patterns
-        for pattern in patterns:
-            assert re.match(r"[(`]*'", pattern), pattern  # unquoted, bash expands it into one argument per name
+    texts = {"README.md": README, "--data_path's help": field_docs(DataConfig)["data_path"],
+             "bench/README.md": (ROOT / "bench" / "README.md").read_text()}
+    for command in ("pretrain", "prepare", "linprobe", "export", "info"):
+        texts[f"{command} --help"] = importlib.import_module(f"mae_fast.{command}").build_parser().format_help()
+    for module in sorted((ROOT / "mae_fast").rglob("*.py")):  # the modules' own documentation
+        texts[str(module.relative_to(ROOT))] = ast.get_docstring(ast.parse(module.read_text())) or ""
+    found = 0
+    for where, text in texts.items():
+        for pattern in re.findall(r"\S*\{\d+\.\.\d+\}\S*", text):
+            found += 1
+            # unquoted, bash expands it into one argument per name
+            assert re.match(r"[(`]*'", pattern), f"{where}: {pattern}"
+    assert found >= 3
 
 
 def test_the_readme_says_where_the_logs_and_the_built_in_set_go_and_which_decoder_runs(monkeypatch, tmp_path):

@@ -1,8 +1,8 @@
 """WebDataset shard sets: finding the shards, counting their images, and streaming them in order.
 
 A shard set is named by ``--data_path`` as a folder of ``.tar`` files, a brace pattern
-(``train-{000000..000127}.tar``), a text file listing shard paths or URLs (one per line; relative
-paths are relative to the list), or one shard. A shard is a local file, an ``http(s)://`` URL or a
+(``'train-{000000..000127}.tar'``, quoted for the shell), a text file listing shard paths or URLs
+(one per line; relative paths are relative to the list), or one shard. A shard is a local file, an ``http(s)://`` URL or a
 ``pipe:COMMAND`` whose standard output is the tar (``pipe:aws s3 cp s3://bucket/train-000000.tar -``),
 so shards can stream from object storage. A command or URL that sends nothing for ``timeout``
 seconds (``--shard_timeout``), at its start or in the middle, is stopped; a command that exits with
