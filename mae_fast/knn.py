@@ -28,12 +28,15 @@ K = 20
 TEMPERATURE = 0.07
 
 
-def labeled_images(path: str | os.PathLike, split: str) -> tuple[list[str], np.ndarray, list[str]]:
+def labeled_images(path: str | os.PathLike, split: str, user: str = "the kNN monitor"
+                   ) -> tuple[list[str], np.ndarray, list[str]]:
     """``(files, labels, classes)`` of an ImageNet-layout folder: ``path/split/<class>/*`` or ``path/<class>/*``.
 
+    ``user``: what needs the classes, as the error names it (the kNN monitor, the linear probe).
+
     Raises:
-        DataError: the folder is missing, or holds no class sub-folders with images (a flat folder: kNN needs
-            classes), naming the folder.
+        DataError: the folder is missing, or holds no class sub-folders with images (a flat folder), naming the
+            folder.
     """
     root = Path(path).expanduser()
     if (root / split).is_dir():
@@ -48,7 +51,7 @@ def labeled_images(path: str | os.PathLike, split: str) -> tuple[list[str], np.n
             classes.append(folder.name)
             files += members
     if not classes:
-        raise DataError(f"the kNN monitor needs classes: {str(root)!r} has no class sub-folders with images "
+        raise DataError(f"{user} needs classes: {str(root)!r} has no class sub-folders with images "
                         "(ImageNet layout: <folder>/<class>/*.JPEG)")
     return files, np.asarray(labels, dtype=np.int64), classes
 

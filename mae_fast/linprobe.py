@@ -246,8 +246,8 @@ def run(args: argparse.Namespace) -> dict | None:
     if args.val_path is None and not (Path(args.data_path).expanduser() / "val").is_dir():
         raise DataError(f"--data_path {args.data_path!r} has no val/ folder; give the validation images with "
                         "--val_path")
-    train_files, train_labels, classes = labeled_images(args.data_path, "train")
-    val_files, val_labels, val_classes = labeled_images(args.val_path or args.data_path, "val")
+    train_files, train_labels, classes = labeled_images(args.data_path, "train", "the linear probe")
+    val_files, val_labels, val_classes = labeled_images(args.val_path or args.data_path, "val", "the linear probe")
     missing = sorted(set(val_classes) - set(classes))
     if missing:
         raise DataError(f"the validation set has classes the training set lacks: {missing[:10]}")

@@ -69,7 +69,7 @@ def test_bad_folders_are_one_line(tmp_path, capsys, case):
         flat.mkdir()
         Image.new("RGB", (40, 40)).save(flat / "a.jpg")
         extra = ["--val_path", flat]
-        expected = "needs classes"
+        expected = "the linear probe needs classes"  # not the kNN monitor: that is pretraining's
     elif case == "missing_class":
         colored_classes(tmp_path / "other", per_class=2, classes=("gray",))
         extra = ["--val_path", tmp_path / "other" / "val"]
