@@ -3,21 +3,27 @@
 - The Triton kernels live in the top-level ``kernels/`` folder and install as the subpackage
   ``mae_fast.kernels``; the mapping below makes that hold for ``pip install .`` and
   ``pip install -e .`` alike.
-- The CUDA ops in ``csrc/`` build into ``mae_fast._C`` when torch is a CUDA build and nvcc is found
-  (install with ``--no-build-isolation`` so the build sees your torch). Without them this is a
-  pure-Python install. Environment:
+- The CUDA ops in ``csrc/`` build into ``mae_fast._C`` when torch is a CUDA build, nvcc is found
+  and a GPU is visible (install with ``--no-build-isolation`` so the build sees your torch). Without
+  them this is a pure-Python install. Environment:
 
   ``CUDA_HOME``                   the toolkit folder (the one holding ``lib64/libcudart.so``); found
                                   from nvcc's location when unset
   ``MAE_FAST_CUDA_ARCHS``         compute capabilities, default ``80;90`` (plus PTX for the newest)
-  ``MAE_FAST_SKIP_CUDA_BUILD=1``  never build the extension; the package then holds
-                                  ``cuda_build_skipped.txt`` saying so (ignored by git, removed by
-                                  any run without the variable), so that the tests can tell a
-                                  build skipped on purpose from one that failed
-  ``MAE_FAST_FORCE_CUDA_BUILD=1`` a missing toolkit or CPU-only torch is an error, not a skip
+  ``MAE_FAST_FORCE_CUDA_BUILD=1`` build where no GPU is visible (wheels built on a GPU-less node for a
+                                  GPU cluster, CI); a missing toolkit or CPU-only torch is then an
+                                  error, not a skip (a compile that fails always is one)
+  ``MAE_FAST_SKIP_CUDA_BUILD=1``  never build the extension
   ``MAX_JOBS``                    parallel compile jobs (default: the machine's cores)
 
-Nothing here touches a GPU, downloads anything or probes nvidia-smi.
+  A build skipped on purpose (``MAE_FAST_SKIP_CUDA_BUILD=1``) or for lack of a GPU leaves
+  ``cuda_build_skipped.txt`` in the package saying which (ignored by git, packaged in wheels, removed
+  by any run that builds), so that the tests can tell such a skip from a build that failed.
+
+Whether a GPU is visible is asked of torch (``torch.cuda.is_available()``), which asks the driver how
+many devices it sees and nothing more: no CUDA context, no memory, no kernel. The compile takes
+minutes per architecture (20 minutes on a 2-core machine for the default two), which is why it is
+not made where nothing could run it. Nothing here downloads anything or probes nvidia-smi.
 """
 
 import glob
@@ -29,8 +35,13 @@ from setuptools import find_packages, setup
 
 PACKAGES = ["mae_fast", *(f"mae_fast.{p}" for p in find_packages("mae_fast")), "mae_fast.kernels"]
 HERE = os.path.dirname(os.path.abspath(__file__))
-#: The note that MAE_FAST_SKIP_CUDA_BUILD=1 skipped the build (mae_fast.ops.dispatch reads it: CUDA_BUILD_SKIPPED_FILE).
+#: The note that the build was skipped on purpose or for lack of a GPU (mae_fast.ops.dispatch reads it:
+#: CUDA_BUILD_SKIPPED_FILE, NO_GPU_NOTE).
 SKIPPED_NOTE = os.path.join(HERE, "mae_fast", "cuda_build_skipped.txt")
+ON_PURPOSE_NOTE = ("MAE_FAST_SKIP_CUDA_BUILD=1 was set when mae_fast was installed: mae_fast._C was not built on "
+                   "purpose")
+#: The note's first words when no GPU was visible; mae_fast.ops.dispatch.NO_GPU_NOTE is the same text.
+NO_GPU_NOTE = "no GPU was visible when mae_fast was installed"
 
 
 def _find_cuda_home():
@@ -54,23 +65,22 @@ def _skip(reason):
     return [], {}
 
 
-def _note_skipped_on_purpose(skipped: bool) -> None:
-    """Leave the note that the build was skipped on purpose in the package, or remove an earlier one."""
+def _leave_note(text):
+    """Leave the note saying why the build was skipped in the package, or (text None) remove an earlier one."""
     if not os.path.isdir(os.path.dirname(SKIPPED_NOTE)):
         return
-    if skipped:
+    if text is not None:
         with open(SKIPPED_NOTE, "w") as f:
-            f.write("MAE_FAST_SKIP_CUDA_BUILD=1 was set when mae_fast was installed: mae_fast._C was not built "
-                    "on purpose\n")
+            f.write(text + "\n")
     elif os.path.exists(SKIPPED_NOTE):
         os.remove(SKIPPED_NOTE)
 
 
 def cuda_extension():
     """(ext_modules, cmdclass) for mae_fast._C, or empty ones when it cannot or should not be built."""
-    skipped = os.environ.get("MAE_FAST_SKIP_CUDA_BUILD") == "1"
-    _note_skipped_on_purpose(skipped)
-    if skipped:
+    _leave_note(None)  # whatever follows, an earlier install's note no longer holds
+    if os.environ.get("MAE_FAST_SKIP_CUDA_BUILD") == "1":
+        _leave_note(ON_PURPOSE_NOTE)
         return [], {}
     sources = sorted(glob.glob(os.path.join("csrc", "*.cu")) + glob.glob(os.path.join("csrc", "*.cpp")))
     if not sources:
@@ -86,6 +96,13 @@ def cuda_extension():
         return _skip(f"torch is not importable in the build environment ({exc}); use --no-build-isolation")
     if torch.version.cuda is None:
         return _skip("torch is a CPU-only build")
+    if os.environ.get("MAE_FAST_FORCE_CUDA_BUILD") != "1" and not torch.cuda.is_available():
+        # Minutes of compiling for kernels nothing here could run; a GPU cluster's wheels are built with the variable.
+        _leave_note(f"{NO_GPU_NOTE} (torch.cuda.is_available() was false): mae_fast._C was not built; "
+                    "MAE_FAST_FORCE_CUDA_BUILD=1 builds it anyway")
+        print(f"mae_fast: not building the CUDA extension ({NO_GPU_NOTE}; MAE_FAST_FORCE_CUDA_BUILD=1 builds "
+              "it anyway); installing the pure-Python package", file=sys.stderr)
+        return [], {}
     archs = [a.strip() for a in os.environ.get("MAE_FAST_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a.strip()]
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")  # PTX for newer GPUs

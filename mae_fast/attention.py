@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mae_fast.errors import BackendUnavailableError
+from mae_fast.errors import BackendUnavailableError, install_hint
 
 ATTN_BACKENDS = ("auto", "flash_attn", "sdpa", "math")
 
@@ -35,7 +35,7 @@ def _flash_attn_import_error() -> str | None:
             _FLASH_ATTN.update(error=None, func=module.flash_attn_qkvpacked_func)
         except Exception as exc:
             _FLASH_ATTN.update(error=f"the flash_attn package is not importable ({type(exc).__name__}: {exc}); "
-                                     "install mae_fast[flash]", func=None)
+                                     f"install it with {install_hint('flash')}", func=None)
     return _FLASH_ATTN["error"]
 
 

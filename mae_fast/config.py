@@ -13,11 +13,15 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 
-from mae_fast.attention import ATTN_BACKENDS, flash_attn_unavailable_reason
-from mae_fast.errors import ConfigError
-from mae_fast.fp8 import FP8_RECIPES
-from mae_fast.ops.dispatch import BACKENDS
+from mae_fast.errors import CheckpointError, ConfigError
+from mae_fast.presets import CPU_PRESETS, PRESETS, patch_size_of
 
+# Nothing here imports torch, so that a mistake in the flags is one line before torch loads (seconds). The names the
+# modules that run them define (mae_fast.attention.ATTN_BACKENDS, mae_fast.ops.dispatch.BACKENDS,
+# mae_fast.fp8.FP8_RECIPES) are repeated here for that reason; a test checks that they agree.
+ATTN_BACKENDS = ("auto", "flash_attn", "sdpa", "math")
+KERNEL_BACKENDS = ("auto", "cuda", "triton", "torch")
+FP8_RECIPES = ("tensorwise", "rowwise")
 DATA_BACKENDS = ("auto", "dali", "torch", "synthetic")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32", "fp8")
 OPTIMIZERS = ("adamw", "apex")
@@ -73,7 +77,9 @@ def _check_creatable(flag: str, path) -> None:
 def _check_patches_kept_and_masked(input_size: int, patch: int, mask_ratio: float) -> None:
     """Refuse an image size and mask ratio that leave no visible patch or no masked one (nothing to encode or nothing
     to reconstruct); the count is the masking's own, ``int(L * (1 - mask_ratio))``."""
-    from mae_fast.ops.sample_mask import num_kept
+
+    def num_kept(num_patches: int, ratio: float) -> int:  # mae_fast.ops.sample_mask.num_kept (a test checks it)
+        return int(num_patches * (1 - ratio))
 
     patches = (input_size // patch) ** 2
     if patches < 2:
@@ -100,8 +106,9 @@ class DataConfig:
 
     data_path: str | None = None
     """--data_path: an ImageNet-style folder (train/<class>/*), a flat folder of images, or a WebDataset shard set (a
-    folder of .tar files, a brace pattern such as train-{000000..000127}.tar, a text file listing shards, or
-    pipe:/http(s) URLs; see python -m mae_fast.prepare); unset: the built-in set."""
+    folder of .tar files, a brace pattern in quotes, which keep the shell from expanding it, such as
+    'train-{000000..000127}.tar', a text file listing shards, or pipe:/http(s) URLs; see python -m mae_fast.prepare);
+    unset: the built-in set."""
     val_path: str | None = None
     """--val_path: held-out images for the validation loss and reconstruction images (optional)."""
     backend: str = "auto"
@@ -183,21 +190,21 @@ class ModelConfig:
     """--grad_checkpointing: recompute blocks in backward to save activation memory."""
 
     def __post_init__(self):
-        from mae_fast.model import MODELS
-
         if self.name is not None:
-            _choice("model", self.name, tuple(MODELS))
+            _choice("model", self.name, tuple(PRESETS))
         if isinstance(self.mask_ratio, bool) or not isinstance(self.mask_ratio, (int, float)) \
                 or not 0 < self.mask_ratio < 1:
             raise _error("mask_ratio", self.mask_ratio, "must be in (0, 1): with no patch removed the loss is 0 and "
                          "nothing trains; the official value is 0.75")
         _choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
         if self.attn_backend == "flash_attn":
+            from mae_fast.attention import flash_attn_unavailable_reason
+
             reason = flash_attn_unavailable_reason()
             if reason:
                 raise _error("attn_backend", self.attn_backend, f"flash_attn cannot run: {reason}; or use "
                              "--attn_backend auto or sdpa")
-        _choice("kernel_backend", self.kernel_backend, BACKENDS)
+        _choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
 
 
 @dataclass
@@ -324,8 +331,6 @@ class RunConfig:
     def __post_init__(self):
         demo = self.data.data_path is None and self.data.backend != "synthetic"
         self._apply_defaults(DEMO_DEFAULTS if demo else OFFICIAL_DEFAULTS)
-        from mae_fast.model import patch_size_of
-
         self._check_input_size(patch_size_of(self.model.name))
         _check_patches_kept_and_masked(self.data.input_size, patch_size_of(self.model.name), self.model.mask_ratio)
         self._check_run()
@@ -385,6 +390,11 @@ class RunConfig:
         if self.max_steps is not None:
             _positive_int("max_steps", self.max_steps)
         _choice("device", self.device, ("auto", "cuda", "cpu"))
+        if self.resume not in ("", "auto") and not os.path.isfile(os.path.expanduser(self.resume)):
+            what = "is a folder, not a checkpoint file" if os.path.isdir(os.path.expanduser(self.resume)) else \
+                "does not exist"
+            raise CheckpointError(f"--resume: checkpoint {self.resume!r} {what}; give a checkpoint file, or auto for "
+                                  "the newest in --output_dir")
         if self.log_dir is None:
             self.log_dir = self.output_dir
         else:
@@ -418,12 +428,24 @@ class RunConfig:
         """True for the built-in demo: no --data_path and not the synthetic backend."""
         return self.data.data_path is None and self.data.backend != "synthetic"
 
-    def warnings(self) -> list[str]:
-        """Settings that run but are likely mistakes, one sentence each (the trainer logs them once)."""
+    def warnings(self, device=None) -> list[str]:
+        """Settings that run but are likely mistakes, one sentence each (the trainer logs them once).
+
+        Args:
+            device: the ``torch.device`` the run trains on (a preset meant for GPUs on a CPU is named), or None.
+        """
         found = []
         if self.optim.warmup_epochs >= self.epochs:
             found.append(f"--warmup_epochs {self.optim.warmup_epochs:g} is not below --epochs {self.epochs}: the "
                          "learning rate never reaches its peak and the cosine decay never starts")
+        if device is not None and device.type == "cpu" and self.model.name not in CPU_PRESETS:
+            official = "" if self.is_demo else " (with --data_path, each flag left out takes the official recipe's " \
+                f"value: --model {OFFICIAL_DEFAULTS['model']}, --input_size {OFFICIAL_DEFAULTS['input_size']}, " \
+                f"--batch_size {OFFICIAL_DEFAULTS['batch_size']}, --epochs {OFFICIAL_DEFAULTS['epochs']})"
+            found.append(f"--model {self.model.name} at {self.data.input_size} px, batch {self.data.batch_size}, runs "
+                         f"on a CPU: it is meant for GPUs and trains very slowly here{official}; the presets for CPUs "
+                         f"are {' and '.join(CPU_PRESETS)}, as in the built-in demo (--model {DEMO_DEFAULTS['model']} "
+                         f"--input_size {DEMO_DEFAULTS['input_size']} --batch_size {DEMO_DEFAULTS['batch_size']})")
         return found
 
 
@@ -550,6 +572,8 @@ class FinetuneModelConfig:
             raise _error("drop_path", self.drop_path, "must be in [0, 1)")
         _choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
         if self.attn_backend == "flash_attn":
+            from mae_fast.attention import flash_attn_unavailable_reason
+
             reason = flash_attn_unavailable_reason()
             if reason:
                 raise _error("attn_backend", self.attn_backend, f"flash_attn cannot run: {reason}; or use "
@@ -647,11 +671,25 @@ class FinetuneConfig(RunConfig):
         """True for the built-in demo: no --data_path."""
         return self.data.data_path is None
 
-    def warnings(self) -> list[str]:
-        found = super().warnings()
+    def warnings(self, device=None) -> list[str]:
+        """Settings that run but are likely mistakes, one sentence each (the engine logs them once).
+
+        Args:
+            device: the ``torch.device`` the run trains on (a model meant for GPUs on a CPU is named), or None.
+        """
+        found = []
+        if self.optim.warmup_epochs >= self.epochs and not self.eval:
+            found.append(f"--warmup_epochs {self.optim.warmup_epochs:g} is not below --epochs {self.epochs}: the "
+                         "learning rate never reaches its peak and the cosine decay never starts")
+        cpu_models = ("vit_tiny_patch16", "vit_small_patch16")
+        if device is not None and device.type == "cpu" and self.model.name not in cpu_models:
+            found.append(f"--model {self.model.name} at {self.data.input_size} px, batch {self.data.batch_size}, runs "
+                         f"on a CPU: it is meant for GPUs and trains very slowly here; the models for CPUs are "
+                         f"{' and '.join(cpu_models)}")
         if not self.model.finetune and not self.eval:
             found.append("no --finetune checkpoint: the model starts from random initialization")
         return found
+
 
 __all__ = ["AugConfig", "DataConfig", "FinetuneConfig", "FinetuneModelConfig", "FinetuneOptimConfig", "ModelConfig",
            "OptimConfig", "RunConfig", "field_docs", "fields"]

@@ -164,7 +164,7 @@ class Engine(abc.ABC):
             check_writable(self.output_dir)
             for path in remove_stale_temporaries(self.output_dir):
                 logger.info("removed %s, left by a save that was interrupted", path)
-            for warning in config.warnings():
+            for warning in config.warnings(self.device):
                 logger.warning("%s", warning)
             if config.global_batch is not None:
                 logger.info("--global_batch %d = --batch_size %d x %d ranks x --accum_iter %d (derived)",
@@ -414,7 +414,7 @@ class Engine(abc.ABC):
             self.progress.batch_done(loss, num_valid)
 
             finished = self.step_in_epoch == num_batches or self.reached_max_steps()
-            if (update and self.step % cfg.log_every == 0) or finished:
+            if (update and self.progress.line_due(self.step, cfg.log_every)) or finished:
                 stats = self.log_step()
             if update and cfg.save_last_every and self.step % cfg.save_last_every == 0 and not finished:
                 self.save(LAST)

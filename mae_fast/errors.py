@@ -13,6 +13,12 @@ Each class also derives from the built-in exception it replaces (``ValueError``,
 from __future__ import annotations
 
 
+def install_hint(extra: str) -> str:
+    """How to install an optional part, as the README says it: ``pip install -e ".[fp8]"``, from the mae_fast
+    folder (the package is installed from its checkout)."""
+    return f'pip install -e ".[{extra}]" (in the mae_fast folder)'
+
+
 class MaeFastError(Exception):
     """A problem the user can fix; the message says what and how."""
 
@@ -63,5 +69,5 @@ class CollectiveTimeoutError(TrainingStopped):
     """A collective did not complete within ``--dist_timeout``: another rank stalled or died."""
 
 
-__all__ = ["MaeFastError", "ConfigError", "DataError", "CheckpointError", "BackendUnavailableError",
+__all__ = ["install_hint", "MaeFastError", "ConfigError", "DataError", "CheckpointError", "BackendUnavailableError",
            "OutputDirError", "TrainingStopped", "NonFiniteLossError", "DivergedError", "CollectiveTimeoutError"]

@@ -27,7 +27,6 @@ file.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -39,7 +38,8 @@ from pathlib import Path
 
 import torch
 
-from mae_fast.errors import CheckpointError, ConfigError, MaeFastError, OutputDirError
+from mae_fast.cli import CommandParser
+from mae_fast.errors import CheckpointError, ConfigError, MaeFastError, OutputDirError, install_hint
 from mae_fast.model import MODELS, PRESETS, MAEViT, create_model
 
 TARGETS = ("timm", "hf", "safetensors")
@@ -55,7 +55,7 @@ def _library(name: str, extra: str):
         return __import__(name)
     except ImportError as exc:
         raise ConfigError(f"--to: exporting needs the {name} package, which is not installed ({exc}); install it "
-                          f"with pip install 'mae_fast[{extra}]'") from exc
+                          f"with {install_hint(extra)}") from exc
 
 
 def read_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None]:
@@ -419,11 +419,9 @@ def export(checkpoint, to: str, out, model_name: str | None = None, img_size=Non
     return f"wrote {out}: the official-key state dict of {preset} ({size[0]}x{size[1]}), read by MAEViT.load_pretrained"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> CommandParser:
     """The command line of ``python -m mae_fast.export``."""
-    parser = argparse.ArgumentParser(prog="python -m mae_fast.export", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = CommandParser("mae_fast.export", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("checkpoint", help="a mae_fast training checkpoint, an official MAE checkpoint, or a state "
                                            "dict with the official keys (.pth or .safetensors)")
     parser.add_argument("out", help="the file (timm, safetensors) or folder (hf) to write")

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from mae_fast.checkpoint import load_checkpoint
 from mae_fast.engine import Engine
 from mae_fast.errors import CheckpointError, ConfigError
 from mae_fast.pos_embed import interpolate_pos_embed
@@ -443,6 +442,7 @@ def build_parser():
     names, defaults and meaning, then mae_fast's own, each documented from the configuration dataclasses."""
     import argparse
 
+    from mae_fast.cli import CommandParser
     from mae_fast.config import OptimConfig, RunConfig, field_docs, fields
     from mae_fast.pretrain import _default_text_of
 
@@ -450,11 +450,10 @@ def build_parser():
     # A subclass's docs cover the fields it declares; the others come from the class it extends.
     docs = {name: {**(field_docs(RunConfig) if name == "run" else field_docs(OptimConfig) if name == "optim" else {}),
                    **field_docs(cls)} for name, cls in sections.items()}
-    parser = argparse.ArgumentParser(prog=f"torchrun -m {PROG}", epilog=_epilog(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     description="Fine-tune a pretrained MAE encoder for classification with the "
-                                     "official recipe. With no flags: the quick start's checkpoint "
-                                     "(./output_dir/checkpoint-last.pth) on the built-in set's classes.")
+    parser = CommandParser(PROG, epilog=_epilog(),
+                           description="Fine-tune a pretrained MAE encoder for classification with the "
+                           "official recipe. With no flags: the quick start's checkpoint "
+                           "(./output_dir/checkpoint-last.pth) on the built-in set's classes.")
     for flag, (section, name) in FLAGS.items():
         text = " ".join(docs[section][name].split(": ", 1)[-1].split())
         default = next(f.default for f in fields(sections[section]) if f.name == name)

@@ -30,6 +30,8 @@ import dataclasses
 import torch
 from torch import nn
 
+from mae_fast.errors import install_hint
+
 FP8_RECIPES = ("tensorwise", "rowwise")
 #: Compute capability of the first GPUs with FP8 tensor cores (Ada; Hopper is 9.0).
 MIN_CAPABILITY = (8, 9)
@@ -40,8 +42,7 @@ def torchao_unavailable_reason() -> str | None:
     try:
         import torchao.float8  # noqa: F401
     except Exception as exc:
-        return (f"torchao is not importable ({type(exc).__name__}: {exc}); install it with "
-                "pip install 'mae_fast[fp8]'")
+        return f"torchao is not importable ({type(exc).__name__}: {exc}); install it with {install_hint('fp8')}"
     return None
 
 

@@ -15,7 +15,6 @@ the interpreter with ``--interpret``) and lists what it skipped, with the reason
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import platform
@@ -26,6 +25,7 @@ import torch
 
 import mae_fast
 from mae_fast import create_model
+from mae_fast.cli import CommandParser
 from mae_fast.fp8 import fp8_unavailable_reason
 from mae_fast.ops import IMPLEMENTATIONS, dispatch
 
@@ -64,8 +64,9 @@ def run_self_test(interpret: bool = False, quick: bool = False) -> int:
     return 1 if counts["FAIL"] else 0
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mae_fast.info", description=__doc__.splitlines()[0])
+def build_parser() -> CommandParser:
+    """The command line of ``python -m mae_fast.info``."""
+    parser = CommandParser("mae_fast.info", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mae_vit_tiny_patch16", help="preset to run (default: %(default)s)")
     parser.add_argument("--batch_size", type=int, default=8, help="images in the demo batch (default: %(default)s)")
     parser.add_argument("--check", action="store_true",
@@ -74,7 +75,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="with --check on a CPU: also run the Triton kernels in the interpreter (minutes)")
     parser.add_argument("--quick", action="store_true",
                         help="with --check: float32 only and no compiled training step")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.check and args.interpret and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         # Triton decides between compiling and interpreting when triton.language is first imported, which
         # has happened by now: start again with the interpreter on.

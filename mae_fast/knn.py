@@ -27,19 +27,22 @@ K = 20
 TEMPERATURE = 0.07
 
 
-def labeled_images(path: str | os.PathLike, split: str) -> tuple[list[str], np.ndarray, list[str]]:
+def labeled_images(path: str | os.PathLike, split: str, user: str = "the kNN monitor"
+                   ) -> tuple[list[str], np.ndarray, list[str]]:
     """``(files, labels, classes)`` of an ImageNet-layout folder: ``path/split/<class>/*`` or ``path/<class>/*``
     (:func:`mae_fast.data.files.class_folder_images`).
 
+    ``user``: what needs the classes, as the error names it (the kNN monitor, the linear probe).
+
     Raises:
-        DataError: the folder is missing, or holds no class sub-folders with images (a flat folder: kNN needs
-            classes), naming the folder.
+        DataError: the folder is missing, or holds no class sub-folders with images (a flat folder), naming the
+            folder.
     """
     files, labels, classes = class_folder_images(path, split)
     if not classes:
-        raise DataError(f"the kNN monitor needs classes: {str(class_root(path, split))!r} has no class sub-folders "
-                        "with images (ImageNet layout: <folder>/<class>/*.JPEG)")
-    return files, labels, classes
+        raise DataError(f"{user} needs classes: {str(class_root(path, split))!r} has no class sub-folders with "
+                        "images (ImageNet layout: <folder>/<class>/*.JPEG)")
+    return files, np.asarray(labels, dtype=np.int64), classes
 
 
 def weighted_knn(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,

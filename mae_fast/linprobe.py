@@ -7,8 +7,9 @@ The features of the training and validation images (``--data_path`` in ImageNet 
 ``train/<class>/``, ``val/<class>/``; ``--val_path`` for a separate validation folder) are
 extracted once, without masking (``MAEViT.extract_features``: the cls token after the encoder's norm
 by default, as ``main_linprobe.py`` does, or ``--global_pool``, the mean of the patch tokens), resize
-and center crop, and cached in ``--output_dir``: a later run with the same checkpoint file, images
-and settings reuses them. The cache is written atomically with its shapes and a SHA-256 of its
+and center crop, with progress lines (``train features: batch 12/40, 310 images/s, ETA 9s``), and
+cached in ``--output_dir``: a later run with the same checkpoint file, images and settings reuses
+them. The cache is written atomically with its shapes and a SHA-256 of its
 tensors; one that does not match them, the image counts, or holds non-finite values is extracted
 again (with one warning), and one holding objects other than tensors is refused. Non-finite features
 or a head that becomes non-finite stop the probe with one line naming the checkpoint. Then the
@@ -41,9 +42,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mae_fast.cli import CommandParser
 from mae_fast.config import DataConfig, default_num_workers
 from mae_fast.errors import CheckpointError, ConfigError, DataError, MaeFastError, NonFiniteLossError
 from mae_fast.knn import top_k_accuracy
+from mae_fast.progress import report_progress
 
 logger = logging.getLogger("mae_fast")
 
@@ -198,11 +201,23 @@ def train_head(train_x, train_y, val_x, val_y, num_classes: int, epochs: int = 9
     return head, {"top1": top_k_accuracy(logits, val_y, 1), "top5": top_k_accuracy(logits, val_y, 5)}
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Reported:
+    """A loader whose epochs log their progress (:func:`mae_fast.progress.report_progress`)."""
+
+    def __init__(self, loader, label: str, world_size: int, is_main: bool):
+        self.loader, self.label, self.world_size, self.is_main = loader, label, world_size, is_main
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int):
+        return report_progress(self.loader.epoch(epoch), len(self.loader), self.label, self.world_size, self.is_main)
+
+
+def build_parser() -> CommandParser:
     """The command line of ``python -m mae_fast.linprobe``."""
-    parser = argparse.ArgumentParser(prog="python -m mae_fast.linprobe", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 2)[2],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser("mae_fast.linprobe", description=__doc__.split("\n\n")[0],
+                           epilog=__doc__.split("\n\n", 2)[2])
     parser.add_argument("--checkpoint", required=True, help="a mae_fast or official MAE checkpoint (.pth/.safetensors)")
     parser.add_argument("--data_path", required=True, help="ImageNet-layout folder: train/<class>/ (and val/<class>/)")
     parser.add_argument("--val_path", default=None, help="validation folder with class sub-folders (default: "
@@ -246,7 +261,7 @@ def run(args: argparse.Namespace) -> dict | None:
     from mae_fast.distributed import setup_distributed
     from mae_fast.export import build_model, infer_preset, read_state
     from mae_fast.knn import extract_features, labeled_images
-    from mae_fast.model import patch_size_of
+    from mae_fast.presets import patch_size_of
 
     for flag in ("epochs", "batch_size", "input_size", "extract_batch_size"):
         if getattr(args, flag) < 1:
@@ -258,13 +273,18 @@ def run(args: argparse.Namespace) -> dict | None:
     if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         raise ConfigError(f"--weight_decay: must be a finite number >= 0 (the official value is 0), got "
                           f"{args.weight_decay}")
+    if not Path(args.checkpoint).expanduser().is_file():
+        raise CheckpointError(f"--checkpoint {args.checkpoint!r} does not exist (or is not a file)")
+    if not Path(args.data_path).expanduser().is_dir():
+        raise DataError(f"--data_path {args.data_path!r} does not exist or is not a folder; give one in ImageNet "
+                        "layout, with a class folder per class under train and val")
     dist_info = setup_distributed(args.device)
     device = dist_info.device
-    if args.val_path is None and not (Path(args.data_path) / "val").is_dir():
+    if args.val_path is None and not (Path(args.data_path).expanduser() / "val").is_dir():
         raise DataError(f"--data_path {args.data_path!r} has no val/ folder; give the validation images with "
                         "--val_path")
-    train_files, train_labels, classes = labeled_images(args.data_path, "train")
-    val_files, val_labels, val_classes = labeled_images(args.val_path or args.data_path, "val")
+    train_files, train_labels, classes = labeled_images(args.data_path, "train", "the linear probe")
+    val_files, val_labels, val_classes = labeled_images(args.val_path or args.data_path, "val", "the linear probe")
     missing = sorted(set(val_classes) - set(classes))
     if missing:
         raise DataError(f"the validation set has classes the training set lacks: {missing[:10]}")
@@ -282,7 +302,6 @@ def run(args: argparse.Namespace) -> dict | None:
     model, _ = build_model(state, preset, (args.input_size, args.input_size))
     model = model.to(device).eval()
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     settings = {"preset": preset, "pool": args.pool, "input_size": args.input_size}
     cache = out / f"features-{cache_key(checkpoint, train_files + val_files, settings)}.pt"
     features = None
@@ -301,7 +320,8 @@ def run(args: argparse.Namespace) -> dict | None:
         started = time.perf_counter()
         features = {}
         for split, files in (("train", train_files), ("val", val_files)):
-            loader = build_eval_loader(data, files, dist_info.rank, dist_info.world_size, device, args.seed)
+            loader = _Reported(build_eval_loader(data, files, dist_info.rank, dist_info.world_size, device, args.seed),
+                               f"{split} features", dist_info.world_size, dist_info.is_main)
             rows, present = extract_features(model, loader, len(files), device, autocast, args.pool)
             # Images no slot delivered (marked slots only) are left out, with their labels.
             features[split], features[f"{split}_kept"] = rows[present].cpu(), present.nonzero()[:, 0].cpu()
@@ -313,6 +333,7 @@ def run(args: argparse.Namespace) -> dict | None:
                                       f"{bad} of {values.shape[0]} {split} images; its weights are not usable for a "
                                       "probe (nothing was cached)")
         if dist_info.is_main:
+            out.mkdir(parents=True, exist_ok=True)  # only now: a run stopped by an error leaves no empty folder
             save_features(features, cache)
             logger.info("extracted %d + %d features in %.1f s into %s", len(train_files), len(val_files),
                         time.perf_counter() - started, cache)

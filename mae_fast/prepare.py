@@ -1,7 +1,8 @@
 """``python -m mae_fast.prepare SRC DST``: turn an image folder into a training-ready WebDataset shard set.
 
 Every image of SRC (ImageNet-style ``SRC/train/<class>/*`` or ``SRC/<class>/*``, or a flat folder,
-searched recursively) is decoded, resized so its shorter side is at most ``--max_side`` pixels
+searched recursively; of an ImageNet-style SRC only ``train/`` is packed, and a ``val/`` beside it is named
+with the command that packs it on its own) is decoded, resized so its shorter side is at most ``--max_side`` pixels
 (bicubic; smaller images are kept as they are), re-encoded as JPEG at ``--quality`` and packed, in
 an order shuffled by ``--seed``, into shards of about ``--shard_size`` bytes:
 ``DST/shard-000000.tar`` ... Each shard has DALI's index file beside it (``shard-000000.idx``) and
@@ -36,7 +37,6 @@ image per core), against 1.13 ms for Pillow on a 500x375 original (about 110 KB)
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -51,12 +51,14 @@ from pathlib import Path
 
 import numpy as np
 
+from mae_fast.cli import CommandParser
 from mae_fast.data.files import class_root, find_images, folder_classes, open_rgb
 from mae_fast.data.shards import MANIFEST_NAME, index_path, scan_shard, write_index
 from mae_fast.errors import ConfigError, DataError, MaeFastError, OutputDirError
 
 logger = logging.getLogger("mae_fast")
 
+PROG = "mae_fast.prepare"
 MANIFEST_VERSION = 1
 SKIPPED_NAME = "skipped.txt"
 #: prepare's temporary files: ``.<final name>.prepare.tmp-<pid of the process writing it>``.
@@ -250,6 +252,11 @@ def prepare(src: str, dst: str, max_side: int = 256, quality: int = 90, shard_si
     files, labels = [files[i] for i in order], [labels[i] for i in order]
     settings = {"max_side": max_side, "quality": quality, "shard_size": shard_size, "seed": seed}
     out = Path(os.path.expanduser(dst))
+    val = Path(source) / "val"
+    if (Path(source) / "train").is_dir() and val.is_dir():
+        logger.info("prepare: %s is not packed, only %s/train: validation reads it as it is (--val_path %s; the kNN "
+                    "monitor and linprobe need its class folders), or pack it on its own: python -m mae_fast.prepare "
+                    "%s %s-val", val, source, val, val, out.absolute())
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -384,12 +391,13 @@ def _duration(seconds: float) -> str:
         f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code."""
-    parser = argparse.ArgumentParser(
-        prog="python -m mae_fast.prepare", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Turn an image folder into a WebDataset shard set that trains with --data_path DST.")
-    parser.add_argument("src", help="an ImageNet-style (SRC/train/<class>/*) or flat folder of images")
+def build_parser() -> CommandParser:
+    """The command line of ``python -m mae_fast.prepare``."""
+    parser = CommandParser(
+        PROG, description="Turn an image folder into a WebDataset shard set that trains with --data_path DST. "
+                          "From an ImageNet-style SRC it packs train/ only.")
+    parser.add_argument("src", help="an ImageNet-style (SRC/train/<class>/*, of which train/ is packed) or flat folder "
+                                    "of images")
     parser.add_argument("dst", help="the folder for the shards, their index files and manifest.json")
     parser.add_argument("--max_side", type=int, default=256, help="the shorter side is resized to at most this")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality of the re-encoded images")
@@ -397,14 +405,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="encoding processes (default: all cores)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled image order")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code (2 with one line for a mistake)."""
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         prepare(args.src, args.dst, args.max_side, args.quality, parse_size(args.shard_size), args.workers, args.seed)
     except MaeFastError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("prepare: stopped; run the same command again to finish (complete shards are kept)", file=sys.stderr)

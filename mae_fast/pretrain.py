@@ -1,7 +1,7 @@
-"""torchrun -m mae_fast.pretrain: MAE pretraining with the official script's flags.
+"""python -m mae_fast.pretrain (or torchrun -m mae_fast.pretrain): MAE pretraining with the official script's flags.
 
-With no flags it pretrains a tiny MAE on the built-in image set (a few minutes on a CPU) and
-writes checkpoints, log.txt and reconstruction images to ./output_dir.
+With no flags it pretrains a tiny MAE on the built-in image set, sized for a CPU (the README gives
+a measured time), and writes checkpoints, log.txt and reconstruction images to ./output_dir.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import sys
 import threading
 import time
 
+from mae_fast.cli import CommandParser, first_missing_folder, remove_empty_folders
 from mae_fast.config import DataConfig, ModelConfig, OptimConfig, RunConfig, field_docs, fields
 from mae_fast.errors import CollectiveTimeoutError, MaeFastError, TrainingStopped
+from mae_fast.presets import PRESETS
 
 PROG = "mae_fast.pretrain"
 
@@ -60,8 +62,6 @@ METAVARS = {"data_path": "PATH", "val_path": "PATH", "output_dir": "PATH", "log_
 
 
 def _epilog() -> str:
-    from mae_fast.model import PRESETS
-
     presets = "\n".join(f"  {name:24s} {description}" for name, (description, _) in PRESETS.items())
     return (f"model presets (--model):\n{presets}\n\n"
             "A mistake in the flags or inputs ends with one line 'mae_fast.pretrain: error: ...' and exit code 2; a\n"
@@ -86,8 +86,7 @@ def _default_text_of(default, doc: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: every flag documented from the configuration dataclasses, with its default."""
-    parser = argparse.ArgumentParser(prog=f"torchrun -m {PROG}", description=__doc__.split(": ", 1)[1].strip(),
-                                     epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(PROG, description=__doc__.split(": ", 1)[1].strip(), epilog=_epilog())
     docs = {name: field_docs(cls) for name, cls in SECTIONS.items()}
     for flag, (section, name) in FLAGS.items():
         text = " ".join(docs[section][name].split(": ", 1)[-1].split())
@@ -163,6 +162,12 @@ def _stop_line(trainer, argv: list[str], prog: str = PROG) -> str:
     return f"{prog}: {where}; last good checkpoint {good}. Resume with: {resume_command(argv, target, prog)}"
 
 
+def _is_collective_timeout(exc: RuntimeError) -> bool:
+    from mae_fast.distributed import is_collective_timeout  # torch: only once the flags were good
+
+    return is_collective_timeout(exc)
+
+
 @contextlib.contextmanager
 def _ctrl_c_stops_after_the_step(trainer, argv: list[str], prog: str = PROG):
     """The first Ctrl-C asks the run to stop after the current step, writing checkpoint-last.pth there (so the
@@ -204,18 +209,19 @@ def _rank_prefix() -> str:
 
 
 def run_command(prog: str, argv: list[str] | None, parse, train) -> int:
-    """A training command's life: parse ``argv`` with ``parse`` (flags -> config), then ``train(config)``, which
-    builds the run, hands it to ``started`` and trains. Every mistake and fault is one line ``<prog>: error: ...``;
-    returns the process exit code (0, 1, 2, or 130 on Ctrl-C)."""
+    """A training command's life: ``parse(argv)`` (flags -> config, before torch loads), then ``train(config,
+    started)``, which builds the run, enters ``started(run)`` (Ctrl-C handling) and trains. Every mistake and fault
+    is one line ``<prog>: error: ...``; an early stop leaves no empty output folder behind. Returns the process exit
+    code (0, 1, 2, or 130 on Ctrl-C)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("MAE_FAST_DEBUG", "0") not in ("", "0")
-    from mae_fast.distributed import is_collective_timeout, teardown_distributed
 
     runs: list = []  # the run, once built (for the Ctrl-C line and the last good checkpoint)
-    config = None
+    config = created = None
     try:
-        config = parse(argv)
+        config = parse(argv)  # a mistake in the flags is one line within a second
+        created = first_missing_folder(config.output_dir)  # removed again if the run stops before writing to it
 
         @contextlib.contextmanager
         def started(trainer):
@@ -224,6 +230,8 @@ def run_command(prog: str, argv: list[str] | None, parse, train) -> int:
                 yield
 
         train(config, started)
+        from mae_fast.distributed import teardown_distributed
+
         teardown_distributed(finished=True)
         return 0
     except KeyboardInterrupt:
@@ -232,7 +240,7 @@ def run_command(prog: str, argv: list[str] | None, parse, train) -> int:
         return 130
     except Exception as exc:
         trainer = runs[0] if runs else None
-        if isinstance(exc, RuntimeError) and not isinstance(exc, MaeFastError) and is_collective_timeout(exc):
+        if isinstance(exc, RuntimeError) and not isinstance(exc, MaeFastError) and _is_collective_timeout(exc):
             good = trainer.good_checkpoint() if trainer is not None else None
             exc = CollectiveTimeoutError(
                 f"a collective waited longer than --dist_timeout {config.dist_timeout:g} s for the other ranks (one "
@@ -245,7 +253,12 @@ def run_command(prog: str, argv: list[str] | None, parse, train) -> int:
         print(f"{_rank_prefix()}{prog}: error: {message}", file=sys.stderr, flush=True)
         return exc.exit_code
     finally:
-        teardown_distributed()
+        if config is not None:  # the flags were good: torch is loaded, a process group may be up
+            from mae_fast.distributed import teardown_distributed
+
+            teardown_distributed()
+            if os.environ.get("RANK", "0") == "0":
+                remove_empty_folders(config.output_dir, up_to=created)
 
 
 def _pretrain(config: RunConfig, started) -> None:

@@ -14,15 +14,30 @@ and on GPUs also ``MFU 41.2%`` and ``peak memory 21.3 GiB``. An epoch ends with 
 
 Epochs count from 1 in these lines; ``log.txt`` and checkpoint names keep the official 0-based
 epoch index (``checkpoint-3.pth`` is the fourth epoch).
+
+Step lines come every ``--log_every`` optimizer steps and, so that a slow run is not silent, by time: the run's
+first line at the first step that ends :data:`FIRST_LINE_SECONDS` or more after its start, then one whenever
+:data:`LINE_SECONDS` passed without one (:meth:`Progress.line_due`). :func:`report_progress` gives other long loops
+(feature extraction) such lines.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from typing import Iterable, Iterator
 
 import torch
 
 from mae_fast.distributed import all_reduce_sum
+
+logger = logging.getLogger("mae_fast")
+
+#: A run (or a loop under :func:`report_progress`) prints its first progress line at the first step that ends this
+#: many seconds or more after its start.
+FIRST_LINE_SECONDS = 5.0
+#: Seconds without a line after which the next step prints one, even before ``--log_every`` steps have passed.
+LINE_SECONDS = 60.0
 
 
 def format_duration(seconds: float) -> str:
@@ -62,6 +77,8 @@ class Progress:
         self.flops_per_image, self.peak_flops, self.world_size = flops_per_image, peak_flops, world_size
         self.mfu_note = mfu_note
         self.run_start_step, self.run_start_time = start_step, time.perf_counter()
+        self.lines, self.last_line_time = 0, self.run_start_time
+        self.eta_step, self.eta_time = start_step, self.run_start_time  # where the ETA counts from
         self.bar = None
 
     # ------------------------------------------------------------------ an epoch
@@ -72,6 +89,8 @@ class Progress:
         from tqdm import tqdm
 
         self.epoch, self.num_batches = epoch, num_batches
+        if not self.lines:  # the run's clock starts with its training, not with the model's build or a first kNN
+            self.run_start_time = self.last_line_time = self.eta_time = time.perf_counter()
         # This rank's loss sums (each batch's loss times its valid images) and valid images, over the epoch and
         # at the last log line; all-reduced only when a line is printed. A resumed epoch carries on with the
         # sums of the run it resumes, so its mean is the uninterrupted run's.
@@ -105,6 +124,17 @@ class Progress:
 
     # ------------------------------------------------------------------ lines
 
+    def line_due(self, step: int, log_every: int) -> bool:
+        """Whether optimizer step ``step`` prints a line: every ``log_every`` steps, and besides, in one process, the
+        run's first line once :data:`FIRST_LINE_SECONDS` have passed, then one whenever :data:`LINE_SECONDS` passed
+        without a line. Several ranks must agree without a collective, so there the run's first step prints one."""
+        if step % log_every == 0:
+            return True
+        if self.world_size > 1:
+            return step == self.run_start_step + 1
+        quiet = time.perf_counter() - self.last_line_time
+        return quiet >= (LINE_SECONDS if self.lines else FIRST_LINE_SECONDS)
+
     def log_step(self, step: int, batch_in_epoch: int, lr: float) -> dict:
         """Reduce the loss sums over the ranks, print the step line (rank 0) and return the statistics.
 
@@ -126,8 +156,9 @@ class Progress:
         now = time.perf_counter()
         elapsed = max(now - self.window_start, 1e-9)
         images_per_s = window_here / elapsed
-        steps_done = step - self.run_start_step
-        eta = (now - self.run_start_time) / steps_done * (self.total_steps - step) if steps_done > 0 else float("nan")
+        # From the second line on, the ETA counts from the first, so a slow first step (a compile) does not skew it.
+        steps_done = step - self.eta_step
+        eta = (now - self.eta_time) / steps_done * (self.total_steps - step) if steps_done > 0 else float("nan")
         stats = {"train_loss": mean_loss, "window_loss": window_loss, "train_lr": lr, "images_per_sec": images_per_s,
                  "data_wait_s": self.data_wait, "eta_s": eta}
         line = (f"step {step}/{self.total_steps} (epoch {self.epoch + 1}/{self.epochs}, batch {batch_in_epoch}/"
@@ -149,6 +180,9 @@ class Progress:
                 self.writer.add_scalar("train/lr", lr, step)
                 self.writer.add_scalar("train/images_per_sec", images_per_s, step)
         self.window_wait, self.window_start = 0.0, time.perf_counter()
+        self.lines, self.last_line_time = self.lines + 1, self.window_start
+        if self.lines == 1:
+            self.eta_step, self.eta_time = step, now
         return stats
 
     def end_epoch(self, stats: dict, saved: list) -> str:
@@ -181,3 +215,22 @@ class Progress:
         """Close the progress bar (idempotent)."""
         if self.bar is not None:
             self.bar.close()
+
+
+def report_progress(batches: Iterable, total: int, label: str, world_size: int = 1,
+                    is_main: bool = True) -> Iterator:
+    """Yield ``batches`` (``(images, ...)`` tuples, ``total`` of them) and log, on the main rank, lines such as
+    ``train features: batch 12/40, 310 images/s, ETA 9s``: the first at the first batch done
+    :data:`FIRST_LINE_SECONDS` or more after the start, then one when :data:`LINE_SECONDS` passed without one, and
+    one at the last batch. ``world_size`` ranks each take such batches (the rate counts them all)."""
+    start = last_line = time.perf_counter()
+    images = lines = 0
+    for done, batch in enumerate(batches, start=1):
+        yield batch
+        images += len(batch[0]) * world_size
+        now = time.perf_counter()
+        if is_main and (now - last_line >= (LINE_SECONDS if lines else FIRST_LINE_SECONDS) or done == total):
+            elapsed = max(now - start, 1e-9)
+            logger.info("%s: batch %d/%d, %s images/s, ETA %s", label, done, total, f"{images / elapsed:,.0f}",
+                        format_duration(elapsed / done * (total - done)))
+            lines, last_line = lines + 1, now

@@ -144,7 +144,7 @@ def test_a_missing_library_names_the_extra(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "transformers", None)
     code, _, err = run([save_official(trained_like(32), tmp_path / "ckpt.pth"), tmp_path / "hf", "--to", "hf"], capsys)
-    assert code == 2 and "pip install 'mae_fast[export]'" in err
+    assert code == 2 and 'pip install -e ".[export]"' in err
 
 
 def folder_state(folder):

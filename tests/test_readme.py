@@ -2,7 +2,6 @@
 
 import os
 import re
-import runpy
 import shutil
 import subprocess
 import sys
@@ -31,43 +30,140 @@ def test_each_python_block_runs_as_written_on_a_cpu(tmp_path, index):
     assert run.returncode == 0, run.stderr[-3000:]
 
 
-def test_the_quick_start_states_its_measured_time_on_a_cpu():
-    quick_start = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    assert re.search(r"Measured on\s+a 2-core CPU", quick_start)
-    assert re.search(r"took \d+ min \d+ s", quick_start)
+def section(title: str) -> str:
+    return README.split(title, 1)[1].split("\n## ", 1)[0]
+
+
+def sentence_with(pattern: str, text: str) -> str:
+    """The sentence of ``text`` (the README wraps its lines) in which ``pattern`` matches."""
+    match = re.search(pattern, text)
+    assert match, pattern
+    start = max(text.rfind(". ", 0, match.start()), text.rfind("\n\n", 0, match.start()))
+    end = text.find(". ", match.end())
+    return " ".join(text[start + 1:end if end >= 0 else None].split())
+
+
+def test_the_quick_start_and_the_probe_state_their_times_with_the_machine_and_its_load():
+    quick_start = section("## Quick start")
     assert "python -m mae_fast.pretrain" in quick_start
+    claim = sentence_with(r"took \d+ min \d+ s", quick_start)
+    assert "2-core" in claim and "no GPU" in claim and re.search(r"busy|quiet", claim), claim
+    probe = sentence_with(r"the probe took \d+ s", README)
+    assert "2-core" in probe and re.search(r"busy|quiet", probe), probe
 
 
-def test_the_cpu_only_test_command_skips_the_cuda_build_and_shows_skip_reasons(tmp_path, monkeypatch):
+TEST_COMMAND = next(line.strip() for line in README.splitlines() if "&& pytest tests -rs && pytest bench" in line)
+
+
+def test_the_cuda_build_is_announced_before_the_test_command_with_how_to_see_its_progress():
+    before = README[:README.index(TEST_COMMAND)].split("## Quick start", 1)[1]
+    said = sentence_with(r"compiles the CUDA ops", before)
+    assert "only where they can run" in said and "a GPU is visible" in said, said
+    said = sentence_with(r"`torch.cuda.is_available\(\)`", before)
+    assert "only asks the driver" in said, said
+    said = sentence_with(r"To build without a GPU", before)
+    assert "MAE_FAST_FORCE_CUDA_BUILD=1" in said and "GPU-less node for a GPU cluster" in said, said
+    assert re.search(r"\d+ min", said) and "still" in said, said
+    assert "pip install -v" in TEST_COMMAND  # pip shows the build's output, a line per compiled file, only with -v
+    assert "MAE_FAST_SKIP_CUDA_BUILD" not in TEST_COMMAND and "MAE_FAST_FORCE_CUDA_BUILD" not in TEST_COMMAND
+
+
+def test_ci_runs_the_readme_command_with_the_cuda_build_forced_and_fails_when_a_test_fails(tmp_path):
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert TEST_COMMAND in ci  # CI runs what the README tells a user to run ...
+    said = sentence_with(r"CI \(`\.ci/run`\)", README)
+    assert "MAE_FAST_FORCE_CUDA_BUILD=1 MAE_FAST_CUDA_ARCHS=90" in said and "fails when any test fails" in said, said
+    # ... run here with stand-ins for python3, pip and pytest on a copy of the script: pip records the variables
+    # the install sees, and `pytest tests` fails as a failing test makes it fail.
+    (tmp_path / ".ci").mkdir()
+    shutil.copy(ROOT / ".ci" / "run", tmp_path / ".ci" / "run")
+    stand_ins = tmp_path / "bin"
+    stand_ins.mkdir()
+    scripts = {
+        "python3": f'mkdir -p .venv/bin && echo "export PATH={stand_ins}:\\$PATH" > .venv/bin/activate',
+        "pip": 'echo "$* FORCE=${MAE_FAST_FORCE_CUDA_BUILD:-} ARCHS=${MAE_FAST_CUDA_ARCHS:-}" >> pip.log',
+        "pytest": 'echo "$*" >> pytest.log; [ "$1" != tests ] || exit "${TESTS_EXIT:-0}"',
+    }
+    for name, body in scripts.items():
+        (stand_ins / name).write_text(f"#!/bin/bash\n{body}\n")
+        (stand_ins / name).chmod(0o755)
+    env = {"PATH": f"{stand_ins}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    for exit_code in (0, 1):
+        for log in ("pip.log", "pytest.log"):
+            (tmp_path / log).unlink(missing_ok=True)
+        run = subprocess.run(["bash", str(tmp_path / ".ci" / "run")], env={**env, "TESTS_EXIT": str(exit_code)},
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == exit_code, run.stderr
+        installs = (tmp_path / "pip.log").read_text().splitlines()
+        assert installs[-1].startswith("install -v --no-build-isolation -e") and \
+            installs[-1].endswith("FORCE=1 ARCHS=90"), installs
+        ran = (tmp_path / "pytest.log").read_text().splitlines()
+        assert ran == (["tests -rs", "bench --benchmark-disable"] if exit_code == 0 else ["tests -rs"]), ran
+
+
+def test_brace_patterns_are_quoted_as_the_shell_needs_them():
+    import ast
+    import importlib
+
+    from mae_fast.config import DataConfig, field_docs
+
+    texts = {"README.md": README, "--data_path's help": field_docs(DataConfig)["data_path"],
+             "bench/README.md": (ROOT / "bench" / "README.md").read_text()}
+    for command in ("pretrain", "prepare", "linprobe", "export", "info"):
+        texts[f"{command} --help"] = importlib.import_module(f"mae_fast.{command}").build_parser().format_help()
+    for module in sorted((ROOT / "mae_fast").rglob("*.py")):  # the modules' own documentation
+        texts[str(module.relative_to(ROOT))] = ast.get_docstring(ast.parse(module.read_text())) or ""
+    found = 0
+    for where, text in texts.items():
+        for pattern in re.findall(r"\S*\{\d+\.\.\d+\}\S*", text):
+            found += 1
+            # unquoted, bash expands it into one argument per name
+            assert re.match(r"[(`]*'", pattern), f"{where}: {pattern}"
+    assert found >= 3
+
+
+def test_the_readme_says_where_the_logs_and_the_built_in_set_go_and_which_decoder_runs(monkeypatch, tmp_path):
+    from mae_fast.config import RunConfig
+    from mae_fast.data import builtin, dali_loader, resolve_data_backend
+
+    assert "tensorboard --logdir output_dir" in README and RunConfig().log_dir == RunConfig().output_dir
+    said = sentence_with(r"`MAE_FAST_CACHE`", section("## Quick start"))
+    assert "built-in image set" in said and "~/.cache/mae_fast" in said, said
+    monkeypatch.setenv("MAE_FAST_CACHE", str(tmp_path))
+    assert builtin.default_cache_dir() == tmp_path
+    said = sentence_with(r'pip install -e "\.\[dali\]"', README)
+    assert "CUDA 13" in said, said
+    assert 'dali = ["nvidia-dali-cuda130"]' in (ROOT / "pyproject.toml").read_text()
+    said = sentence_with(r"switches `--data_backend auto`", README)
+    assert "demo" in said and "--data_backend torch" in said, said
+    monkeypatch.setattr(dali_loader, "dali_unavailable_reason", lambda: None)  # DALI importable
+    assert resolve_data_backend("auto") == "dali"
+
+
+def test_the_prediction_column_is_explained_and_the_loss_leaves_visible_patches_untrained():
+    import torch
+
+    from mae_fast import create_model
+
+    said = sentence_with(r"visible patches look like noise", README)
+    assert "prediction" in said and "masked patches" in said, said
+    model = create_model("mae_vit_tiny_patch16", img_size=32, kernel_backend="torch")
+    images = torch.randn(2, 3, 32, 32)
+    latent, mask, ids_restore = model.forward_encoder(images, 0.5)
+    pred = model.forward_decoder(latent, ids_restore).detach().requires_grad_()
+    model.forward_loss(images, pred, mask).backward()
+    visible = mask == 0
+    assert visible.any() and (pred.grad[visible] == 0).all() and (pred.grad[~visible] != 0).any()
+
+
+def test_the_test_command_shows_skip_reasons_and_the_readme_names_the_note_a_skipped_build_leaves():
     from mae_fast.ops import dispatch
 
-    command = next(line.strip() for line in README.splitlines() if "MAE_FAST_SKIP_CUDA_BUILD=1 pip install" in line)
-    assert command.startswith("MAE_FAST_SKIP_CUDA_BUILD=1 pip install") and command.endswith("pytest tests -rs")
-    assert f"mae_fast/{dispatch.CUDA_BUILD_SKIPPED_FILE}" in README
-    # The variable is set for pip alone, so setup.py must leave in the package what pytest reads later: the note
-    # that tests/ops/test_cuda_extension.py skips on instead of failing where nvcc and a CUDA torch would build.
-    # setup.py runs here on a copy (the checkout's package keeps its own note), as pip runs it, with setup() itself
-    # left out; a run without the variable (every real build is one) removes the note.
-    for name in ("setup.py", "pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, tmp_path / name)
-    (tmp_path / "mae_fast").mkdir()
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["setup.py", "--name"])
-    for variable in ("MAE_FAST_SKIP_CUDA_BUILD", "MAE_FAST_FORCE_CUDA_BUILD"):
-        monkeypatch.delenv(variable, raising=False)
-    import setuptools
-
-    calls = []
-    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: calls.append(kwargs))
-    monkeypatch.setenv("MAE_FAST_SKIP_CUDA_BUILD", "1")
-    runpy.run_path(str(tmp_path / "setup.py"))
-    assert calls[-1]["ext_modules"] == [] and calls[-1]["cmdclass"] == {}
-    assert calls[-1]["package_data"] == {"mae_fast": [dispatch.CUDA_BUILD_SKIPPED_FILE]}  # wheels carry the note
-    note = dispatch.cuda_build_skipped(tmp_path / "mae_fast")
-    assert note is not None and "MAE_FAST_SKIP_CUDA_BUILD=1" in note and "on purpose" in note
-    monkeypatch.delenv("MAE_FAST_SKIP_CUDA_BUILD")
-    runpy.run_path(str(tmp_path / "setup.py"))  # no csrc/ in the copy: the build is skipped, but not on purpose
-    assert dispatch.cuda_build_skipped(tmp_path / "mae_fast") is None and len(calls) == 2
+    assert TEST_COMMAND.split(" && pytest bench")[0].endswith("pytest tests -rs")
+    said = sentence_with(r"A skipped build leaves", README)
+    assert f"`mae_fast/{dispatch.CUDA_BUILD_SKIPPED_FILE}`" in said and "no GPU was visible" in said, said
+    assert "MAE_FAST_SKIP_CUDA_BUILD=1" in said, said
+    # What setup.py leaves, and how the extension test reads it: tests/ops/test_cuda_extension.py.
 
 
 def test_the_step_line_shown_in_the_readme_is_the_trainers_format():
@@ -77,6 +173,13 @@ def test_the_step_line_shown_in_the_readme_is_the_trainers_format():
     assert re.fullmatch(r"step \d+/\d+ \(epoch \d+/\d+, batch \d+/\d+\): loss [\d.]+, lr [\d.e-]+, [\d,]+ images/s, "
                         r"data wait \d+%, ETA \w+", shown)
     assert shown.endswith(format_duration(65))
+
+
+def test_when_progress_lines_come_is_what_the_trainer_does():
+    from mae_fast.progress import FIRST_LINE_SECONDS, LINE_SECONDS
+
+    said = sentence_with(r"the first step that ends \d+ s or more after the start", README)
+    assert f"ends {FIRST_LINE_SECONDS:g} s or more" in said and f"after {LINE_SECONDS:g} s without a line" in said
 
 
 def _commands(prefix: str) -> list[str]:

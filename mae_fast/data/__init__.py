@@ -15,27 +15,37 @@ slot: padding, or an image that did not decode; the trainer gives those weight 0
 ``build_classification_loader`` reads labeled images (ImageNet-layout folders, shard sets whose
 samples carry ``cls``; :mod:`mae_fast.data.labeled`) through the same sampler and the ``torch`` backend's
 loaders, with the official fine-tuning transforms, and yields ``(images, labels, indices)``.
+
+The loaders (and torch) are imported when a loader is built, so that the command line can check
+``--data_path`` with :mod:`mae_fast.data.shards` before torch loads.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-import torch
-
-from mae_fast.config import AugConfig, DataConfig
 from mae_fast.errors import BackendUnavailableError, ConfigError
 from mae_fast.data.builtin import builtin_image_dir
-from mae_fast.data.dali_loader import DaliLoader, dali_unavailable_reason
 from mae_fast.data.files import class_folder_names, usable_images
-from mae_fast.data.synthetic import SyntheticLoader
 from mae_fast.data.shards import is_shard_spec, load_shard_set
-from mae_fast.data.torch_loader import TorchLoader, TorchShardLoader
+
+if TYPE_CHECKING:
+    import torch
+
+    from mae_fast.config import AugConfig, DataConfig
 
 logger = logging.getLogger("mae_fast")
 
 __all__ = ["build_loader", "build_eval_loader", "build_classification_loader", "resolve_data_backend",
-           "builtin_image_dir", "usable_images"]
+           "builtin_image_dir", "usable_images", "dali_unavailable_reason"]
+
+
+def dali_unavailable_reason() -> str | None:
+    """Why DALI cannot be used here, or None (see :func:`mae_fast.data.dali_loader.dali_unavailable_reason`)."""
+    from mae_fast.data import dali_loader
+
+    return dali_loader.dali_unavailable_reason()
 
 
 def resolve_data_backend(backend: str) -> str:
@@ -54,7 +64,7 @@ def resolve_data_backend(backend: str) -> str:
 
 
 def build_loader(config: DataConfig, rank: int, world_size: int, device: torch.device | str, seed: int,
-                 train: bool = True, dtype: torch.dtype = torch.float32):
+                 train: bool = True, dtype: torch.dtype | None = None):
     """The loader of one rank.
 
     Args:
@@ -64,8 +74,8 @@ def build_loader(config: DataConfig, rank: int, world_size: int, device: torch.d
         seed: run seed; shuffling and augmentation follow (seed, epoch, rank).
         train: training (random augmentation, reshuffled) or validation (resize + center crop,
             fixed order) from ``config.val_path``.
-        dtype: dtype of the delivered images: a float dtype for normalized images, ``torch.uint8``
-            for the pixels (0-255, not normalized; the synthetic backend draws them uniformly).
+        dtype: dtype of the delivered images: a float dtype for normalized images (None: float32),
+            ``torch.uint8`` for the pixels (0-255, not normalized; the synthetic backend draws them uniformly).
 
     Returns:
         An object with ``len()`` (batches per epoch), ``num_samples``, ``backend`` and
@@ -75,6 +85,13 @@ def build_loader(config: DataConfig, rank: int, world_size: int, device: torch.d
         DataError: missing or empty data folder, or none of its files readable by the backend.
         BackendUnavailableError: the backend cannot run here.
     """
+    import torch
+
+    from mae_fast.data.dali_loader import DaliLoader
+    from mae_fast.data.synthetic import SyntheticLoader
+    from mae_fast.data.torch_loader import TorchLoader, TorchShardLoader
+
+    dtype = torch.float32 if dtype is None else dtype
     backend = resolve_data_backend(config.backend)
     device = torch.device(device)
     if backend == "synthetic":
@@ -102,12 +119,19 @@ def build_loader(config: DataConfig, rank: int, world_size: int, device: torch.d
 
 
 def build_eval_loader(config: DataConfig, files: list[str], rank: int, world_size: int, device: torch.device | str,
-                      seed: int, dtype: torch.dtype = torch.float32):
-    """One rank's evaluation loader (resize and center crop, fixed order) over ``files``, already checked.
+                      seed: int, dtype: torch.dtype | None = None):
+    """One rank's evaluation loader (resize and center crop, fixed order) over ``files``, already checked; ``dtype``
+    as for :func:`build_loader`.
 
     Raises:
         BackendUnavailableError: the backend cannot run here.
     """
+    import torch
+
+    from mae_fast.data.dali_loader import DaliLoader
+    from mae_fast.data.torch_loader import TorchLoader
+
+    dtype = torch.float32 if dtype is None else dtype
     backend = resolve_data_backend(config.backend)
     if backend == "synthetic":
         backend = "torch"  # labeled images are real files whatever the training data
@@ -165,7 +189,11 @@ def build_classification_loader(config: DataConfig, aug: AugConfig | None, rank:
             set without ``cls`` members; a validation set whose classes are not the training set's; nothing readable.
         BackendUnavailableError: timm cannot run here.
     """
+    import torch
+
+    from mae_fast.config import AugConfig
     from mae_fast.data import labeled
+    from mae_fast.data.torch_loader import TorchLoader, TorchShardLoader
     from mae_fast.data.transforms import (FinetuneEvalTransform, FinetuneTrainTransform, SeededErasing,
                                           official_train_transform)
 

@@ -31,7 +31,7 @@ import torch
 from mae_fast.data import files as image_checks
 from mae_fast.data.files import image_size
 from mae_fast.data.sampler import batches_per_epoch, epoch_indices, shard_batches_per_epoch
-from mae_fast.errors import BackendUnavailableError, DataError
+from mae_fast.errors import BackendUnavailableError, DataError, install_hint
 from mae_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_crops
 
 logger = logging.getLogger("mae_fast")
@@ -42,7 +42,7 @@ def dali_unavailable_reason() -> str | None:
     try:
         import nvidia.dali  # noqa: F401
     except Exception as exc:
-        return f"NVIDIA DALI is not importable ({type(exc).__name__}: {exc}); install mae_fast[dali]"
+        return f"NVIDIA DALI is not importable ({type(exc).__name__}: {exc}); install it with {install_hint('dali')}"
     return None
 
 

@@ -1,14 +1,13 @@
 """WebDataset shard sets: finding the shards, counting their images, and streaming them in order.
 
 A shard set is named by ``--data_path`` as a folder of ``.tar`` files, a brace pattern
-(``train-{000000..000127}.tar``), a text file listing shard paths or URLs (one per line; relative
-paths are relative to the list), or one shard. A shard is a local file, an ``http(s)://`` URL or a
-``pipe:COMMAND`` whose standard output is the tar (``pipe:aws s3 cp s3://bucket/train-000000.tar -``),
-so shards can stream from object storage. A command or URL that sends nothing for ``timeout``
-seconds (``--shard_timeout``), at its start or in the middle, is stopped; a command that exits with
-a non-zero status, even after a complete tar, has failed. A failed read of a remote shard is tried
-again after :data:`RETRY_DELAYS` (continuing after the images already read), then raises
-:class:`ShardReadError`.
+(``'train-{000000..000127}.tar'``, quoted for the shell), a text file listing shard paths or URLs (one per
+line; relative paths are relative to the list), or one shard. A shard is a local file, an ``http(s)://`` URL
+or a ``pipe:COMMAND`` whose standard output is the tar (``pipe:aws s3 cp s3://bucket/train-000000.tar -``), so
+shards can stream from object storage. A command or URL that sends nothing for ``timeout`` seconds
+(``--shard_timeout``), at its start or in the middle, is stopped; a command that exits with a non-zero status,
+even after a complete tar, has failed. A failed read of a remote shard is tried again after
+:data:`RETRY_DELAYS` (continuing after the images already read), then raises :class:`ShardReadError`.
 
 A sample is the group of members that share a name up to the first dot of the file name
 (WebDataset's rule); its image is its ``jpg``, ``jpeg``, ``png`` or ``webp`` member, its class (for

@@ -94,12 +94,16 @@ def define_cuda_op(schema: str, fake: Callable) -> None:
     torch.library.register_fake(f"mae_fast::{schema.split('(', 1)[0]}", fake, lib=_CUDA_LIBRARY)
 
 
-#: The note setup.py leaves in the package when ``MAE_FAST_SKIP_CUDA_BUILD=1`` skipped building mae_fast._C.
+#: The note setup.py leaves in the package when it skipped building mae_fast._C on purpose
+#: (``MAE_FAST_SKIP_CUDA_BUILD=1``) or because no GPU was visible.
 CUDA_BUILD_SKIPPED_FILE = "cuda_build_skipped.txt"
+#: How that note starts when the build was skipped because no GPU was visible (setup.py's NO_GPU_NOTE).
+NO_GPU_NOTE = "no GPU was visible when mae_fast was installed"
 
 
 def cuda_build_skipped(package_dir: str | os.PathLike | None = None) -> str | None:
-    """Why the install skipped building mae_fast._C on purpose (setup.py's note in the package), or None.
+    """Why the install skipped building mae_fast._C (setup.py's note in the package): on purpose, or
+    :data:`NO_GPU_NOTE` and the rest; None when it did not skip (it built, failed, or could not build).
 
     ``package_dir``: the ``mae_fast`` folder to look in (default: this package's).
     """
@@ -118,8 +122,10 @@ def _cuda_extension_error() -> str | None:
         return None
     skipped = cuda_build_skipped()
     if skipped:
+        how = "with MAE_FAST_FORCE_CUDA_BUILD=1" if skipped.startswith(NO_GPU_NOTE) else \
+            "without MAE_FAST_SKIP_CUDA_BUILD=1"
         return (f"the CUDA extension mae_fast._C is not built ({skipped}); build it with "
-                "`pip install --no-build-isolation -e .` without MAE_FAST_SKIP_CUDA_BUILD=1, using a CUDA build "
+                f"`pip install --no-build-isolation -e .` {how}, using a CUDA build "
                 "of torch and nvcc, with CUDA_HOME naming the toolkit folder (see setup.py)")
     return (f"the CUDA extension mae_fast._C is not built or failed to load ({err}); build it with "
             "`pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`) using a CUDA build "

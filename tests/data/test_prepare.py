@@ -117,6 +117,26 @@ def test_mistakes_end_in_one_line(tmp_path, capsys):
     assert prep.parse_size("256MB") == 256 << 20 and prep.parse_size("1.5GiB") == 3 << 29
 
 
+def test_a_val_folder_beside_train_is_named_and_not_packed(tmp_path, caplog):
+    import logging
+
+    src = write_source(tmp_path / "src", count=4)
+    val = src / "val" / "class_0"
+    val.mkdir(parents=True)
+    Image.new("RGB", (40, 30), (9, 9, 9)).save(val / "v.png")
+    with caplog.at_level(logging.INFO, logger="mae_fast"):
+        manifest = prep.prepare(str(src), str(tmp_path / "dst"), max_side=32, workers=1)
+    assert manifest["images"] == 4  # train/ only
+    said = [r.getMessage() for r in caplog.records if "not packed" in r.getMessage()]
+    assert len(said) == 1, said
+    assert said[0].startswith(f"prepare: {src / 'val'} is not packed") and "--val_path" in said[0]
+    assert f"python -m mae_fast.prepare {src / 'val'} {tmp_path / 'dst'}-val" in said[0]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mae_fast"):
+        prep.prepare(str(src / "train"), str(tmp_path / "dst2"), max_side=32, workers=1)
+    assert not [r for r in caplog.records if "not packed" in r.getMessage()]
+
+
 def folder_state(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 

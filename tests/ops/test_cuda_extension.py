@@ -3,7 +3,10 @@
 Numerics of the CUDA kernels are checked with the other backends in tests/ops/test_<op>.py on a GPU.
 """
 
+import runpy
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,13 +33,99 @@ needs_extension = pytest.mark.skipif(
     reason=f"mae_fast._C is not built here ({dispatch.cuda_build_skipped() or 'no nvcc or a CPU-only torch'})")
 
 
+def extension_verdict(buildable: bool, loaded: bool, note: str | None, gpu_visible: bool) -> tuple[str, str]:
+    """What the test below concludes, ``("pass" | "skip" | "fail", why)``, from whether this machine could build
+    mae_fast._C (nvcc and a CUDA torch), whether it loads, setup.py's note (:func:`dispatch.cuda_build_skipped`)
+    and whether a GPU is visible now."""
+    if loaded:
+        return "pass", "mae_fast._C loads"
+    if not buildable:
+        return "skip", "no nvcc or a CPU-only torch: the package installs without the extension"
+    if note is None:  # setup.py leaves a note for every skip it chose: the build failed, or never ran
+        return "fail", f"the build failed or did not run: {dispatch._cuda_extension_error()}"
+    if note.startswith(dispatch.NO_GPU_NOTE) and gpu_visible:
+        return "fail", f"{note}, but one is visible now: install again here, or with MAE_FAST_FORCE_CUDA_BUILD=1"
+    return "skip", f"the install skipped the build: {note}"
+
+
 def test_the_extension_is_built_where_it_can_be():
-    if not BUILDABLE:
-        pytest.skip("no nvcc or a CPU-only torch: the package installs without the extension")
-    skipped = dispatch.cuda_build_skipped()
-    if skipped and not dispatch.cuda_extension_loaded():  # the README's CPU-only install; setup.py left the note
-        pytest.skip(f"the install skipped the build on purpose: {skipped}")
-    assert dispatch.cuda_extension_loaded(), dispatch._cuda_extension_error()
+    loaded = dispatch.cuda_extension_loaded()
+    gpu_visible = BUILDABLE and not loaded and torch.cuda.is_available()
+    verdict, why = extension_verdict(BUILDABLE, loaded, dispatch.cuda_build_skipped(), gpu_visible)
+    if verdict == "skip":
+        pytest.skip(why)
+    assert verdict == "pass", why
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_setup(tmp_path: Path, monkeypatch, gpu_visible: bool, cuda_torch: bool = True, **env: str) -> dict:
+    """Run setup.py as pip runs it (setup() itself left out) with the variables ``env``, on a copy whose package
+    keeps its own note (the checkout's stays as it is), with a CUDA source and a toolkit folder holding nvcc and
+    libcudart, under a CUDA torch (or a CPU-only one) that sees a GPU or not. Returns setup()'s arguments; the
+    extension, where one is made, is ``("CUDAExtension", name, arguments)``."""
+    import setuptools
+    import torch.utils.cpp_extension
+
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    for folder in ("mae_fast", "csrc", "cuda/bin", "cuda/lib64"):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+    for name in ("csrc/op.cu", "cuda/bin/nvcc", "cuda/lib64/libcudart.so"):
+        (tmp_path / name).touch()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["setup.py", "--name"])
+    for variable in ("MAE_FAST_SKIP_CUDA_BUILD", "MAE_FAST_FORCE_CUDA_BUILD", "MAE_FAST_CUDA_ARCHS"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in {"CUDA_HOME": str(tmp_path / "cuda"), "MAX_JOBS": "1", **env}.items():
+        monkeypatch.setenv(variable, value)  # restored afterwards, also where setup.py sets them
+    monkeypatch.setattr(torch.version, "cuda", "12.8" if cuda_torch else None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu_visible)
+    monkeypatch.setattr(torch.utils.cpp_extension, "CUDAExtension", lambda name, **kw: ("CUDAExtension", name, kw))
+    calls = []
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: calls.append(kwargs))
+    runpy.run_path(str(tmp_path / "setup.py"))
+    assert calls[-1]["package_data"] == {"mae_fast": [dispatch.CUDA_BUILD_SKIPPED_FILE]}  # wheels carry the note
+    return calls[-1]
+
+
+def test_the_build_is_skipped_where_no_gpu_is_visible_and_the_note_tells_that_from_a_failed_build(tmp_path,
+                                                                                                  monkeypatch):
+    package = tmp_path / "mae_fast"
+    setup = run_setup(tmp_path, monkeypatch, gpu_visible=False)
+    assert setup["ext_modules"] == [] and setup["cmdclass"] == {}
+    note = dispatch.cuda_build_skipped(package)
+    assert note.startswith(dispatch.NO_GPU_NOTE) and "MAE_FAST_FORCE_CUDA_BUILD=1" in note, note
+    assert extension_verdict(True, False, note, gpu_visible=False)[0] == "skip"
+    verdict, why = extension_verdict(True, False, note, gpu_visible=True)  # a GPU-less install on a GPU machine
+    assert verdict == "fail" and "MAE_FAST_FORCE_CUDA_BUILD=1" in why
+
+    setup = run_setup(tmp_path, monkeypatch, gpu_visible=True)  # a GPU: built, and the earlier note is gone
+    (extension,) = setup["ext_modules"]
+    assert extension[1] == "mae_fast._C" and "build_ext" in setup["cmdclass"]
+    assert dispatch.cuda_build_skipped(package) is None
+    assert extension_verdict(True, False, None, gpu_visible=True)[0] == "fail"  # built, yet it does not load
+    assert extension_verdict(True, False, None, gpu_visible=False)[0] == "fail"
+
+    setup = run_setup(tmp_path, monkeypatch, gpu_visible=False, MAE_FAST_SKIP_CUDA_BUILD="1")
+    note = dispatch.cuda_build_skipped(package)
+    assert setup["ext_modules"] == [] and "MAE_FAST_SKIP_CUDA_BUILD=1" in note and "on purpose" in note
+    assert extension_verdict(True, False, note, gpu_visible=True)[0] == "skip"
+
+
+def test_a_forced_build_compiles_without_a_gpu_and_fails_where_it_cannot(tmp_path, monkeypatch):
+    (tmp_path / "mae_fast").mkdir()
+    (tmp_path / "mae_fast" / dispatch.CUDA_BUILD_SKIPPED_FILE).write_text("an earlier install's note\n")
+    setup = run_setup(tmp_path, monkeypatch, gpu_visible=False, MAE_FAST_FORCE_CUDA_BUILD="1",
+                      MAE_FAST_CUDA_ARCHS="90")
+    (extension,) = setup["ext_modules"]
+    assert [flag for flag in extension[2]["extra_compile_args"]["nvcc"] if "arch" in flag] == [
+        "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_90,code=compute_90"]
+    assert dispatch.cuda_build_skipped(tmp_path / "mae_fast") is None
+    with pytest.raises(RuntimeError, match="MAE_FAST_FORCE_CUDA_BUILD=1 but the CUDA extension cannot be built: "
+                                           "torch is a CPU-only build"):
+        run_setup(tmp_path, monkeypatch, gpu_visible=False, cuda_torch=False, MAE_FAST_FORCE_CUDA_BUILD="1")
 
 
 @needs_extension

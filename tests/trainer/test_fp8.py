@@ -83,7 +83,7 @@ def test_fp8_without_torchao_names_the_extra(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao.float8", None)  # import fails as if torchao were missing
     data = write_images(tmp_path / "data", 4)
     assert main(tiny_args(data, tmp_path / "out", "--precision", "fp8", "--fp8_emulate")) == 2
-    assert "pip install 'mae_fast[fp8]'" in error_line(capsys)
+    assert 'pip install -e ".[fp8]"' in error_line(capsys)
 
 
 def test_fp8_recipe_must_be_known(capsys):

@@ -121,7 +121,7 @@ def test_bad_folders_are_one_line(tmp_path, capsys, case):
         flat.mkdir()
         Image.new("RGB", (40, 40)).save(flat / "a.jpg")
         extra = ["--val_path", flat]
-        expected = "needs classes"
+        expected = "the linear probe needs classes"  # not the kNN monitor: that is pretraining's
     elif case == "missing_class":
         colored_classes(tmp_path / "other", per_class=2, classes=("gray",))
         extra = ["--val_path", tmp_path / "other" / "val"]
@@ -134,6 +134,31 @@ def test_bad_folders_are_one_line(tmp_path, capsys, case):
     assert main(args(data, checkpoint(tmp_path), tmp_path / "probe", *extra)) == 2
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err
+
+
+def test_a_data_path_that_does_not_exist_is_named_as_such(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert main(args(missing, checkpoint(tmp_path), tmp_path / "probe")) == 2
+    err = capsys.readouterr().err
+    assert f"--data_path {str(missing)!r} does not exist" in err and "val/" not in err and "Traceback" not in err
+    assert main(args(tmp_path, tmp_path / "nope.pth", tmp_path / "probe")) == 2
+    assert f"--checkpoint {str(tmp_path / 'nope.pth')!r} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "probe").exists()  # nothing written, no folder left behind
+
+
+def test_feature_extraction_shows_its_progress(tmp_path, caplog, monkeypatch):
+    import logging
+
+    monkeypatch.setattr("mae_fast.progress.FIRST_LINE_SECONDS", 0.0)  # a line for every batch
+    monkeypatch.setattr("mae_fast.progress.LINE_SECONDS", 0.0)
+    data = colored_classes(tmp_path / "data", per_class=4)  # 12 training and 6 validation images
+    with caplog.at_level(logging.INFO, logger="mae_fast"):
+        assert main(args(data, checkpoint(tmp_path), tmp_path / "probe", "--extract_batch_size", "4")) == 0
+    lines = [r.getMessage() for r in caplog.records if "features:" in r.getMessage()]
+    assert [line.split(",")[0] for line in lines] == ["train features: batch 1/3", "train features: batch 2/3",
+                                                      "train features: batch 3/3", "val features: batch 1/2",
+                                                      "val features: batch 2/2"], lines
+    assert all("images/s" in line for line in lines) and "ETA" in lines[0]
 
 
 def test_torchrun_extracts_on_every_rank_and_gives_the_same_probe(tmp_path):
