@@ -197,14 +197,32 @@ def official_train_transform(input_size: int, aug):
 
     data = _timm("the fine-tuning augmentation")
     try:
-        return data.create_transform(input_size, is_training=True, color_jitter=aug.color_jitter,
-                                     auto_augment=aug.aa, interpolation="bicubic", re_prob=aug.reprob,
-                                     re_mode=aug.remode, re_count=aug.recount, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                                     separate=True)
+        parts = data.create_transform(input_size, is_training=True, color_jitter=aug.color_jitter,
+                                      auto_augment=aug.aa, interpolation="bicubic", re_prob=aug.reprob,
+                                      re_mode=aug.remode, re_count=aug.recount, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                                      separate=True)
     except (AssertionError, ValueError, KeyError, IndexError) as exc:
         why = f" ({exc})" if str(exc) else ""
         raise ConfigError(f"--aa: timm cannot parse the policy {aug.aa!r}{why}; give a policy such as "
                           "rand-m9-mstd0.5-inc1 (the official default), or none") from None
+    for transform in parts[1].transforms:
+        for op in getattr(transform, "ops", ()):
+            if op.name.startswith("Posterize"):
+                op.aug_fn = posterize_any_bits
+    return parts
+
+
+def posterize_any_bits(img, bits_to_keep: int, **_):
+    """timm's posterize, with the Pillow it was written for: keeping 0 bits gives a black image. The official
+    policy's increasing posterize reaches 0 bits at the top of its magnitude noise, which Pillow 10.3 and later
+    refuse with a ValueError (timm passes the 0 on), so a long fine-tune would stop on that draw."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return ImageOps.posterize(img, bits_to_keep)
 
 
 def _seeded(seed: int, call):

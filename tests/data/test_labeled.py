@@ -447,3 +447,24 @@ def test_the_dali_and_synthetic_backends_are_refused_and_auto_reads_with_torch(t
         build_classification_loader(DataConfig(backend="synthetic", input_size=16, batch_size=2), None, 0, 1, "cpu",
                                     0, True)
     one_line(exc)
+
+
+def test_the_official_policy_posterizes_to_zero_bits_as_its_pillow_did():
+    # rand-m9-mstd0.5-inc1's increasing posterize keeps 0 bits at the top of its magnitude noise: newer Pillow raises
+    # there (a fine-tune stopped after some minutes); the images must come out, black as the official run's were.
+    from PIL import Image, ImageOps
+
+    from mae_fast.config import AugConfig
+    from mae_fast.data.transforms import official_train_transform, posterize_any_bits
+
+    img = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert posterize_any_bits(img, 0).getextrema() == ((0, 0), (0, 0), (0, 0))
+    assert posterize_any_bits(img, 3).tobytes() == ImageOps.posterize(img, 3).tobytes()
+    assert posterize_any_bits(img, 8) is img
+    primary, secondary, _ = official_train_transform(32, AugConfig())
+    ops = [op for t in secondary.transforms for op in getattr(t, "ops", ())]
+    posterize = [op for op in ops if op.name.startswith("Posterize")]
+    assert posterize and all(op.aug_fn is posterize_any_bits for op in posterize)
+    posterize[0].magnitude, posterize[0].magnitude_std, posterize[0].prob = 10, 0, 1.0  # the 0-bit level
+    out = posterize[0](Image.new("RGB", (32, 32), (200, 100, 50)))
+    assert out.getextrema() == ((0, 0), (0, 0), (0, 0))
