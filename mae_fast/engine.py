@@ -592,10 +592,20 @@ class Engine(abc.ABC):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _checkpoint_state(self, loss_stats: LossStats) -> dict:
+    def _rng_states(self) -> list[dict]:
+        """Every rank's generator states, in rank order (a collective when there are several ranks): drop path and
+        mixup draw per rank, so a resume gives each rank its own."""
         rng = {"torch": torch.get_rng_state(), **self.task_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        if not self.dist.distributed:
+            return [rng]
+        gathered = [None] * self.dist.world_size
+        dist.all_gather_object(gathered, rng)
+        return gathered
+
+    def _checkpoint_state(self, loss_stats: LossStats) -> dict:
+        rng_ranks = self._rng_states()
         if self.config.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -605,8 +615,9 @@ class Engine(abc.ABC):
             model_state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
         return {"model": model_state, "optimizer": optim_state, "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.step,
-                "config": dataclasses.asdict(self.config), "rng": rng, "loss_stats": loss_stats.as_dict(),
-                "log_line": self.last_log_line, "epoch_sums": self._epoch_sums()}
+                "config": dataclasses.asdict(self.config), "rng": rng_ranks[0], "loss_stats": loss_stats.as_dict(),
+                "log_line": self.last_log_line, "epoch_sums": self._epoch_sums(),
+                **({"rng_ranks": rng_ranks} if len(rng_ranks) > 1 else {})}
 
     #: The per-rank sums of an epoch in progress that a checkpoint keeps (see :meth:`Progress.state`).
     EPOCH_SUMS = ("loss_sum", "logged_sum", "images", "logged_images", "data_wait")
@@ -725,7 +736,10 @@ class Engine(abc.ABC):
                                   f"(--model {self.config.model.name}): {str(exc).splitlines()[0]}") from exc
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
-        rng = state.get("rng", {})
+        # Each rank's own states when the checkpoint has them for this many ranks; else rank 0's (another world size
+        # cannot resume the random streams exactly anyway).
+        ranks = state.get("rng_ranks")
+        rng = ranks[self.dist.rank] if ranks and len(ranks) == self.dist.world_size else state.get("rng", {})
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
         self.load_task_rng_state(rng)

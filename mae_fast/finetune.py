@@ -130,9 +130,8 @@ def load_encoder(model: nn.Module, checkpoint: str | os.PathLike, flag: str = "-
     if missing_encoder:
         raise ConfigError(f"{flag}: the checkpoint lacks encoder parameters {missing_encoder[:4]}"
                           f"{' ...' if len(missing_encoder) > 4 else ''}; got {os.fspath(checkpoint)!r}")
-    if isinstance(model.head, nn.Linear) and "head.weight" in result.missing_keys:
+    if isinstance(model.head, nn.Linear):  # always, as the official script does after loading
         nn.init.trunc_normal_(model.head.weight, std=2e-5)
-        nn.init.zeros_(model.head.bias)
     return {"missing_keys": list(result.missing_keys), "unexpected_keys": list(result.unexpected_keys)}
 
 
@@ -370,6 +369,8 @@ class FineTuner(Engine):
         stats = self.evaluate()
         if self.dist.is_main:
             self._append_log_line(stats)
+        if self.writer is not None:
+            self.writer.flush()
         return stats
 
 

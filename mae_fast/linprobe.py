@@ -21,9 +21,11 @@ the official LARS), ``--epochs`` (default 90) with linear warmup (10) and a cosi
 ``--optimizer sgd`` trains it with SGD (momentum 0.9) instead. It reports top-1/top-5 on the
 validation set and writes ``head.pth`` and ``results.json``.
 
-One deliberate difference from the official ``main_linprobe.py``: the features are computed once on
+Deliberate differences from the official ``main_linprobe.py``: the features are computed once on
 center crops, so the head sees no random-crop augmentation (each epoch costs a pass over cached
-features instead of a pass of the encoder). Under ``torchrun`` every rank extracts its share of the
+features instead of a pass of the encoder); and ``--global_pool`` averages the patch tokens after
+the encoder's norm (the features the kNN monitor uses), where the official probe normalizes the
+mean of the un-normed tokens with a fresh LayerNorm (the default, the cls token, is the official's). Under ``torchrun`` every rank extracts its share of the
 images; rank 0 trains the head.
 """
 

@@ -125,6 +125,18 @@ def test_a_fine_tuned_checkpoint_with_other_classes_drops_its_head(tmp_path, cap
     assert torch.equal(model.fc_norm.weight, source.fc_norm.weight)
 
 
+def test_a_head_that_fits_is_loaded_and_its_weight_started_again_as_the_official_script_does(tmp_path):
+    source = create_vit("vit_tiny_patch16", num_classes=4, img_size=32)
+    with torch.no_grad():
+        source.head.weight.fill_(0.5)
+        source.head.bias.fill_(0.25)
+    torch.save({"model": source.state_dict()}, tmp_path / "ft.pth")
+    model = create_vit("vit_tiny_patch16", num_classes=4, img_size=32)
+    load_encoder(model, tmp_path / "ft.pth")
+    assert 1.5e-5 < model.head.weight.std() < 2.5e-5  # trunc_normal(std=2e-5) after the load, unconditionally
+    assert torch.equal(model.head.bias, source.head.bias)  # the bias stays as loaded
+
+
 def test_an_encoder_of_another_size_is_named_with_both_sizes(tmp_path):
     _, path = pretrained(tmp_path, name="mae_vit_small_patch16")
     model = create_vit("vit_tiny_patch16", num_classes=2, img_size=32)
