@@ -149,7 +149,7 @@ def test_fp8_composes_with_fsdp(tmp_path):
 # check is for), moves the windows by 17%. A 2% band is ten times FP8's own deviation and eight times tighter than
 # a broken scale's. (A scale 16x too small only wastes range and stayed within 0.1%: it is not a failure.)
 CURVE_FLAGS = ["--device", "cpu", "--input_size", "32", "--batch_size", "16", "--epochs", "4", "--warmup_epochs", "1",
-               "--data_backend", "torch", "--num_workers", "0", "--log_every", "10", "--max_steps", "200",
+               "--data_backend", "torch", "--num_workers", "0", "--log_every", "10", "--max_steps", "130",
                "--precision", "bf16", "--blr", "1.5e-4"]
 TOLERANCE = 0.02
 
@@ -170,7 +170,7 @@ def test_the_fp8_loss_curve_tracks_bf16_and_a_broken_scale_does_not(tmp_path, mo
 
     bf16 = loss_curve(tmp_path / "bf16")
     fp8 = loss_curve(tmp_path / "fp8", "--precision", "fp8", "--fp8_emulate")
-    assert len(fp8) == len(bf16) >= 15
+    assert len(fp8) == len(bf16) >= 8
     assert worst_gap(fp8, bf16) <= TOLERANCE
     real_scale = scaling.tensor_to_scale
     monkeypatch.setattr(scaling, "tensor_to_scale", lambda *a, **k: real_scale(*a, **k) * 16)

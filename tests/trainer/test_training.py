@@ -27,9 +27,11 @@ def trained(args):
 
 
 def test_the_default_command_in_reduced_form_trains_and_its_loss_falls(tmp_path):
-    # No --data_path: the built-in set and the demo model, only fewer epochs and steps per log line.
+    # No --data_path: the built-in set and the demo model, only fewer epochs and steps per log line, and without the
+    # kNN monitor (test_knn's demo test runs it: here it would double the test's time).
     out = tmp_path / "out"
-    assert main(["--output_dir", str(out), "--epochs", "4", "--num_workers", "0", "--log_every", "8"]) == 0
+    assert main(["--output_dir", str(out), "--epochs", "4", "--num_workers", "0", "--log_every", "8",
+                 "--knn_every", "0"]) == 0
     epochs = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == [0, 1, 2, 3]
     assert epochs[-1]["train_loss"] < 0.8 * epochs[0]["train_loss"]
