@@ -100,10 +100,12 @@ def test_a_resumed_run_ends_where_the_uninterrupted_one_does(setup, tmp_path):
 
 
 def test_dist_eval_over_two_gloo_ranks_gives_the_one_rank_figures(setup, tmp_path):
-    data, mae, root = setup
-    out = tmp_path / "trained"
-    FineTuner(config_from_args(flags(data, out, "--finetune", mae, "--epochs", "1", "--aa", "none"))).fit()
-    checkpoint = out / "checkpoint-0.pth"
+    from mae_fast.vit import create_vit
+
+    data, _, _ = setup
+    torch.manual_seed(3)  # a classifier whose predictions vary from image to image
+    checkpoint = tmp_path / "classifier.pth"
+    torch.save({"model": create_vit("vit_tiny_patch16", img_size=32, num_classes=3).state_dict()}, checkpoint)
     # 9 validation images, batches of 2: the ranks get 5 and 4 (one padded slot), and batches end part-full.
     common = flags(data, tmp_path / "eval", "--eval", "--resume", checkpoint, "--batch_size", "2")
     assert main(common) == 0
@@ -118,7 +120,7 @@ def test_dist_eval_over_two_gloo_ranks_gives_the_one_rank_figures(setup, tmp_pat
     assert two["test_acc1"] == one["test_acc1"] and two["test_acc5"] == one["test_acc5"]
     # The loss sums float64 per-image losses, but each image's float32 logits may move in their last bit with the
     # other images of its batch (another blocking of the matrix products): equal far below any reported digit.
-    assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-9)
+    assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-6)  # float32's last bits, not an image more
 
 
 @pytest.mark.parametrize("case", ["nb_classes", "size", "pretraining_resume", "no_labels"])

@@ -376,6 +376,9 @@ def test_a_stalled_rank_stops_the_job_after_the_collective_timeout(tmp_path):
 
 
 def test_ctrl_c_during_a_save_lands_after_the_checkpoint_is_complete(tmp_path, monkeypatch):
+    # Under Python's own SIGINT handler, as in a plain script (a library loaded by an earlier test in the same process
+    # may have installed another one, which the save rightly leaves in place).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     real_save = torch.save
 
     def interrupted_save(obj, f, *args, **kwargs):
@@ -384,8 +387,11 @@ def test_ctrl_c_during_a_save_lands_after_the_checkpoint_is_complete(tmp_path, m
 
     monkeypatch.setattr(checkpoint_module.torch, "save", interrupted_save)
     state = {"model": {"w": torch.ones(3)}, "optimizer": {}, "epoch": 0, "step": 5}
-    with pytest.raises(KeyboardInterrupt):
-        checkpoint_module.save_checkpoint(state, tmp_path / LAST)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            checkpoint_module.save_checkpoint(state, tmp_path / LAST)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert load_checkpoint(tmp_path / LAST)["step"] == 5
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
