@@ -100,6 +100,17 @@ def _choice(flag: str, value, choices) -> None:
         raise _error(flag, value, f"must be one of {', '.join(map(str, choices))}")
 
 
+def _check_attn_backend(value: str) -> None:
+    """--attn_backend is a known backend, and flash_attn only where it can run."""
+    _choice("attn_backend", value, ATTN_BACKENDS)
+    if value == "flash_attn":
+        from mae_fast.attention import flash_attn_unavailable_reason
+
+        reason = flash_attn_unavailable_reason()
+        if reason:
+            raise _error("attn_backend", value, f"flash_attn cannot run: {reason}; or use --attn_backend auto or sdpa")
+
+
 @dataclass
 class DataConfig:
     """What to read and how."""
@@ -196,14 +207,7 @@ class ModelConfig:
                 or not 0 < self.mask_ratio < 1:
             raise _error("mask_ratio", self.mask_ratio, "must be in (0, 1): with no patch removed the loss is 0 and "
                          "nothing trains; the official value is 0.75")
-        _choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
-        if self.attn_backend == "flash_attn":
-            from mae_fast.attention import flash_attn_unavailable_reason
-
-            reason = flash_attn_unavailable_reason()
-            if reason:
-                raise _error("attn_backend", self.attn_backend, f"flash_attn cannot run: {reason}; or use "
-                             "--attn_backend auto or sdpa")
+        _check_attn_backend(self.attn_backend)
         _choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
 
 
@@ -570,14 +574,7 @@ class FinetuneModelConfig:
         _non_negative("drop_path", self.drop_path)
         if self.drop_path >= 1:
             raise _error("drop_path", self.drop_path, "must be in [0, 1)")
-        _choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
-        if self.attn_backend == "flash_attn":
-            from mae_fast.attention import flash_attn_unavailable_reason
-
-            reason = flash_attn_unavailable_reason()
-            if reason:
-                raise _error("attn_backend", self.attn_backend, f"flash_attn cannot run: {reason}; or use "
-                             "--attn_backend auto or sdpa")
+        _check_attn_backend(self.attn_backend)
         if self.finetune and not os.path.isfile(os.path.expanduser(self.finetune)):
             raise _error("finetune", self.finetune, "is not an existing checkpoint file")
 

@@ -117,6 +117,13 @@ def resolve_precision(precision: str, device: torch.device, fp8_emulate: bool = 
 
 
 
+def rng_state_for_rank(state: dict, rank: int, world_size: int) -> dict:
+    """The generator states a checkpoint gives ``rank``: its own when the checkpoint kept every rank's for this many
+    ranks (``rng_ranks``), else rank 0's (``rng``; another world size cannot resume the random streams exactly)."""
+    ranks = state.get("rng_ranks")
+    return ranks[rank] if ranks and len(ranks) == world_size else state.get("rng", {})
+
+
 class Engine(abc.ABC):
     """One run of a task: ``fit()`` trains it. A task subclasses it and supplies the abstract methods.
 
@@ -736,10 +743,7 @@ class Engine(abc.ABC):
                                   f"(--model {self.config.model.name}): {str(exc).splitlines()[0]}") from exc
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
-        # Each rank's own states when the checkpoint has them for this many ranks; else rank 0's (another world size
-        # cannot resume the random streams exactly anyway).
-        ranks = state.get("rng_ranks")
-        rng = ranks[self.dist.rank] if ranks and len(ranks) == self.dist.world_size else state.get("rng", {})
+        rng = rng_state_for_rank(state, self.dist.rank, self.dist.world_size)
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
         self.load_task_rng_state(rng)

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mae_fast.engine import Engine
+from mae_fast.engine import Engine, rng_state_for_rank
 
 
 def _free_port() -> int:
@@ -40,3 +40,10 @@ def test_every_rank_s_generator_states_are_gathered_in_rank_order(tmp_path):
         for r in (0, 1):  # every rank holds both ranks' states, each its own rank's
             assert torch.equal(states[r]["torch"], results[r]["own"]) and states[r]["task"].item() == r
     assert not torch.equal(results[0]["own"], results[1]["own"])
+
+
+def test_a_resume_gives_each_rank_its_own_states_and_rank_0_s_to_another_world_size():
+    state = {"rng": {"torch": "r0"}, "rng_ranks": [{"torch": "r0"}, {"torch": "r1"}]}
+    assert [rng_state_for_rank(state, r, 2)["torch"] for r in (0, 1)] == ["r0", "r1"]
+    assert [rng_state_for_rank(state, r, 4)["torch"] for r in (0, 3)] == ["r0", "r0"]
+    assert rng_state_for_rank({"rng": {"torch": "r0"}}, 1, 2) == {"torch": "r0"}  # a one-rank checkpoint
