@@ -26,10 +26,18 @@ DATA_BACKENDS = ("auto", "dali", "torch", "synthetic")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32", "fp8")
 OPTIMIZERS = ("adamw", "apex")
 COMPILE_SCOPES = ("model", "blocks")
+#: --checkpoint_format (mae_fast.checkpoint.CHECKPOINT_FORMATS; kept here so that checking flags needs no torch).
+CHECKPOINT_FORMATS = ("full", "dcp")
 
 # Values that depend on whether this is the demo (no --data_path) or a real run.
 OFFICIAL_DEFAULTS = dict(model="mae_vit_large_patch16", input_size=224, batch_size=64, epochs=400, warmup_epochs=40)
 DEMO_DEFAULTS = dict(model="mae_vit_tiny_patch16", input_size=64, batch_size=32, epochs=20, warmup_epochs=2)
+
+
+def is_checkpoint_path(path: str) -> bool:
+    """Whether ``path`` (``~`` expanded) is a checkpoint file or a DCP checkpoint folder (one with a ``.metadata``)."""
+    path = os.path.expanduser(path)
+    return os.path.isfile(path) or os.path.isfile(os.path.join(path, ".metadata"))
 
 
 def _error(flag: str, value, why: str) -> ConfigError:
@@ -300,6 +308,17 @@ class RunConfig:
     compile) or "blocks" (each transformer block on its own; identical blocks share one compiled graph)."""
     fsdp: bool = False
     """--fsdp: shard parameters, gradients and optimizer state (FSDP2) instead of DDP."""
+    fsdp_replicate: int = 1
+    """--fsdp_replicate: with --fsdp, R groups of ranks each hold a replica, sharded within the group (HSDP: a 2-D
+    device mesh of R x world_size/R; across nodes, R = the number of nodes keeps the all-gathers on NVLink); must
+    divide the number of ranks (1: shard over all ranks)."""
+    checkpoint_format: str | None = None
+    """--checkpoint_format: full (one file, model and optimizer gathered to rank 0, the official keys) or dcp (a
+    folder, each rank writing its shard in parallel through torch.distributed.checkpoint; it resumes on any number
+    of ranks) (default: dcp under --fsdp, full otherwise)."""
+    async_save: bool = False
+    """--async_save: write DCP checkpoints in the background (from a copy in CPU memory) while training goes on; a
+    save waits for the previous one, and the run ends only once the last is written."""
     save_every: int = 20
     """--save_every: write checkpoint-<epoch>.pth every N epochs (and at the end); <epoch> is 0-based, as in the
     official names: checkpoint-19.pth is the 20th epoch's."""
@@ -394,10 +413,20 @@ class RunConfig:
         if self.max_steps is not None:
             _positive_int("max_steps", self.max_steps)
         _choice("device", self.device, ("auto", "cuda", "cpu"))
-        if self.resume not in ("", "auto") and not os.path.isfile(os.path.expanduser(self.resume)):
-            what = "is a folder, not a checkpoint file" if os.path.isdir(os.path.expanduser(self.resume)) else \
-                "does not exist"
-            raise CheckpointError(f"--resume: checkpoint {self.resume!r} {what}; give a checkpoint file, or auto for "
+        _positive_int("fsdp_replicate", self.fsdp_replicate)
+        if self.fsdp_replicate > 1 and not self.fsdp:
+            raise _error("fsdp_replicate", self.fsdp_replicate, "needs --fsdp (it replicates FSDP's shards over "
+                         "groups of ranks)")
+        if self.checkpoint_format is None:
+            self.checkpoint_format = "dcp" if self.fsdp else "full"
+        _choice("checkpoint_format", self.checkpoint_format, CHECKPOINT_FORMATS)
+        if self.async_save and self.checkpoint_format != "dcp":
+            raise _error("async_save", True, "writes DCP checkpoints in the background; add --checkpoint_format dcp")
+        resume = os.path.expanduser(self.resume)
+        if self.resume not in ("", "auto") and not is_checkpoint_path(resume):
+            what = "is a folder, not a checkpoint file or a DCP checkpoint folder (it has no .metadata)" \
+                if os.path.isdir(resume) else "does not exist"
+            raise CheckpointError(f"--resume: checkpoint {self.resume!r} {what}; give a checkpoint, or auto for "
                                   "the newest in --output_dir")
         if self.log_dir is None:
             self.log_dir = self.output_dir
@@ -575,8 +604,8 @@ class FinetuneModelConfig:
         if self.drop_path >= 1:
             raise _error("drop_path", self.drop_path, "must be in [0, 1)")
         _check_attn_backend(self.attn_backend)
-        if self.finetune and not os.path.isfile(os.path.expanduser(self.finetune)):
-            raise _error("finetune", self.finetune, "is not an existing checkpoint file")
+        if self.finetune and not is_checkpoint_path(self.finetune):
+            raise _error("finetune", self.finetune, "is not an existing checkpoint file (or DCP checkpoint folder)")
 
 
 @dataclass

@@ -17,7 +17,9 @@ accumulation and clipping, the loss watch and good-checkpoint tracking, atomic c
 resume, progress lines and TensorBoard, Ctrl-C and faults. The step makes no host
 synchronization except on logging and checkpoint steps: the loss stays on the device in between.
 
-Checkpoints and faults: the rolling ``checkpoint-last.pth`` keeps the one before it as
+Checkpoints (``--checkpoint_format``, :mod:`mae_fast.checkpoint`) are one file gathered to rank 0 (``full``), or a
+folder each rank writes its shard of in parallel (``dcp``, optionally in the background: ``--async_save``), which
+resumes on any number of ranks. Checkpoints and faults: the rolling ``checkpoint-last.pth`` keeps the one before it as
 ``checkpoint-prev.pth`` while the loss was in its normal range (:mod:`mae_fast.monitor`); every
 checkpoint records the loss statistics at save time. When the run stops (a NaN/inf loss, Ctrl-C),
 or ends with its loss still out of its normal range (a diverged run), it names the newest checkpoint
@@ -40,8 +42,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from mae_fast.checkpoint import (LAST, PREV, check_writable, checkpoints_newest_first, find_checkpoints,
-                                 load_checkpoint, read_summary, remove_stale_temporaries, save_checkpoint)
+from mae_fast.checkpoint import (LAST, PREV, PendingSave, check_writable, checkpoint_name, checkpoints_newest_first,
+                                 find_checkpoints, load_checkpoint, load_dcp_tensors, read_summary,
+                                 remove_stale_temporaries, save_checkpoint, save_dcp_checkpoint)
 from mae_fast.data.shards import ShardReadError
 from mae_fast.distributed import all_reduce_sum, setup_distributed
 from mae_fast.errors import (CheckpointError, ConfigError, DivergedError, NonFiniteLossError, OutputDirError,
@@ -162,6 +165,12 @@ class Engine(abc.ABC):
         self.precision = resolve_precision(config.precision, self.device, config.fp8_emulate)
         # fp8: bf16 autocast around the FP8 block linears (mae_fast.fp8).
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        if config.fsdp_replicate > 1 and self.dist.world_size % config.fsdp_replicate:
+            raise ConfigError(f"--fsdp_replicate: {config.fsdp_replicate} groups do not divide the "
+                              f"{self.dist.world_size} ranks of this run; give a divisor of {self.dist.world_size}")
+        self.checkpoint_format = config.checkpoint_format
+        self._pending_save: PendingSave | None = None  # a DCP checkpoint being written in the background
+        self._save_group = None  # the process group background saves coordinate over
         config.derive_accumulation(self.dist.world_size)
         self.effective_batch = config.data.batch_size * config.accum_iter * self.dist.world_size
         config.optim.check_schedule(self.effective_batch)
@@ -309,9 +318,16 @@ class Engine(abc.ABC):
                 dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
             policy = MixedPrecisionPolicy(param_dtype=self.autocast_dtype, reduce_dtype=torch.float32) \
                 if self.autocast_dtype else MixedPrecisionPolicy()
+            mesh = None
+            if self.config.fsdp_replicate > 1:  # HSDP: replicate over dim 0, shard over dim 1
+                from torch.distributed.device_mesh import init_device_mesh
+
+                replicas = self.config.fsdp_replicate
+                mesh = init_device_mesh(self.device.type, (replicas, self.dist.world_size // replicas),
+                                        mesh_dim_names=("replicate", "shard"))
             for block in self.shard_units(model):
-                fully_shard(block, mp_policy=policy)
-            fully_shard(model, mp_policy=policy)
+                fully_shard(block, mesh=mesh, mp_policy=policy)
+            fully_shard(model, mesh=mesh, mp_policy=policy)
         elif self.dist.distributed:
             model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if self.config.compile and self.config.compile_scope == "model":
@@ -377,11 +393,13 @@ class Engine(abc.ABC):
                     self.save(LAST)
                     break
                 stats = self.end_epoch(stats)
+            self.wait_for_saves()
             self.check_finished_in_range()
         except ShardReadError as exc:
             raise self._stopped_by_data(exc) from exc
         finally:
             self.progress.close()
+            self._finish_saves_on_the_way_out()
             if self.writer is not None:
                 self.writer.flush()
         return stats
@@ -419,6 +437,8 @@ class Engine(abc.ABC):
             self.step += int(update)
             self.step_in_epoch = batch_index + 1
             self.progress.batch_done(loss, num_valid)
+            if self._pending_save is not None:
+                self._pending_save.publish_if_done()  # a background save's folder goes into place once written
 
             finished = self.step_in_epoch == num_batches or self.reached_max_steps()
             if (update and self.progress.line_due(self.step, cfg.log_every)) or finished:
@@ -586,13 +606,13 @@ class Engine(abc.ABC):
             stats: the loss statistics to judge by (default: this rank's, without synchronizing).
         """
         stats = stats or self.loss_watch.stats(reduce=False)
-        rank_of_name = {LAST: 1, PREV: 0}  # at equal steps prefer a numbered checkpoint: it is never rotated away
-        best, best_key = None, None
+        rank_of_name = {"checkpoint-last": 1, "checkpoint-prev": 0}  # at equal steps prefer a numbered checkpoint:
+        best, best_key = None, None                                   # it is never rotated away
         for path in find_checkpoints(self.output_dir):
             summary = read_summary(path)
             if summary is None or summary["step"] > self.step or not stats.checkpoint_is_good(summary):
                 continue
-            key = (summary["step"], rank_of_name.get(path.name, 2))
+            key = (summary["step"], rank_of_name.get(path.stem, 2))
             if best_key is None or key > best_key:
                 best, best_key = path, key
         return best
@@ -613,7 +633,11 @@ class Engine(abc.ABC):
 
     def _checkpoint_state(self, loss_stats: LossStats) -> dict:
         rng_ranks = self._rng_states()
-        if self.config.fsdp:
+        if self.checkpoint_format == "dcp":  # each rank's own shards (the whole tensors without FSDP)
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        elif self.config.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -622,6 +646,7 @@ class Engine(abc.ABC):
             model_state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
         return {"model": model_state, "optimizer": optim_state, "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.step,
+                "world_size": self.dist.world_size,
                 "config": dataclasses.asdict(self.config), "rng": rng_ranks[0], "loss_stats": loss_stats.as_dict(),
                 "log_line": self.last_log_line, "epoch_sums": self._epoch_sums(),
                 **({"rng_ranks": rng_ranks} if len(rng_ranks) > 1 else {})}
@@ -669,6 +694,7 @@ class Engine(abc.ABC):
             NonFiniteLossError: a NaN/inf loss was seen or a parameter is not finite; nothing is written.
             OutputDirError: the file cannot be written (every rank raises it); earlier checkpoints are intact.
         """
+        self.wait_for_saves()  # a save never starts before the previous one is written
         loss_stats = self.check_loss()
         if not self._state_is_finite():
             good = self.good_checkpoint(loss_stats)
@@ -676,27 +702,64 @@ class Engine(abc.ABC):
                                      f"The newest good checkpoint is {good or 'none (none was written)'}",
                                      checkpoint=good)
         state = self._checkpoint_state(loss_stats)  # every rank takes part when the state is sharded
-        path = self.output_dir / name
-        error = None
-        if self.dist.is_main:
-            try:
-                save_checkpoint(state, path, keep_previous_as=self._previous_last_name(loss_stats) if name == LAST
-                                else None)
-            except OutputDirError as exc:
-                error = exc
+        path = self.output_dir / checkpoint_name(name, self.checkpoint_format)
+        keep = self._previous_last_name(loss_stats) if name == LAST and self.dist.is_main else None
+        error, pending = None, None
+        try:
+            if self.checkpoint_format == "dcp":  # every rank writes its shard; rank 0 the rest and the rename
+                tensors = {"model": state.pop("model"), "optimizer": state.pop("optimizer")}
+                pending = save_dcp_checkpoint(tensors, state, path, keep, publishes=self.dist.is_main,
+                                              background=self.config.async_save, process_group=self._save_pg())
+                if not self.config.async_save:
+                    pending.wait()
+                    pending = None
+            elif self.dist.is_main:
+                save_checkpoint(state, path, keep_previous_as=keep)
+        except OutputDirError as exc:
+            error = exc
         # Every rank learns whether rank 0 could write, so none waits for a rank that stopped.
         failed = all_reduce_sum(torch.tensor(float(error is not None), device=self.device)).item()
         if failed:
             raise error or OutputDirError(f"rank 0 could not write {path}; see its error")
+        self._pending_save = pending
         self.last_saved, self._step_on_disk = path, self.step
         return path
+
+    def _save_pg(self):
+        """The process group DCP saves coordinate over: the default one, or for background saves a gloo group of their
+        own (their collectives run in another thread, beside the training's)."""
+        if not self.config.async_save or not dist.is_initialized():
+            return None
+        if self._save_group is None:
+            self._save_group = dist.new_group(backend="gloo")
+        return self._save_group
+
+    def wait_for_saves(self) -> None:
+        """Wait until a background save is written and in place (every rank calls it at the same point).
+
+        Raises:
+            OutputDirError: the background write failed (every rank raises it); the checkpoints already there are
+                intact.
+        """
+        pending, self._pending_save = self._pending_save, None
+        if pending is not None:
+            pending.wait()
+
+    def _finish_saves_on_the_way_out(self) -> None:
+        """On any exit from :meth:`fit`: the last background save is written before the process ends; on an error
+        path, a failure of that write is logged rather than raised over the error under way."""
+        try:
+            self.wait_for_saves()
+        except OutputDirError as exc:
+            logger.error("%s", exc)
 
     def _previous_last_name(self, loss_stats: LossStats) -> Path | None:
         """Where the current checkpoint-last.pth goes when a new one is written: checkpoint-prev.pth if its
         parameters are known good, else nowhere (it is replaced and the older checkpoint-prev.pth stays)."""
-        last = self.output_dir / LAST
-        summary = read_summary(last) if last.is_file() else None
-        return self.output_dir / PREV if summary is not None and loss_stats.checkpoint_is_good(summary) else None
+        last = self.output_dir / checkpoint_name(LAST, self.checkpoint_format)
+        summary = read_summary(last) if last.exists() else None
+        good = summary is not None and loss_stats.checkpoint_is_good(summary)
+        return self.output_dir / checkpoint_name(PREV, self.checkpoint_format) if good else None
 
     def _append_log_line(self, entry: dict) -> None:
         try:
@@ -730,7 +793,13 @@ class Engine(abc.ABC):
         self.check_resume_state(path, state)
         self._check_fits(path, state["model"], state.get("config"))
         try:
-            if self.config.fsdp:
+            if state.get("dcp"):  # each rank reads its own shards, cut for this run's ranks
+                from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+                model_state, optim_state = get_state_dict(self.model, self.optimizer)
+                load_dcp_tensors(path, {"model": model_state, "optimizer": optim_state})
+                set_state_dict(self.model, self.optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+            elif self.config.fsdp:
                 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
                 set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
@@ -753,7 +822,7 @@ class Engine(abc.ABC):
         self.last_log_line = state.get("log_line")
         if self.dist.is_main:
             self._restore_log_line(self.last_log_line)
-        self.epoch, self.step_in_epoch, self.step = state["epoch"], state.get("step_in_epoch", 0), state["step"]
+        self.epoch, self.step, self.step_in_epoch = state["epoch"], state["step"], self._resumed_position(path, state)
         if self.step_in_epoch >= len(self.loader):
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self._resumed_sums = self._restored_epoch_sums(state.get("epoch_sums"))
@@ -763,6 +832,25 @@ class Engine(abc.ABC):
             if self.epoch >= self.config.epochs:
                 logger.info("the run in %s already finished its %d epochs; raise --epochs to train longer", path,
                             self.config.epochs)
+
+    def _resumed_position(self, path: Path, state: dict) -> int:
+        """The batch to resume at in the checkpoint's epoch, in this run's batches: a checkpoint written by another
+        number of ranks (or batch size) resumes at the same image of the epoch's order.
+
+        Raises:
+            CheckpointError: that image does not begin one of this run's global batches.
+        """
+        done = state.get("step_in_epoch", 0)
+        saved_world = state.get("world_size", len(state.get("rng_ranks") or [None]))
+        saved_batch = ((state.get("config") or {}).get("data") or {}).get("batch_size", self.config.data.batch_size)
+        images, per_batch = done * saved_world * saved_batch, self.dist.world_size * self.config.data.batch_size
+        if images % per_batch:
+            raise CheckpointError(f"checkpoint {str(path)!r} stopped {images} images into epoch {self.epoch + 1} "
+                                  f"({saved_world} ranks x --batch_size {saved_batch}), which is not a whole number of "
+                                  f"this run's batches ({self.dist.world_size} ranks x --batch_size "
+                                  f"{self.config.data.batch_size}); resume with a batch that divides it, or from an "
+                                  f"epoch's end (checkpoint-<epoch>)")
+        return images // per_batch
 
     def _read_resume_checkpoint(self) -> tuple[Path | None, dict | None]:
         """``--resume``'s checkpoint and its state. With ``auto``, the newest in the output folder that can be read:

@@ -1,8 +1,10 @@
-"""``python -m mae_fast.export CHECKPOINT --to timm|hf|safetensors OUT``: what pretraining learned, for other tools.
+"""``python -m mae_fast.export CHECKPOINT OUT --to timm|hf|safetensors|official``: what pretraining learned, for other
+tools.
 
-CHECKPOINT is a mae_fast training checkpoint, an official MAE checkpoint, or a state dict with the
-official keys (``.pth``/``.safetensors``). The preset is read from the checkpoint (its ``config``,
-or the shapes of its weights); ``--model`` checks it.
+CHECKPOINT is a mae_fast training checkpoint (a ``.pth`` file, or a ``.dcp`` folder of shards that
+``--checkpoint_format dcp`` writes), an official MAE checkpoint, or a state dict with the official
+keys (``.pth``/``.safetensors``). The preset is read from the checkpoint (its ``config``, or the
+shapes of its weights); ``--model`` checks it.
 
 - ``timm``: the encoder as a timm ``VisionTransformer`` state dict (file OUT, ``.pth`` or
   ``.safetensors``) that loads with ``strict=True`` into ``timm.create_model(NAME, num_classes=0,
@@ -15,6 +17,9 @@ or the shapes of its weights); ``--model`` checks it.
   equal mae_fast's. Square images only (Hugging Face's ViTMAE lays its positions out on a square grid).
 - ``safetensors``: the official-key state dict in safetensors format (no pickle), which
   ``MAEViT.load_pretrained`` reads too.
+- ``official``: one ``.pth`` file laid out as the official checkpoints are (``{"model": state dict}``,
+  encoder and decoder under the official keys), e.g. to turn a sharded ``.dcp`` checkpoint into
+  one file for tools that expect the official ones.
 
 ``--img_size`` exports for another image size: the position embeddings are resized bicubically,
 as ``load_pretrained`` and the official fine-tuning code do. An existing OUT is refused unless
@@ -42,12 +47,13 @@ from mae_fast.cli import CommandParser
 from mae_fast.errors import CheckpointError, ConfigError, MaeFastError, OutputDirError, install_hint
 from mae_fast.model import MODELS, PRESETS, MAEViT, create_model
 
-TARGETS = ("timm", "hf", "safetensors")
+TARGETS = ("timm", "hf", "safetensors", "official")
 #: mae_fast preset -> the timm model with the same encoder.
 TIMM_MODELS = {"mae_vit_tiny_patch16": "vit_tiny_patch16_224", "mae_vit_small_patch16": "vit_small_patch16_224",
                "mae_vit_base_patch16": "vit_base_patch16_224", "mae_vit_large_patch16": "vit_large_patch16_224",
                "mae_vit_huge_patch14": "vit_huge_patch14_224"}
 _ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
+_DECODER_PREFIXES = ("mask_token", "decoder_")
 
 
 def _library(name: str, extra: str):
@@ -59,13 +65,14 @@ def _library(name: str, extra: str):
 
 
 def read_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None]:
-    """The official-key state dict in a checkpoint file and the preset its ``config`` names (None if it has none).
+    """The official-key state dict in a checkpoint (a file, or a DCP checkpoint folder) and the preset its ``config``
+    names (None if it has none).
 
     Raises:
         CheckpointError: missing, unreadable, or not a state dict of tensors.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() and not path.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
         from mae_fast.checkpoint import load_safetensors
@@ -306,9 +313,11 @@ def _is_file_export(path: Path) -> bool:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # not a torch file, or one holding more than tensors: not an export
         return False
+    prefixes = _ENCODER_PREFIXES
+    if isinstance(state, dict) and set(state) == {"model"}:  # what --to official writes
+        state, prefixes = state["model"], _ENCODER_PREFIXES + _DECODER_PREFIXES
     return isinstance(state, dict) and bool(state) and all(
-        isinstance(k, str) and k.startswith(_ENCODER_PREFIXES) and isinstance(v, torch.Tensor)
-        for k, v in state.items())
+        isinstance(k, str) and k.startswith(prefixes) and isinstance(v, torch.Tensor) for k, v in state.items())
 
 
 def _umask() -> int:
@@ -379,6 +388,9 @@ def export(checkpoint, to: str, out, model_name: str | None = None, img_size=Non
     if to not in TARGETS:
         raise ConfigError(f"--to: must be one of {', '.join(TARGETS)}, got {to!r}")
     out = Path(out)
+    if to == "official" and out.suffix == ".safetensors":
+        raise ConfigError(f"OUT: --to official writes a torch file (.pth), as the official checkpoints are; for "
+                          f"safetensors use --to safetensors, got {str(out)!r}")
     _refuse_existing(out, force)
     if out.exists():
         _refuse_unless_an_export(out, to, checkpoint)
@@ -406,13 +418,20 @@ def export(checkpoint, to: str, out, model_name: str | None = None, img_size=Non
                     shutil.rmtree(staging)
         return (f"wrote {out}: transformers.ViTMAEForPreTraining.from_pretrained({str(out)!r}) ({preset}, "
                 f"{size[0]}x{size[1]})")
-    if to == "timm" or not has_decoder:
+    if to == "timm" or (not has_decoder and to != "official"):
         tensors = timm_state(model)
     else:
         tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+        if not has_decoder:  # an encoder-only checkpoint stays encoder-only
+            tensors = {k: v for k, v in tensors.items() if k.startswith(_ENCODER_PREFIXES)}
+    if to == "official":
+        tensors = {"model": tensors}
     tmp = out.with_name(f".{out.name}.export-tmp-{os.getpid()}")
     with _write_errors(out):
         _write_file(tensors, out, tmp, to, preset, size)
+    if to == "official":
+        return (f"wrote {out}: an official-layout checkpoint ({{'model': state dict}}) of {preset} "
+                f"({size[0]}x{size[1]}), read by MAEViT.load_pretrained and the official scripts")
     if to == "timm":
         return (f"wrote {out}: loads with strict=True into {timm_call(preset, size, 'mean')} (mean pooling, as "
                 f"extract_features(pool='mean')) or global_pool='token' (pool='cls')")
@@ -422,8 +441,9 @@ def export(checkpoint, to: str, out, model_name: str | None = None, img_size=Non
 def build_parser() -> CommandParser:
     """The command line of ``python -m mae_fast.export``."""
     parser = CommandParser("mae_fast.export", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("checkpoint", help="a mae_fast training checkpoint, an official MAE checkpoint, or a state "
-                                           "dict with the official keys (.pth or .safetensors)")
+    parser.add_argument("checkpoint", help="a mae_fast training checkpoint (.pth file or .dcp folder), an official MAE "
+                                           "checkpoint, or a state dict with the official keys (.pth or "
+                                           ".safetensors)")
     parser.add_argument("out", help="the file (timm, safetensors) or folder (hf) to write")
     parser.add_argument("--to", required=True, choices=TARGETS, help="the target format")
     parser.add_argument("--model", default=None, metavar="NAME",

@@ -322,7 +322,7 @@ class FineTuner(Engine):
 
     def _refuse_pretraining_checkpoint(self, path: Path) -> None:
         """Raise the --finetune hint when ``path`` is a readable pretraining checkpoint; otherwise return."""
-        if self.config.resume == "auto" or not path.is_file():
+        if self.config.resume == "auto" or not (path.is_file() or path.is_dir()):
             return
         from mae_fast.export import read_state
 
@@ -396,7 +396,9 @@ FLAGS = {
     "num_workers": ("data", "num_workers"),
     "val_path": ("data", "val_path"), "data_backend": ("data", "backend"), "precision": ("run", "precision"),
     "fp8_recipe": ("run", "fp8_recipe"), "fp8_emulate": ("run", "fp8_emulate"), "compile": ("run", "compile"),
-    "compile_scope": ("run", "compile_scope"), "fsdp": ("run", "fsdp"), "global_batch": ("run", "global_batch"),
+    "compile_scope": ("run", "compile_scope"), "fsdp": ("run", "fsdp"),
+    "fsdp_replicate": ("run", "fsdp_replicate"), "checkpoint_format": ("run", "checkpoint_format"),
+    "async_save": ("run", "async_save"), "global_batch": ("run", "global_batch"),
     "attn_backend": ("model", "attn_backend"), "grad_checkpointing": ("model", "grad_checkpointing"),
     "optimizer": ("optim", "optimizer"), "save_every": ("run", "save_every"),
     "save_last_every": ("run", "save_last_every"), "loss_spike_factor": ("run", "loss_spike_factor"),
@@ -404,17 +406,20 @@ FLAGS = {
     "max_steps": ("run", "max_steps"), "verify_images": ("data", "verify_images"),
     "shard_timeout": ("data", "shard_timeout"),
 }
-BOOL_FLAGS = {"resplit", "eval", "dist_eval", "fp8_emulate", "compile", "fsdp", "grad_checkpointing"}
+BOOL_FLAGS = {"resplit", "eval", "dist_eval", "fp8_emulate", "compile", "fsdp", "async_save",
+              "grad_checkpointing"}
 FLOAT_FLAGS = {"drop_path", "clip_grad", "weight_decay", "lr", "blr", "layer_decay", "min_lr", "warmup_epochs",
                "color_jitter", "smoothing", "reprob", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob",
                "loss_spike_factor", "dist_timeout", "shard_timeout"}
 INT_FLAGS = {"batch_size", "epochs", "accum_iter", "input_size", "recount", "nb_classes", "seed", "start_epoch",
-             "num_workers", "global_batch", "save_every", "save_last_every", "log_every", "val_every", "max_steps"}
+             "num_workers", "global_batch", "save_every", "save_last_every", "log_every", "val_every", "max_steps",
+             "fsdp_replicate"}
 METAVARS = {"data_path": "PATH", "val_path": "PATH", "output_dir": "PATH", "log_dir": "PATH", "resume": "PATH|auto",
             "finetune": "PATH", "model": "NAME", "aa": "POLICY", "remode": "{pixel,rand,const}",
             "mixup_mode": "{batch,pair,elem}", "data_backend": "{auto,dali,torch}",
             "attn_backend": "{auto,flash_attn,sdpa,math}", "precision": "{auto,bf16,fp16,fp32,fp8}",
-            "fp8_recipe": "{tensorwise,rowwise}", "compile_scope": "{model,blocks}", "optimizer": "{adamw,apex}",
+            "fp8_recipe": "{tensorwise,rowwise}", "compile_scope": "{model,blocks}",
+            "checkpoint_format": "{full,dcp}", "optimizer": "{adamw,apex}",
             "device": "{auto,cuda,cpu}", "verify_images": "{header,decode}"}
 
 

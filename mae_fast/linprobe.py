@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from mae_fast.cli import CommandParser
-from mae_fast.config import DataConfig, default_num_workers
+from mae_fast.config import DataConfig, default_num_workers, is_checkpoint_path
 from mae_fast.errors import CheckpointError, ConfigError, DataError, MaeFastError, NonFiniteLossError
 from mae_fast.knn import top_k_accuracy
 from mae_fast.progress import report_progress
@@ -220,7 +220,8 @@ def build_parser() -> CommandParser:
     """The command line of ``python -m mae_fast.linprobe``."""
     parser = CommandParser("mae_fast.linprobe", description=__doc__.split("\n\n")[0],
                            epilog=__doc__.split("\n\n", 2)[2])
-    parser.add_argument("--checkpoint", required=True, help="a mae_fast or official MAE checkpoint (.pth/.safetensors)")
+    parser.add_argument("--checkpoint", required=True, help="a mae_fast or official MAE checkpoint (.pth/.safetensors, "
+                        "or a .dcp checkpoint folder)")
     parser.add_argument("--data_path", required=True, help="ImageNet-layout folder: train/<class>/ (and val/<class>/)")
     parser.add_argument("--val_path", default=None, help="validation folder with class sub-folders (default: "
                                                          "--data_path's val/)")
@@ -275,8 +276,9 @@ def run(args: argparse.Namespace) -> dict | None:
     if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         raise ConfigError(f"--weight_decay: must be a finite number >= 0 (the official value is 0), got "
                           f"{args.weight_decay}")
-    if not Path(args.checkpoint).expanduser().is_file():
-        raise CheckpointError(f"--checkpoint {args.checkpoint!r} does not exist (or is not a file)")
+    if not is_checkpoint_path(args.checkpoint):
+        raise CheckpointError(f"--checkpoint {args.checkpoint!r} does not exist (or is not a checkpoint file or DCP "
+                              "checkpoint folder)")
     if not Path(args.data_path).expanduser().is_dir():
         raise DataError(f"--data_path {args.data_path!r} does not exist or is not a folder; give one in ImageNet "
                         "layout, with a class folder per class under train and val")

@@ -402,8 +402,9 @@ class MAEViT(nn.Module):
     # ------------------------------------------------------------------ checkpoints
 
     def load_pretrained(self, checkpoint, strict_encoder: bool = True) -> dict:
-        """Load an official (or mae_fast) checkpoint: a path (``.pth``, or ``.safetensors`` as ``mae_fast.export``
-        writes), a full checkpoint dict, or a ``model`` state dict.
+        """Load an official (or mae_fast) checkpoint: a path (``.pth``, ``.safetensors`` as ``mae_fast.export``
+        writes, or a ``.dcp`` checkpoint folder as ``--checkpoint_format dcp`` writes), a full checkpoint dict, or a
+        ``model`` state dict.
 
         Position embeddings made for another patch grid are resized bicubically (as the official
         fine-tuning code does). Encoder-only releases load with the decoder left at its

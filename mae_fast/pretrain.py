@@ -36,6 +36,8 @@ FLAGS = {
     "precision": ("run", "precision"), "fp8_recipe": ("run", "fp8_recipe"), "fp8_emulate": ("run", "fp8_emulate"),
     "global_batch": ("run", "global_batch"), "compile": ("run", "compile"),
     "compile_scope": ("run", "compile_scope"), "fsdp": ("run", "fsdp"),
+    "fsdp_replicate": ("run", "fsdp_replicate"), "checkpoint_format": ("run", "checkpoint_format"),
+    "async_save": ("run", "async_save"),
     "grad_checkpointing": ("model", "grad_checkpointing"), "optimizer": ("optim", "optimizer"),
     "save_every": ("run", "save_every"), "save_last_every": ("run", "save_last_every"),
     "loss_spike_factor": ("run", "loss_spike_factor"), "dist_timeout": ("run", "dist_timeout"),
@@ -46,18 +48,19 @@ FLAGS = {
     "synthetic_samples": ("data", "synthetic_samples"), "shard_timeout": ("data", "shard_timeout"),
 }
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig}
-BOOL_FLAGS = {"norm_pix_loss", "compile", "fsdp", "grad_checkpointing", "fp8_emulate"}
+BOOL_FLAGS = {"norm_pix_loss", "compile", "fsdp", "async_save", "grad_checkpointing", "fp8_emulate"}
 FLOAT_FLAGS = {"mask_ratio", "weight_decay", "lr", "blr", "min_lr", "warmup_epochs", "loss_spike_factor",
                "dist_timeout", "shard_timeout"}
 STR_FLAGS = {"model", "data_path", "val_path", "output_dir", "log_dir", "resume", "data_backend", "attn_backend",
              "kernel_backend", "precision", "fp8_recipe", "compile_scope", "optimizer", "device", "verify_images",
-             "knn_train_path", "knn_pool"}
+             "knn_train_path", "knn_pool", "checkpoint_format"}
 METAVARS = {"data_path": "PATH", "val_path": "PATH", "output_dir": "PATH", "log_dir": "PATH", "resume": "PATH|auto",
             "model": "NAME", "data_backend": "{auto,dali,torch,synthetic}",
             "attn_backend": "{auto,flash_attn,sdpa,math}",
             "kernel_backend": "{auto,cuda,triton,torch}", "precision": "{auto,bf16,fp16,fp32,fp8}",
             "fp8_recipe": "{tensorwise,rowwise}",
-            "compile_scope": "{model,blocks}", "optimizer": "{adamw,apex}", "device": "{auto,cuda,cpu}",
+            "compile_scope": "{model,blocks}", "checkpoint_format": "{full,dcp}", "optimizer": "{adamw,apex}",
+            "device": "{auto,cuda,cpu}",
             "verify_images": "{header,decode}", "knn_train_path": "PATH", "knn_pool": "{mean,cls}"}
 
 
@@ -170,12 +173,15 @@ def _is_collective_timeout(exc: RuntimeError) -> bool:
 
 @contextlib.contextmanager
 def _ctrl_c_stops_after_the_step(trainer, argv: list[str], prog: str = PROG):
-    """The first Ctrl-C asks the run to stop after the current step, writing checkpoint-last.pth there (so the
+    """The first Ctrl-C asks the run to stop after the current step, writing checkpoint-last there (so the
     resume is exact); a second one stops the process at once, with one line. Only on one rank: the ranks of a
     distributed run would have to agree on the step, so there Ctrl-C stops at once (the last checkpoint stays)."""
     if trainer.dist.world_size > 1 or threading.current_thread() is not threading.main_thread():
         yield
         return
+    from mae_fast.checkpoint import LAST, checkpoint_name
+
+    last = checkpoint_name(LAST, trainer.checkpoint_format)
     # torchrun passes the terminal's Ctrl-C on to its worker a moment after the terminal did: one press.
     relayed = "LOCAL_WORLD_SIZE" in os.environ
     pressed: list[float] = []
@@ -186,8 +192,8 @@ def _ctrl_c_stops_after_the_step(trainer, argv: list[str], prog: str = PROG):
             pressed.append(now)
             trainer.request_stop()
             # os.write, not print: a handler that prints while the main thread prints raises a reentrancy error.
-            os.write(2, f"{prog}: Ctrl-C: stopping after this step, which is saved to checkpoint-last.pth (Ctrl-C "
-                        "again to stop at once)\n".encode())
+            os.write(2, f"{prog}: Ctrl-C: stopping after this step, which is saved to {last} (Ctrl-C again to stop "
+                        "at once)\n".encode())
             return
         if relayed and now - pressed[0] < 1.0:
             return

@@ -60,7 +60,8 @@ def test_compile_under_ddp(tmp_path):
 def test_fsdp_matches_one_rank_saves_full_official_weights_and_resumes(tmp_path):
     data = write_images(tmp_path / "data", 16)
     out = tmp_path / "fsdp"
-    run = torchrun("-m", "mae_fast.pretrain", *tiny_args(data, out, "--batch_size", "2", "--epochs", "1", "--fsdp"))
+    run = torchrun("-m", "mae_fast.pretrain", *tiny_args(data, out, "--batch_size", "2", "--epochs", "1", "--fsdp",
+                                                         "--checkpoint_format", "full"))
     assert run.returncode == 0, run.stderr[-3000:]
     from mae_fast.checkpoint import load_checkpoint
 
@@ -71,6 +72,6 @@ def test_fsdp_matches_one_rank_saves_full_official_weights_and_resumes(tmp_path)
     for name, value in one.model.state_dict().items():
         torch.testing.assert_close(sharded["model"][name], value, rtol=1e-4, atol=1e-5, msg=name)
     resumed = torchrun("-m", "mae_fast.pretrain", *tiny_args(data, out, "--batch_size", "2", "--epochs", "2", "--fsdp",
-                                                             "--resume", "auto"))
+                                                             "--checkpoint_format", "full", "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert load_checkpoint(out / "checkpoint-last.pth")["step"] == 2 * sharded["step"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mae_fast import create_model
-from mae_fast.checkpoint import load_checkpoint
+from mae_fast.checkpoint import load_checkpoint, load_file
 from mae_fast.fp8 import convert_to_fp8, is_fp8_linear, torchao_unavailable_reason
 from mae_fast.model import MAEViT
 from mae_fast.pretrain import config_from_args, main
@@ -138,7 +138,7 @@ def test_fp8_composes_with_fsdp(tmp_path):
                                      "--fp8_emulate")],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    state = load_checkpoint(out / "checkpoint-last.pth")
+    state = load_file(out / "checkpoint-last.dcp")  # --fsdp writes sharded (DCP) checkpoints by default
     assert set(state["model"]) == set(create_model("mae_vit_tiny_patch16", img_size=32).state_dict())
     assert state["step"] == 4
 
