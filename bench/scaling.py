@@ -1,12 +1,13 @@
 """The scaling plan on paper: memory, communication and predicted efficiency of MAE pretraining, 8 to 1,024 GPUs.
 
-    python bench/scaling.py                          # the plan as Markdown, its assumptions first
+    python bench/scaling.py > bench/results/scaling.md    # the plan as Markdown, its assumptions first
     python bench/scaling.py --mfu 0.5 --gpu_memory_gb 141 --infiniband_gb_s 25
 
 A model, not a measurement: nothing here has run on a GPU. What the CPU can check, tests/test_scaling.py
-checks: the bytes each rank hands to each kind of collective in one optimizer step under DDP, FSDP2 and
-HSDP (gloo, 2 and 4 ranks, against :func:`collective_payloads`), and the activation bytes per token and
-channel of a block (against :data:`ACT_BYTES_PER_TOKEN_CHANNEL`).
+checks: the bytes each rank hands to each kind of collective in a training step's forward and backward
+under DDP, FSDP2 and HSDP (gloo, 2 and 4 ranks, against :func:`collective_payloads`; the optimizer's update
+communicates nothing), and the activation bytes per token and channel of a block (against
+:data:`ACT_BYTES_PER_TOKEN_CHANNEL`).
 
 For ViT-B/16, ViT-L/16, ViT-H/14 (the official presets with their 512-wide, 8-block decoder) and a
 ViT-2B (stated in :data:`MODELS`), at the official recipe (224 px, mask ratio 0.75, global batch 4,096,
@@ -261,7 +262,6 @@ def plan(name: str, gpus: int, hw: Hardware, global_batch: int = GLOBAL_BATCH) -
     accum = max(1, round(batch / micro))
     micro_s = facts.flops_per_image * micro / (hw.peak_tflops * 1e12 * hw.mfu)
     nodes = max(1, gpus // GPUS_PER_NODE)
-    largest_block = max(unit.numel() for unit in facts.units if not unit.root)
     row = {"model": name, "gpus": gpus, "nodes": nodes, "batch": batch, "accum": accum, "params": P,
            "compute_ms": micro_s * accum * 1e3}
     for strategy in STRATEGIES:
@@ -276,8 +276,9 @@ def plan(name: str, gpus: int, hw: Hardware, global_batch: int = GLOBAL_BATCH) -
             states = 4 * facts.frozen + (16 + 4 + 2) * P  # + DDP's buckets + autocast's bf16 weight copies
         else:
             root = next(unit for unit in facts.units if unit.root)
+            block = max(unit.numel(shard) for unit in facts.units if not unit.root)
             sharded = sum(4 * unit.numel(shard) + 12 * unit.numel(shard, trainable_only=True) for unit in facts.units)
-            states = sharded / shard + 2 * root.numel(shard) + (2 * 2 + 2 + 4) * largest_block
+            states = sharded / shard + 2 * root.numel(shard) + (2 * 2 + 2 + 4) * block
             if accum > 1:  # FSDP2's unsharded fp32 gradients, accumulated between syncs
                 states += 4 * P
         row[f"{strategy}_sent_gb"] = sum(bytes_sent(c.kind, c.nbytes, group_ranks(c.group, gpus, replicas)[0])
@@ -299,16 +300,13 @@ def plan(name: str, gpus: int, hw: Hardware, global_batch: int = GLOBAL_BATCH) -
             ideal_s = micro_s * accum
             row[f"{strategy}_eff{suffix}"] = ideal_s / (compute_s + exposed)
             row[f"{strategy}_eff_serial{suffix}"] = ideal_s / (compute_s + comm_s)
-    choices = []
-    for ckpt in (False, True):
-        suffix = "_ckpt" if ckpt else ""
+    row["choice"] = "none fits"
+    for suffix in ("", "_ckpt"):  # without checkpointing if any strategy fits so
         fits = [s for s in STRATEGIES if row[f"{s}_mem_gb{suffix}"] <= hw.gpu_memory_gb]
         if fits:  # the most efficient; within a point, the simpler (DDP, then HSDP, then FSDP)
             best = max(fits, key=lambda s: (round(row[f"{s}_eff{suffix}"], 2), -"dhf".index(s[0])))
-            choices.append((best, ckpt, row[f"{best}_eff{suffix}"]))
+            row["choice"] = f"{best.upper()}{' + checkpointing' if suffix else ''} ({row[f'{best}_eff{suffix}']:.0%})"
             break
-    row["choice"] = (f"{choices[0][0].upper()}{' + checkpointing' if choices[0][1] else ''} "
-                     f"({choices[0][2]:.0%})") if choices else "none fits"
     return row
 
 
@@ -328,11 +326,25 @@ def table(name: str, hw: Hardware, global_batch: int | None) -> list[str]:
     return lines
 
 
+def summary(hw: Hardware) -> list[str]:
+    """The key rows, one table for every model: at the recipe's 64 images per GPU on 64 GPUs, at its global batch on
+    256 GPUs (16 images per GPU), and at 64 images per GPU on 1,024 GPUs."""
+    lines = ["| model | GPUs | batch/GPU | memory GB DDP | FSDP | HSDP | efficiency DDP | FSDP | HSDP | use |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for name in MODELS:
+        for gpus, global_batch in ((64, GLOBAL_BATCH), (256, GLOBAL_BATCH), (1024, MICRO_BATCH * 1024)):
+            r = plan(name, gpus, hw, global_batch)
+            mem = " | ".join(f"{r[f'{s}_mem_gb']:.1f}" for s in STRATEGIES)
+            eff = " | ".join(f"{r[f'{s}_eff']:.0%}" for s in STRATEGIES)
+            lines.append(f"| {name} | {gpus:,} | {r['batch']:g} | {mem} | {eff} | {r['choice']} |")
+    return lines
+
+
 def assumptions(hw: Hardware) -> str:
     return (f"Assumptions: {IMG_SIZE} px, mask ratio {MASK_RATIO}; micro-batches of at most {MICRO_BATCH} images per "
             f"GPU (more are accumulated, without sync); {GPUS_PER_NODE} GPUs per node with {hw.gpu_memory_gb:g} GB "
             f"each; per GPU and direction NVLink {hw.nvlink_gb_s:g} GB/s and InfiniBand {hw.infiniband_gb_s:g} GB/s "
-            f"(its own adapter), {hw.nvlink_step_us:g} us and {hw.infiniband_step_us:g} us per step of a collective "
+            f"(its own adapter), {hw.nvlink_step_us:g} µs and {hw.infiniband_step_us:g} µs per step of a collective "
             f"within a node and between nodes; ring all-gathers and reduce-scatters, tree all-reduces; dense bf16 peak "
             f"{hw.peak_tflops:g} TFLOP/s at {hw.mfu:.0%} MFU; bf16 autocast, fp32 master weights, gradients and "
             "AdamW moments; FSDP gathers bf16 and reduces fp32; HSDP shards within a node, replicates across. Memory "
@@ -343,10 +355,13 @@ def assumptions(hw: Hardware) -> str:
             "else with it (a point's difference goes to the simpler), with its efficiency.")
 
 
-def markdown(hw: Hardware) -> str:
-    """The whole plan: assumptions, then per model a table at the recipe's batch and one at 64 images per GPU."""
-    lines = ["# MAE pretraining past one node: a plan on paper (bench/scaling.py)", "",
-             "Computed, not measured: no figure here comes from a GPU.", "", assumptions(hw), ""]
+def markdown(hw: Hardware, command: str = "python bench/scaling.py") -> str:
+    """The whole plan: the command that made it, the assumptions, then per model a table at the recipe's batch and
+    one at 64 images per GPU."""
+    lines = ["# MAE pretraining past one node: a plan on paper", "",
+             f"Made by `{command}`. Computed, not measured: no figure here comes from a GPU.", "", assumptions(hw), "",
+             "The key rows (memory without activation checkpointing, efficiency with communication hidden where it "
+             "can be):", "", *summary(hw), ""]
     for name in MODELS:
         facts = model_facts(name)
         lines += [f"## {name}: {facts.params / 1e6:,.0f} M parameters (encoder and decoder), "
@@ -377,8 +392,9 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("gpu_memory_gb", "nvlink_gb_s", "infiniband_gb_s"):
         if not getattr(args, flag) > 0:
             parser.error(f"--{flag} must be positive, got {getattr(args, flag)}")
+    command = " ".join(["python bench/scaling.py", *(sys.argv[1:] if argv is None else argv)])
     print(markdown(Hardware(mfu=args.mfu, gpu_memory_gb=args.gpu_memory_gb, nvlink_gb_s=args.nvlink_gb_s,
-                            infiniband_gb_s=args.infiniband_gb_s)))
+                            infiniband_gb_s=args.infiniband_gb_s), command))
 
 
 if __name__ == "__main__":

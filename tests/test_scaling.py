@@ -166,3 +166,10 @@ def test_a_block_keeps_the_activation_bytes_the_plan_counts(scaling):
     assert abs(_saved_bytes_per_token_channel(model, tokens=20) - scaling.ACT_BYTES_PER_TOKEN_CHANNEL) < 0.5
     model.grad_checkpointing = True
     assert _saved_bytes_per_token_channel(model, tokens=20) == scaling.CKPT_BYTES_PER_TOKEN_CHANNEL
+
+
+def test_the_committed_plan_and_the_readme_s_rows_are_what_the_script_prints(scaling):
+    printed = scaling.markdown(scaling.Hardware())
+    assert (SCALING.parent / "results" / "scaling.md").read_text() == printed + "\n"
+    readme = (SCALING.parents[1] / "README.md").read_text().split("### Scaling past one node", 1)[1]
+    assert "\n".join(scaling.summary(scaling.Hardware())) in readme
