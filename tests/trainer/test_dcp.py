@@ -197,3 +197,14 @@ def test_resuming_a_dcp_checkpoint_of_another_size_names_both(interrupted, tmp_p
         MAETrainer(config_from_args(tiny_args(data, tmp_path / "o", "--model", "mae_vit_small_patch16",
                                               "--checkpoint_format", "dcp", "--resume",
                                               str(out / "checkpoint-last.dcp"))))
+
+
+def test_a_resume_with_another_batch_per_step_goes_on_at_the_same_image_or_says_why_it_cannot(interrupted, tmp_path):
+    data, _ = interrupted
+    out = tmp_path / "out"
+    run(data, out, "--batch_size", "2", "--max_steps", "3", "--save_last_every", "2")  # 4 and 6 images done
+    mid = MAETrainer(config_from_args(tiny_args(data, out, "--resume", str(out / "checkpoint-prev.dcp"))))
+    assert (mid.step, mid.epoch, mid.step_in_epoch) == (2, 0, 1)  # 4 images: one batch of 4
+    with pytest.raises(CheckpointError, match=r"stopped 6 images into epoch 1 \(1 ranks x --batch_size 2\), which is "
+                                              r"not a whole number of this run's batches \(1 ranks x --batch_size 4\)"):
+        MAETrainer(config_from_args(tiny_args(data, out, "--resume", "auto")))
