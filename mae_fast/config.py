@@ -685,6 +685,9 @@ class FinetuneConfig(RunConfig):
             raise _error("resume", self.resume, "--eval needs the path of the checkpoint to evaluate")
         if self.aug.aa is not None:
             _check_aa(self.aug.aa)
+            if self.data.backend == "dali" and not self.aug.aa.startswith("rand"):
+                raise _error("aa", self.aug.aa, "the dali backend runs RandAugment policies (rand-..., such as the "
+                             "official rand-m9-mstd0.5-inc1) or none; use --data_backend torch for this one")
         if self.aug.mixup_active:
             if self.model.nb_classes == 1:
                 raise _error("nb_classes", 1, "mixup and cutmix need at least two classes")

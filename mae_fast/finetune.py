@@ -423,6 +423,13 @@ METAVARS = {"data_path": "PATH", "val_path": "PATH", "output_dir": "PATH", "log_
             "device": "{auto,cuda,cpu}", "verify_images": "{header,decode}"}
 
 
+#: --data_backend's help here: the field's own text is pretraining's (where auto means dali when it is installed).
+DATA_BACKEND_HELP = ("torch (timm's transforms on PIL in DataLoader workers: the official recipe's images; what auto "
+                     "means here) or dali (JPEG decoding on the GPU, DALI's CPU pipeline without one; the recipe in "
+                     "DALI's operations, RandAugment and random erasing included, whose images differ from timm's in "
+                     "detail: resampling, warp interpolation and fill; --aa must be a rand-... policy or none)")
+
+
 def _sections():
     from mae_fast.config import AugConfig, DataConfig, FinetuneConfig, FinetuneModelConfig, FinetuneOptimConfig
 
@@ -461,7 +468,7 @@ def build_parser():
                            "official recipe. With no flags: the quick start's checkpoint "
                            "(./output_dir/checkpoint-last.pth) on the built-in set's classes.")
     for flag, (section, name) in FLAGS.items():
-        text = " ".join(docs[section][name].split(": ", 1)[-1].split())
+        text = DATA_BACKEND_HELP if flag == "data_backend" else " ".join(docs[section][name].split(": ", 1)[-1].split())
         default = next(f.default for f in fields(sections[section]) if f.name == name)
         text = _default_text_of(default, text)
         if flag == "global_pool":

@@ -13,8 +13,9 @@ normalize them as they read them) and the dataset index of each on the CPU (-1 f
 slot: padding, or an image that did not decode; the trainer gives those weight 0 in the loss).
 
 ``build_classification_loader`` reads labeled images (ImageNet-layout folders, shard sets whose
-samples carry ``cls``; :mod:`mae_fast.data.labeled`) through the same sampler and the ``torch`` backend's
-loaders, with the official fine-tuning transforms, and yields ``(images, labels, indices)``.
+samples carry ``cls``; :mod:`mae_fast.data.labeled`) through the same sampler, with the official fine-tuning
+transforms (timm's, on the ``torch`` backend) or DALI's rendering of them (:mod:`mae_fast.data.dali_finetune`), and
+yields ``(images, labels, indices)``.
 
 The loaders (and torch) are imported when a loader is built, so that the command line can check
 ``--data_path`` with :mod:`mae_fast.data.shards` before torch loads.
@@ -169,9 +170,13 @@ def build_classification_loader(config: DataConfig, aug: AugConfig | None, rank:
     ``int(input_size / (224 / 256))`` (``input_size`` above 224: to ``input_size``), center crop ``input_size``,
     normalized.
 
-    Backends: ``torch`` (``auto`` means ``torch`` here). ``dali`` is refused: DALI's RandAugment (its own suite of
-    operations, each applied at a fixed magnitude) and resampling filters are not timm's and PIL's, so it cannot
-    give the official recipe's images.
+    Backends: ``torch`` (``auto`` means ``torch`` here: the official recipe's images exactly) and ``dali``: JPEG
+    decoding on the GPU (DALI's CPU pipeline without one), one pipeline per loader, with the same recipe rebuilt from
+    the same timm objects in DALI's operations (:mod:`mae_fast.data.dali_finetune`: RandAugment's operations,
+    random erasing by ``fn.erase``, DALI's resampling; the images differ from timm's in detail, as listed there),
+    and the official evaluation transform (its geometry exactly, DALI's bicubic resampling). Both backends follow
+    the same sampler and slot seeds and resume mid-epoch exactly; mixup and cutmix are applied to the device batch
+    by the training step, whichever backend reads.
 
     Returns:
         A :class:`~mae_fast.data.labeled.ClassificationLoader`: ``len()`` (batches per epoch), ``num_samples``,
@@ -183,16 +188,17 @@ def build_classification_loader(config: DataConfig, aug: AugConfig | None, rank:
         range; weigh them 0.
 
     Raises:
-        ConfigError: ``--data_backend synthetic`` or ``dali``; a shard set without ``--val_path`` for validation; an
-            ``--aa`` policy timm cannot parse.
+        ConfigError: ``--data_backend synthetic``; a shard set without ``--val_path`` for validation; an ``--aa``
+            policy timm cannot parse, or (``dali``) one that is not RandAugment or none.
         DataError: a missing folder, or one without class sub-folders (or without ``val/`` for validation); a shard
             set without ``cls`` members; a validation set whose classes are not the training set's; nothing readable.
-        BackendUnavailableError: timm cannot run here.
+        BackendUnavailableError: timm cannot run here, or ``--data_backend dali`` and DALI cannot.
     """
     import torch
 
     from mae_fast.config import AugConfig
     from mae_fast.data import labeled
+    from mae_fast.data.dali_loader import DaliLoader
     from mae_fast.data.torch_loader import TorchLoader, TorchShardLoader
     from mae_fast.data.transforms import (FinetuneEvalTransform, FinetuneTrainTransform, SeededErasing,
                                           official_train_transform)
@@ -200,10 +206,9 @@ def build_classification_loader(config: DataConfig, aug: AugConfig | None, rank:
     if config.backend == "synthetic":
         raise ConfigError("--data_backend synthetic: its images have no labels; fine-tuning reads labeled data with "
                           "--data_backend torch")
-    if config.backend == "dali":
-        raise ConfigError("--data_backend dali: fine-tuning's augmentation is timm's (RandAugment, random erasing) "
-                          "and its evaluation PIL's bicubic resize, which DALI's operations do not reproduce; use "
-                          "--data_backend torch")
+    backend = "dali" if config.backend == "dali" else "torch"
+    if backend == "dali":
+        resolve_data_backend("dali")  # one line when DALI is not importable
     aug = aug if aug is not None else AugConfig()
     device = torch.device(device)
     size = config.input_size or FINETUNE_INPUT_SIZE
@@ -222,28 +227,41 @@ def build_classification_loader(config: DataConfig, aug: AugConfig | None, rank:
         path, flag, split = str(labeled.val_folder(train_path)), "--data_path", "val"
 
     # The transforms first: a policy that cannot work is refused before any data is read.
-    erasing = None
+    erasing = recipe = None
     if train:
         from timm.data.random_erasing import RandomErasing  # importable: official_train_transform needs timm
 
         primary, secondary, final = official_train_transform(size, aug)
         timm_erasing = next((t for t in final.transforms if isinstance(t, RandomErasing)), None)
-        transform = FinetuneTrainTransform(primary, secondary)
-        erasing = SeededErasing(timm_erasing) if timm_erasing is not None else None
+        if backend == "dali":
+            from mae_fast.data.dali_finetune import FinetuneTrainPipeline
+
+            recipe = FinetuneTrainPipeline(primary, secondary, timm_erasing, size, seed)
+        else:
+            transform = FinetuneTrainTransform(primary, secondary)
+            erasing = SeededErasing(timm_erasing) if timm_erasing is not None else None
+    elif backend == "dali":
+        from mae_fast.data.dali_finetune import FinetuneEvalPipeline
+
+        recipe = FinetuneEvalPipeline(size)
     else:
         transform = FinetuneEvalTransform(size)
 
     where = f"{flag} {path}"
-    common = dict(size=size, batch_size=batch_size, rank=rank, world_size=world_size, device=device, seed=seed,
-                  num_workers=config.num_workers, train=train, dtype=torch.uint8, transform=transform)
+    common = dict(batch_size=batch_size, rank=rank, world_size=world_size, device=device, seed=seed,
+                  num_workers=config.num_workers, train=train)
+    if backend == "dali":  # the pipeline writes normalized (and erased) float32 images
+        common.update(dtype=torch.float32, recipe=recipe, verify=config.verify_images)
+    else:  # uint8 pixels cross to the device, where they are normalized (and erased)
+        common.update(dtype=torch.uint8, transform=transform)
     if is_shard_spec(str(path)):
         source = load_shard_set(str(path), workers=workers, timeout=config.shard_timeout)
         classes = labeled.shard_classes(source, flag, str(path), workers)
-        inner = TorchShardLoader(source, **common, labels=True)
+        inner = (DaliLoader if backend == "dali" else TorchShardLoader)(source, size, **common, labels=True)
     else:
-        folder = labeled.labeled_folder(path, split, flag, config.verify_images, workers, "torch")
+        folder = labeled.labeled_folder(path, split, flag, config.verify_images, workers, backend)
         classes = folder.classes
-        inner = TorchLoader(folder.files, **common, labels=folder.labels)
+        inner = (DaliLoader if backend == "dali" else TorchLoader)(folder.files, size, **common, labels=folder.labels)
     if not train:
         if is_shard_spec(str(train_path)):
             train_set = load_shard_set(str(train_path), workers=workers, timeout=config.shard_timeout)

@@ -101,6 +101,29 @@ def build_pipeline(batch_size: int, size: int, seed: int, device_id: int | None,
     return pipeline
 
 
+class PretrainingPipeline:
+    """Pretraining's pipeline (:func:`build_pipeline`) and how each batch is fed (:func:`feed_training_batch`, or
+    the encoded images alone for evaluation): what a :class:`DaliLoader` runs unless given another recipe.
+
+    A recipe has ``build(batch_size, device_id, num_threads)``, the built pipeline, and ``feed(pipeline, arrays,
+    seeds)``, which feeds one batch's encoded images and whatever its slots' seeds draw; see
+    :mod:`mae_fast.data.dali_finetune` for fine-tuning's.
+    """
+
+    def __init__(self, size: int, seed: int, train: bool, raw: bool, crop_decode: bool = True):
+        self.size, self.seed, self.train, self.raw, self.crop_decode = size, seed, train, raw, crop_decode
+
+    def build(self, batch_size: int, device_id: int | None, num_threads: int):
+        return build_pipeline(batch_size, self.size, self.seed, device_id, num_threads, self.train, raw=self.raw,
+                              crop_decode=self.crop_decode)
+
+    def feed(self, pipeline, arrays: list, seeds) -> None:
+        if self.train:
+            feed_training_batch(pipeline, arrays, seeds)
+        else:
+            pipeline.feed_input("encoded", arrays)
+
+
 def feed_training_batch(pipeline, arrays: list, seeds) -> None:
     """Feed one training batch: the encoded images, and each one's crop (in pixels) and flip, drawn from its slot's
     seed by :func:`~mae_fast.data.transforms.train_crops` for the size its header gives. An image whose header
@@ -124,13 +147,16 @@ class DaliLoader:
     (files, or shard members) and feeds them with each image's crop and flip, drawn from its slot's
     seed, so resuming mid-epoch starts at the batch it left off at and gives the same pixels the
     uninterrupted run had.
+
+    ``recipe``: what the pipeline does (default: pretraining's, :class:`PretrainingPipeline`); ``labels``: yield each
+    image's class too, from int64 [len(files)] (a folder) or, with True, the samples' ``cls`` members (a shard set).
     """
 
     backend = "dali"
 
     def __init__(self, files, size: int, batch_size: int, rank: int, world_size: int, device: torch.device,
                  seed: int, num_workers: int, train: bool = True, dtype: torch.dtype = torch.float32,
-                 crop_decode: bool = True, verify: str = "header"):
+                 crop_decode: bool = True, verify: str = "header", recipe=None, labels=None):
         reason = dali_unavailable_reason()
         if reason:
             raise BackendUnavailableError(f"data backend 'dali' cannot run: {reason}")
@@ -146,6 +172,12 @@ class DaliLoader:
             raise ValueError(f"verify must be 'header' or 'decode', got {verify!r}")
         self.verify = verify  # how shard members are checked as they are read
         self.num_samples = self.shard_set.num_samples if self.shard_set else len(files)
+        if labels is not None and labels is not True:
+            labels = torch.as_tensor(labels, dtype=torch.int64)
+        self.labels = labels  # None, True (a shard set's cls members) or a tensor of each file's class
+        seed_of_rank = (seed * 1_000_003 + rank * 7919) % (2**31 - 1)
+        self.recipe = recipe or PretrainingPipeline(size, seed_of_rank, train, raw=dtype == torch.uint8,
+                                                    crop_decode=crop_decode)
         self.pipeline, self.primed = None, False
         self.builds = 0  # pipelines built (one per run)
 
@@ -157,26 +189,25 @@ class DaliLoader:
     def _build(self):
         if self.pipeline is None:
             device_id = (self.device.index or 0) if self.device.type == "cuda" else None
-            seed = (self.seed * 1_000_003 + self.rank * 7919) % (2**31 - 1)
-            self.pipeline = build_pipeline(self.batch_size, self.size, seed, device_id, self.num_threads, self.train,
-                                           raw=self.dtype == torch.uint8, crop_decode=self.crop_decode)
+            self.pipeline = self.recipe.build(self.batch_size, device_id, self.num_threads)
             self.builds += 1
         return self.pipeline
 
     def _batches(self, epoch: int, start: int):
-        """Yield ``(encoded arrays, names, indices, seeds)`` per batch of ``epoch`` from batch ``start`` on (the
-        slots' augmentation seeds, as the sampler deals them)."""
+        """Yield ``(encoded arrays, names, indices, seeds, labels)`` per batch of ``epoch`` from batch ``start`` on
+        (the slots' augmentation seeds, as the sampler deals them; labels int64 [B], or None without labels)."""
         import numpy as np
 
         B = self.batch_size
         if self.shard_set:
             from mae_fast.data.torch_loader import ShardBatches
 
-            batches = ShardBatches(self.shard_set, B, self.rank, self.world_size, self.seed, shuffle=self.train)
+            batches = ShardBatches(self.shard_set, B, self.rank, self.world_size, self.seed, shuffle=self.train,
+                                   labels=self.labels is True)
             batches.set_epoch(epoch, start)
             check = image_checks.encoded_problem if self.verify == "header" else image_checks.decoded_problem
             for step, items in enumerate(batches):
-                indices, valid, _ = batches.issued[step]
+                indices, valid, classes = batches.issued[step]
                 problems = {}  # each member checked once: padding slots repeat another slot's bytes
                 for data, _, name in items:
                     if name not in problems:
@@ -185,10 +216,11 @@ class DaliLoader:
                 names = [name for _, _, name in items]
                 seeds = [seed for _, seed, _ in items]
                 idx = torch.tensor(indices, dtype=torch.int64)
+                labels = torch.tensor(classes, dtype=torch.int64) if self.labels is True else None
                 bad = {slot: problems[name] for slot, name in enumerate(names) if problems[name] is not None}
                 if bad:
-                    self._leave_out(arrays, names, idx, bad, f"batch {start + step + 1} of epoch {epoch + 1}")
-                yield arrays, names, idx, seeds
+                    self._leave_out(arrays, names, idx, labels, bad, f"batch {start + step + 1} of epoch {epoch + 1}")
+                yield arrays, names, idx, seeds, labels
             return
         indices, valid, seeds = epoch_indices(self.num_samples, B, self.rank, self.world_size, epoch, self.seed,
                                               shuffle=self.train)
@@ -196,20 +228,21 @@ class DaliLoader:
             chosen = indices[step * B:(step + 1) * B]
             names = [self.files[i] for i in chosen]
             idx = torch.from_numpy(chosen.copy())
+            labels = self.labels[idx] if self.labels is not None else None  # padding: the class of the image repeated
             idx[~torch.from_numpy(valid[step * B:(step + 1) * B].copy())] = -1
-            yield [np.fromfile(name, dtype=np.uint8) for name in names], names, idx, seeds[step * B:(step + 1) * B]
+            yield ([np.fromfile(name, dtype=np.uint8) for name in names], names, idx, seeds[step * B:(step + 1) * B],
+                   labels)
 
     def _feed_one(self, pipeline, batch) -> None:
-        """Feed one batch ``(arrays, names, indices, seeds)``: training batches with their crops drawn from the seeds."""
-        arrays, _, _, seeds = batch
-        if self.train:
-            feed_training_batch(pipeline, arrays, seeds)
-        else:
-            pipeline.feed_input("encoded", arrays)
+        """Feed one batch ``(arrays, names, indices, seeds, labels)`` as the recipe feeds it (training batches with
+        their crops, and whatever else the recipe draws, drawn from the seeds)."""
+        arrays, _, _, seeds, _ = batch
+        self.recipe.feed(pipeline, arrays, seeds)
 
     @staticmethod
-    def _leave_out(arrays, names, idx, bad: dict[int, str], where: str) -> None:
-        """Replace the members of ``bad`` (slot -> why) by a copy of a good one of the batch, mark them -1, name them.
+    def _leave_out(arrays, names, idx, labels, bad: dict[int, str], where: str) -> None:
+        """Replace the members of ``bad`` (slot -> why) by a copy of a good one of the batch (and its label, when
+        ``labels`` is a tensor), mark them -1, name them.
 
         Raises:
             DataError: no member of the batch decodes.
@@ -221,6 +254,8 @@ class DaliLoader:
         named = {names[slot]: why for slot, why in bad.items() if idx[slot] >= 0}
         for slot in bad:  # DALI cannot skip an image mid-batch: replace it, mark it
             arrays[slot], idx[slot] = arrays[good], -1
+            if labels is not None:
+                labels[slot] = labels[good]
         if named:
             logger.warning("left out %d image(s) that do not decode (their slots are marked invalid): %s", len(named),
                            "; ".join(f"{name} ({why})" for name, why in list(named.items())[:5]))
@@ -228,14 +263,15 @@ class DaliLoader:
     def _without_undecodable(self, batch, where: str):
         """``batch`` with the members that fail a CPU decode left out (see :meth:`_leave_out`), and whether any did."""
         arrays, names, idx, seeds = list(batch[0]), list(batch[1]), batch[2].clone(), batch[3]
+        labels = batch[4].clone() if batch[4] is not None else None
         problems = {}
         for array, name in zip(arrays, names):
             if name not in problems:
                 problems[name] = image_checks.decoded_problem(array.tobytes(), "dali")
         bad = {slot: problems[name] for slot, name in enumerate(names) if problems[name] is not None}
         if bad:
-            self._leave_out(arrays, names, idx, bad, where)
-        return (arrays, names, idx, seeds), bool(bad)
+            self._leave_out(arrays, names, idx, labels, bad, where)
+        return (arrays, names, idx, seeds, labels), bool(bad)
 
     def _feed(self, pipeline, batches, pending: list) -> None:
         """Keep ``PREFETCH_DEPTH`` batches in flight; ``pending`` lists them, oldest first (None: a filler to drop)."""
@@ -262,7 +298,8 @@ class DaliLoader:
 
     def epoch(self, epoch: int, start: int = 0):
         """Yield ``(images [B, 3, S, S] on device in dtype, indices [B] int64 with -1 for padding and left-out
-        images)``, from batch ``start`` of ``epoch`` on.
+        images)``, from batch ``start`` of ``epoch`` on; with ``labels``, ``(images, labels [B] int64 on the CPU,
+        indices)`` (a marked slot's label is that of the image it repeats).
 
         Raises:
             DataError: DALI failed on a file of an image folder, or on a batch of shard members that all decode on
@@ -270,7 +307,7 @@ class DaliLoader:
         """
         pipeline = self._build()
         batches = self._batches(epoch, start)
-        pending = []  # the batches fed, (arrays, names, indices, seeds), oldest first; None: a filler to drop
+        pending = []  # the batches fed, (arrays, names, indices, seeds, labels), oldest first; None: a filler
         self._feed(pipeline, batches, pending)
         step = start
         while pending:
@@ -302,7 +339,11 @@ class DaliLoader:
             pipeline.release_outputs()
             self._feed(pipeline, batches, pending)
             step += 1
-            yield images.to(self.dtype) if self.dtype != torch.uint8 else images, entry[2]
+            images = images.to(self.dtype) if self.dtype != torch.uint8 else images
+            if self.labels is None:
+                yield images, entry[2]
+            else:
+                yield images, entry[4], entry[2]
 
     def _to_torch(self, out) -> torch.Tensor:
         if self.device.type != "cuda":

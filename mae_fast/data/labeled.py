@@ -7,9 +7,9 @@ member (the class index as text, as ``python -m mae_fast.prepare`` writes it fro
 class names are the manifest's ``classes``, or ``"0" .. "n-1"`` from the ``cls`` values when the
 manifest records none (read once, from the members alone where index files locate them).
 
-:class:`ClassificationLoader` wraps one of the ``torch`` backend's loaders (built with a per-sample
-transform and labels) and yields ``(images, labels, indices)``; see
-:func:`mae_fast.data.build_classification_loader`.
+:class:`ClassificationLoader` wraps a loader built with labels (one of the ``torch`` backend's, with a per-sample
+transform, or a :class:`~mae_fast.data.dali_loader.DaliLoader` with the fine-tuning recipe) and yields
+``(images, labels, indices)``; see :func:`mae_fast.data.build_classification_loader`.
 """
 
 from __future__ import annotations
@@ -116,12 +116,13 @@ def check_same_classes(train: list[str], val: list[str], train_where: str, val_w
 
 
 class ClassificationLoader:
-    """One rank's labeled batches: wraps a ``torch`` backend loader built with labels and uint8 output (``inner``,
-    whose ``epoch`` yields ``(images, labels, indices)``) and delivers, from ``epoch(e, start)``:
+    """One rank's labeled batches: wraps a loader built with labels (``inner``, whose ``epoch`` yields ``(images,
+    labels, indices)``: the ``torch`` backend's uint8 pixels, or DALI's normalized float32 images) and delivers,
+    from ``epoch(e, start)``:
 
-    - ``images`` float32 [B, 3, S, S] on the device, ImageNet-normalized here from the uint8 pixels and, in
+    - ``images`` float32 [B, 3, S, S] on the device, ImageNet-normalized (here, from uint8 pixels) and, in
       training with ``erasing`` (a :class:`~mae_fast.data.transforms.SeededErasing`), randomly erased here, on the
-      device, each slot by its seed;
+      device, each slot by its seed (the DALI pipeline erases on its own);
     - ``labels`` int64 [B] on the device, each in ``[0, num_classes)``: the image's class; a marked slot carries
       the class of the image it repeats (padding), or 0 where there is none, so that a loss or mixup never indexes
       out of range;
@@ -152,7 +153,8 @@ class ClassificationLoader:
         B = self.batch_size
         for step, (images, labels, indices) in enumerate(self.inner.epoch(epoch, start), start=start):
             labels, indices = self._checked(labels, indices, step, epoch)
-            images = normalize(images, torch.float32)
+            if images.dtype == torch.uint8:
+                images = normalize(images, torch.float32)
             if seeds is not None:
                 images = self.erasing(images, seeds[step * B:(step + 1) * B])
             yield images, labels.to(self.device, non_blocking=True), indices

@@ -14,7 +14,7 @@ from PIL import Image
 
 from mae_fast import prepare as prep
 from mae_fast.config import AugConfig, DataConfig
-from mae_fast.data import build_classification_loader, build_loader
+from mae_fast.data import build_classification_loader, build_loader, dali_unavailable_reason
 from mae_fast.data.shards import load_shard_set, stream_images
 from mae_fast.data.files import class_folder_images
 from mae_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SeededErasing, eval_resize_size
@@ -168,6 +168,11 @@ def labeled_source(tmp_path, kind):
 
 
 SOURCES = ["folder", "shards"]
+needs_dali = pytest.mark.skipif(dali_unavailable_reason() is not None, reason=str(dali_unavailable_reason()))
+BACKENDS = ["torch", pytest.param("dali", marks=needs_dali)]
+#: DALI's training pipeline without RandAugment and erasing: built in a fraction of a second, for the tests of what
+#: does not depend on the augmentation (RandAugment's pipeline takes seconds to define on a CPU).
+PLAIN = AugConfig(aa="none", reprob=0.0)
 
 
 def test_classes_are_numbered_as_torchvision_image_folder_numbers_them(tmp_path):
@@ -183,15 +188,17 @@ def test_classes_are_numbered_as_torchvision_image_folder_numbers_them(tmp_path)
     assert ld.backend == "torch" and ld.num_samples == 6 and len(ld) == 2
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", SOURCES)
-def test_two_ranks_get_every_image_once_with_its_class(tmp_path, kind):
+def test_two_ranks_get_every_image_once_with_its_class(tmp_path, kind, backend):
     path, class_of = labeled_source(tmp_path, kind)
+    aug = PLAIN if backend == "dali" else None
     for train in (True, False):
         val_path = path if (kind == "shards" and not train) else None
         seen, steps, marked = [], set(), 0
         for rank in range(2):
-            ld = loader(path, train, rank=rank, world=2, val_path=val_path)
-            assert ld.classes == SORTED_CLASSES and ld.backend == "torch" and ld.num_samples == 11
+            ld = loader(path, train, rank=rank, world=2, val_path=val_path, backend=backend, aug=aug)
+            assert ld.classes == SORTED_CLASSES and ld.backend == backend and ld.num_samples == 11
             steps.add(len(ld))
             for images, labels, indices in ld.epoch(1):
                 assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
@@ -253,6 +260,25 @@ def test_the_same_seed_gives_the_same_batches_and_a_restart_mid_epoch_too(tmp_pa
     assert not torch.equal(full[1][0], other_seed[1][0])  # and so does another seed
 
 
+@needs_dali
+def test_dali_gives_the_same_batches_for_a_seed_and_after_a_restart_mid_epoch(tmp_path):
+    # The official recipe on DALI (RandAugment, and pixel erasing in every image): every draw follows the slot's
+    # seed, so a loader built anew, as a resumed run builds it, gives the rest of the epoch pixel for pixel.
+    path, class_of = labeled_source(tmp_path, "folder")
+    aug = AugConfig(reprob=1.0)
+    ld = loader(path, True, aug=aug, backend="dali")
+    full = list(ld.epoch(2))
+    rest = list(loader(path, True, aug=aug, backend="dali").epoch(2, start=1))
+    assert len(full) == 3 and len(rest) == 2
+    for (images, labels, indices), (images2, labels2, indices2) in zip(full[1:], rest):
+        assert torch.equal(images, images2) and torch.equal(labels, labels2) and torch.equal(indices, indices2)
+    for _, labels, indices in full:
+        assert all(ld.classes[c] == class_of(ld, i) for c, i in zip(labels.tolist(), indices.tolist()) if i >= 0)
+    other_epoch = list(ld.epoch(3))
+    assert not torch.equal(full[1][0], other_epoch[1][0])  # a new epoch draws anew
+    assert ld.inner.builds == 1  # one pipeline for the run
+
+
 def write_textured(folder, sizes):
     """Smooth but varied images (gradients and a slow wave), one per size, so resampling and crop offsets show."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -273,13 +299,17 @@ def official_eval(size):
         transforms.CenterCrop(size), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def test_the_eval_transform_is_the_official_resize_and_center_crop(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_eval_transform_is_the_official_resize_and_center_crop(tmp_path, backend):
     assert [eval_resize_size(s) for s in (32, 224, 384)] == [36, 256, 384]
-    sizes = [(40, 48), (48, 40), (45, 45), (47, 41), (36, 90)]
+    sizes = [(40, 48), (48, 40), (45, 45), (47, 41), (36, 90), (200, 150)]
     for split in ("train", "val"):
         write_textured(tmp_path / split / "only", sizes)
-    ld = loader(tmp_path, False, batch=2)
+    ld = loader(tmp_path, False, batch=2, backend=backend)
     official = official_eval(32)
+    # torch: Pillow's resize, so float rounding only. DALI: the same sizes and offsets (a pixel off would be tens of
+    # levels on these images), its own bicubic resampling within one level of Pillow's.
+    level = 1 / 255 / min(IMAGENET_STD)
     checked = 0
     for images, labels, indices in ld.epoch(0):
         for image, index in zip(images, indices.tolist()):
@@ -287,7 +317,11 @@ def test_the_eval_transform_is_the_official_resize_and_center_crop(tmp_path):
                 continue
             expected = official(Image.open(ld.files[index]).convert("RGB"))
             assert image.shape == expected.shape
-            assert (image - expected).abs().max().item() < 1e-5, ld.files[index]  # float rounding only
+            difference = (image - expected).abs()
+            if backend == "torch":
+                assert difference.max().item() < 1e-5, ld.files[index]
+            else:
+                assert difference.max().item() < 1.01 * level and difference.mean().item() < 0.2 * level
             checked += 1
     assert checked == len(sizes)
 
@@ -330,11 +364,12 @@ def test_the_training_transform_is_the_official_one(tmp_path):
         assert (image - reference).abs().max() < 1e-5
 
 
-def test_random_erasing_erases_with_the_configured_probability(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_erasing_erases_with_the_configured_probability(tmp_path, backend):
     # Solid images with no RandAugment: a slot shows pixels off its color only where it was erased.
     write_labeled(tmp_path, per_class=(4, 4, 4))
     probability = 0.4
-    ld = loader(tmp_path, True, aug=AugConfig(aa="none", reprob=probability))
+    ld = loader(tmp_path, True, aug=AugConfig(aa="none", reprob=probability), backend=backend)
     erased, areas, slots = 0, [], 0
     for epoch in range(16):
         for images, _, indices in ld.epoch(epoch):
@@ -436,13 +471,14 @@ def test_an_aa_policy_timm_cannot_parse_is_refused_in_one_line(tmp_path):
         one_line(exc)
 
 
-def test_the_dali_and_synthetic_backends_are_refused_and_auto_reads_with_torch(tmp_path):
+def test_synthetic_is_refused_auto_reads_with_torch_and_dali_needs_a_policy_it_runs(tmp_path):
     write_labeled(tmp_path)
-    for train in (True, False):
-        with pytest.raises(ConfigError, match="--data_backend dali: .*use --data_backend torch") as exc:
-            loader(tmp_path, train, backend="dali")  # refused whether or not DALI is installed
-        one_line(exc)
-    assert loader(tmp_path, True, backend="auto").backend == "torch"
+    assert loader(tmp_path, True, backend="auto").backend == "torch"  # the official recipe's images
+    if dali_unavailable_reason() is None:
+        for policy, named in (("original", "Auto"), ("augmix-m5", "AugMix"), ("rand-m9-t3a", "Desaturate")):
+            with pytest.raises(ConfigError, match=f"^--aa: .*{named}.*use --data_backend torch") as exc:
+                loader(tmp_path, True, backend="dali", aug=AugConfig(aa=policy))
+            one_line(exc)
     with pytest.raises(ConfigError, match="--data_backend synthetic") as exc:
         build_classification_loader(DataConfig(backend="synthetic", input_size=16, batch_size=2), None, 0, 1, "cpu",
                                     0, True)

@@ -59,6 +59,7 @@ def test_the_official_fine_tuning_command_parses(data, tmp_path):
     (["--mixup", "0.8", "--batch_size", "3"], "--batch_size"),
     (["--mixup", "0.8", "--nb_classes", "1"], "--nb_classes"),
     (["--data_backend", "synthetic"], "--data_backend"),
+    (["--data_backend", "dali", "--aa", "original"], "--aa"),  # DALI runs RandAugment policies or none
     (["--model", "mae_vit_base_patch16"], "--model"),
     (["--drop_path", "1"], "--drop_path"),
     (["--clip_grad", "0"], "--clip_grad"),

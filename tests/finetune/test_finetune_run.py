@@ -1,5 +1,6 @@
 """Short fine-tuning runs on the CPU: the official log and checkpoint layouts, --eval, exact resume, --dist_eval over
-two gloo ranks, and the bad inputs that need the data or a checkpoint to be found."""
+two gloo ranks, the DALI backend on its CPU pipeline, and the bad inputs that need the data or a checkpoint to be
+found."""
 
 import json
 import os
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 from mae_fast import create_model
+from mae_fast.data import dali_unavailable_reason
 from mae_fast.finetune import FineTuner, config_from_args, main
 
 COLORS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
@@ -68,6 +70,27 @@ def test_a_short_fine_tune_logs_as_the_official_script_and_its_checkpoint_loads_
     evaluated = FineTuner(config_from_args(flags(data, out, "--eval", "--resume", out / "checkpoint-1.pth"))).run_eval()
     assert evaluated == {key: lines[-1][key] for key in ("test_acc1", "test_acc5", "test_loss")}
     assert json.loads((out / "log.txt").read_text().splitlines()[-1]) == evaluated
+
+
+@pytest.mark.skipif(dali_unavailable_reason() is not None, reason=str(dali_unavailable_reason()))
+def test_a_short_fine_tune_on_dali_trains_evaluates_and_logs_as_the_official_script(setup, tmp_path, capsys):
+    # DALI's CPU pipeline for training (random erasing, then mixup and cutmix on the batch) and evaluation; --aa none
+    # keeps the pipeline quick to define here (RandAugment on DALI: tests/data/test_dali_finetune.py).
+    data, mae, _ = setup
+    out = tmp_path / "out"
+    tuner = FineTuner(config_from_args(flags(data, out, "--finetune", mae, "--data_backend", "dali", "--epochs", "1",
+                                             "--warmup_epochs", "0", "--mixup", "0.8", "--cutmix", "1.0", "--aa",
+                                             "none", "--reprob", "0.5", "--batch_size", "6")))
+    assert tuner.loader.backend == tuner.val_loader.backend == "dali"
+    assert tuner.loader.inner.recipe.erasing.probability == 0.5 and tuner.mixup is not None
+    head = tuner.model.head.weight.detach().clone()
+    tuner.fit()
+    assert not torch.equal(head, tuner.model.head.weight.detach())  # it trained: 2 steps of 6 images
+    assert capsys.readouterr().out.count("* Acc@1 ") == 1
+    (line,) = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert set(line) == {"train_lr", "train_loss", "test_acc1", "test_acc5", "test_loss", "epoch", "n_parameters"}
+    assert line["epoch"] == 0 and 0 < line["train_loss"] < 5 and 0 < line["test_loss"] < 5
+    assert line["test_acc1"] in {100 * k / 9 for k in range(10)}  # 9 validation images, each counted once
 
 
 def test_eval_of_an_official_layout_state_dict_equals_timm(setup, tmp_path):
