@@ -520,6 +520,15 @@ class Engine(abc.ABC):
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr * group.get("lr_scale", 1.0)
 
+    def epoch_mean_lr(self, epoch: int) -> float:
+        """The learning rate of ``epoch`` averaged over its batches, each at the rate it ran with: the official logs'
+        ``train_lr`` (their metric logger averages the rate it records at every batch). Computed from the schedule,
+        so a run resumed in the middle of the epoch logs the same value."""
+        num_batches, accum, optim = len(self.loader), self.config.accum_iter, self.config.optim
+        rates = (lr_at(epoch + (batch - batch % accum) / num_batches, self.base_lr, optim.min_lr, optim.warmup_epochs,
+                       self.config.epochs) for batch in range(num_batches))
+        return sum(rates) / num_batches
+
     def where(self) -> str:
         """Where the run stands, counted from 1 as every message counts: ``epoch 3/20, batch 5/32`` (the last batch
         done), or ``epoch 3/20 done`` at an epoch's end. (Files keep the official 0-based names: the third
@@ -542,6 +551,7 @@ class Engine(abc.ABC):
     def end_epoch(self, stats: dict) -> dict:
         """Validate, checkpoint and write the epoch's line to log.txt; move to the next epoch."""
         cfg, epoch = self.config, self.epoch
+        stats["train_lr"] = self.epoch_mean_lr(epoch)
         if self.evaluation_due(epoch):
             stats.update(self.evaluate())
         stats.update(self.end_of_epoch(epoch))

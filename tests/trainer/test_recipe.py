@@ -36,3 +36,31 @@ def test_weight_decay_groups():
     in_optimizer = {id(p) for g in (no_decay, decay) for p in g["params"]}
     assert id(model.pos_embed) not in in_optimizer and id(model.decoder_pos_embed) not in in_optimizer
     assert len(in_optimizer) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_log_txt_train_lr_is_the_epochs_mean_of_the_rate_each_batch_ran_at(tmp_path, monkeypatch):
+    # The official metric logger records the rate at every batch (accumulation batches too) and logs their mean.
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import tiny_args, write_images
+    from mae_fast.pretrain import config_from_args
+    from mae_fast.trainer import MAETrainer
+
+    data = write_images(tmp_path / "data", 16)
+    trainer = MAETrainer(config_from_args(tiny_args(data, tmp_path / "out", "--batch_size", "2", "--accum_iter", "2",
+                                                    "--log_every", "3")))
+    ran_at: list[float] = []
+    real_step = trainer.train_step
+
+    def recording(inputs, update, valid=None):
+        ran_at.append(trainer.optimizer.param_groups[0]["lr"])
+        return real_step(inputs, update, valid)
+
+    monkeypatch.setattr(trainer, "train_step", recording)
+    trainer.fit()
+    logged = [json.loads(line)["train_lr"] for line in (tmp_path / "out" / "log.txt").read_text().splitlines()]
+    assert len(ran_at) == 16 and len(set(ran_at[:8])) == 4  # 8 batches an epoch, the rate set every 2
+    assert logged == pytest.approx([sum(ran_at[:8]) / 8, sum(ran_at[8:]) / 8], rel=1e-12)
