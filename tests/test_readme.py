@@ -52,7 +52,8 @@ def test_the_quick_start_and_the_probe_state_their_times_with_the_machine_and_it
     assert "2-core" in probe and re.search(r"busy|quiet", probe), probe
 
 
-TEST_COMMAND = next(line.strip() for line in README.splitlines() if "&& pytest tests -rs && pytest bench" in line)
+TEST_COMMAND = next(line.strip() for line in README.splitlines()
+                    if "&& pytest tests -rs" in line and "&& pytest bench" in line)
 
 
 def test_the_cuda_build_is_announced_before_the_test_command_with_how_to_see_its_progress():
@@ -98,7 +99,8 @@ def test_ci_runs_the_readme_command_with_the_cuda_build_forced_and_fails_when_a_
         assert installs[-1].startswith("install -v --no-build-isolation -e") and \
             installs[-1].endswith("FORCE=1 ARCHS=90"), installs
         ran = (tmp_path / "pytest.log").read_text().splitlines()
-        assert ran == (["tests -rs", "bench --benchmark-disable"] if exit_code == 0 else ["tests -rs"]), ran
+        tests = "tests -rs -n 2 --dist loadfile"
+        assert ran == ([tests, "bench --benchmark-disable"] if exit_code == 0 else [tests]), ran
 
 
 def test_brace_patterns_are_quoted_as_the_shell_needs_them():
@@ -159,7 +161,7 @@ def test_the_prediction_column_is_explained_and_the_loss_leaves_visible_patches_
 def test_the_test_command_shows_skip_reasons_and_the_readme_names_the_note_a_skipped_build_leaves():
     from mae_fast.ops import dispatch
 
-    assert TEST_COMMAND.split(" && pytest bench")[0].endswith("pytest tests -rs")
+    assert TEST_COMMAND.split(" && pytest bench")[0].endswith("pytest tests -rs -n 2 --dist loadfile")
     said = sentence_with(r"A skipped build leaves", README)
     assert f"`mae_fast/{dispatch.CUDA_BUILD_SKIPPED_FILE}`" in said and "no GPU was visible" in said, said
     assert "MAE_FAST_SKIP_CUDA_BUILD=1" in said, said
