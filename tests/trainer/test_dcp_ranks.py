@@ -44,30 +44,36 @@ def test_a_checkpoint_of_n_ranks_resumes_on_m_ranks_as_one_rank_trains(tmp_path)
     reference.fit()
     at_4 = load_file(tmp_path / "one" / "checkpoint-0.pth")["model"]
 
-    # 1 -> 2 -> 1, stopping mid-epoch each time. The 2 ranks read the DCP folder 1 rank wrote and write a full
-    # checkpoint (gathered to rank 0, official keys), which 1 rank then resumes from.
+    # DCP, 1 -> 2 -> 1 ranks, stopping mid-epoch each time.
     out = tmp_path / "chain"
     MAETrainer(config_from_args(tiny_args(data, out, "--fsdp", "--max_steps", "2"))).fit()
     assert (out / "checkpoint-last.dcp").is_dir()  # --fsdp writes DCP by default
-    log = run_ranks(2, *tiny_args(data, out, "--fsdp", "--batch_size", "2", "--resume", "auto", "--max_steps", "6",
-                                  "--checkpoint_format", "full"))
+    log = run_ranks(2, *tiny_args(data, out, "--fsdp", "--batch_size", "2", "--resume", "auto", "--max_steps", "6"))
     assert "at step 2 (epoch 1/2, batch 2/4)" in log  # 8 images done: 2 of this run's global batches of 4
-    last = MAETrainer(config_from_args(tiny_args(data, out, "--fsdp", "--checkpoint_format", "full", "--resume",
-                                                 "auto")))
-    assert last.step == 6 and last.last_saved == out / "checkpoint-last.pth"
+    assert sorted(os.listdir(out / "checkpoint-last.dcp")) == [".metadata", "__0_0.distcp", "__1_0.distcp",
+                                                                "mae_fast.pt"]
+    last = MAETrainer(config_from_args(tiny_args(data, out, "--fsdp", "--resume", "auto")))
+    assert last.step == 6
     last.fit()
-    close(load_file(out / "checkpoint-last.pth")["model"], reference.model.state_dict())
+    close(load_file(out / "checkpoint-last.dcp")["model"], reference.model.state_dict())
     assert [s for s, _ in last.history] == [7, 8]
     assert [v for _, v in last.history] == pytest.approx([v for _, v in reference.history[-2:]], rel=1e-4)
 
-    # 4 ranks of HSDP (2 replicas x 2 shards) -> 2 ranks of FSDP, through DCP.
+    # DCP, 4 ranks of HSDP (2 replicas x 2 shards) -> 2 ranks of FSDP, which write a full checkpoint (gathered to
+    # rank 0, official keys) -> 1 rank resumes from that.
     out = tmp_path / "hsdp"
     run_ranks(4, *tiny_args(data, out, "--fsdp", "--fsdp_replicate", "2", "--batch_size", "1", "--max_steps", "3"))
     assert read_summary(out / "checkpoint-last.dcp")["step"] == 3
     assert sorted(os.listdir(out / "checkpoint-last.dcp")) == [".metadata", *(f"__{r}_0.distcp" for r in range(4)),
                                                                 "mae_fast.pt"]
-    run_ranks(2, *tiny_args(data, out, "--fsdp", "--batch_size", "2", "--resume", "auto", "--max_steps", "4"))
-    close(load_file(out / "checkpoint-last.dcp")["model"], at_4)
+    run_ranks(2, *tiny_args(data, out, "--fsdp", "--batch_size", "2", "--resume", "auto", "--max_steps", "4",
+                            "--checkpoint_format", "full"))
+    close(load_file(out / "checkpoint-last.pth")["model"], at_4)
+    last = MAETrainer(config_from_args(tiny_args(data, out, "--fsdp", "--checkpoint_format", "full", "--resume",
+                                                 "auto")))
+    assert last.step == 4 and last.last_saved == out / "checkpoint-last.pth"
+    last.fit()
+    close(load_file(out / "checkpoint-last.pth")["model"], reference.model.state_dict())
 
 
 def _children(pid: int) -> list[int]:
