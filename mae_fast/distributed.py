@@ -7,6 +7,7 @@ SLURM allocations (``srun torchrun ...``); plain ``python -m`` runs as a single 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from dataclasses import dataclass
 
@@ -59,10 +60,43 @@ def setup_distributed(device: str = "auto", timeout_s: float = 900.0) -> DistInf
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = restart_safe_store(rank, world_size, timeout)
         dist.init_process_group(backend="nccl" if device == "cuda" else "gloo",
-                                device_id=dev if device == "cuda" else None,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+                                device_id=dev if device == "cuda" else None, timeout=timeout,
+                                **({"store": store, "rank": rank, "world_size": world_size} if store else {}))
     return DistInfo(rank, world_size, local_rank, dev)
+
+
+#: Set to 1 in torchrun's environment, it gives every restart of the workers a store of its own (torch's workaround
+#: for the shared store's stale keys, pytorch/pytorch#135712).
+FRESH_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+
+def restart_safe_store(rank: int, world_size: int, timeout: datetime.timedelta):
+    """The store this rank joins the process group through: None for torchrun's own (``env://``), or that store with
+    the keys of each restart apart.
+
+    torchrun (torch 2.5 and later) keeps one store for all the restarts of its workers (``TORCHELASTIC_USE_AGENT_STORE``)
+    and the process group writes the same keys in each (every rank's gloo address, NCCL's id). A restarted rank that
+    joins before another has started can then read the address of that rank's dead predecessor and fail to connect
+    (pytorch/pytorch#135712; seen here with ``--max_restarts`` when a restarted rank starts late). On one node, one
+    agent counts the restarts of every rank, so each restart's keys go under a prefix naming it. Across nodes each
+    agent counts its own restarts (a node whose workers were healthy does not count), so a prefix could split the
+    ranks: there the fix is torch's, :data:`FRESH_STORE_ENV` ``=1`` in torchrun's environment, and rank 0 warns when
+    restarts are allowed without it.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None  # torchrun gives each restart a new store (or no torchrun)
+    if os.environ.get("GROUP_WORLD_SIZE", "1") != "1":
+        if rank == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+            logging.getLogger("mae_fast").warning(
+                "torchrun --max_restarts shares one store across restarts; a restarted rank can read a dead one's "
+                "address and fail to connect (pytorch/pytorch#135712): set %s=1 where torchrun starts, on every node",
+                FRESH_STORE_ENV)
+        return None
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+    return dist.PrefixStore(f"mae_fast/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def teardown_distributed(finished: bool = False) -> None:

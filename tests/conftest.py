@@ -5,6 +5,13 @@ import os
 import pytest
 import torch
 
+# Under pytest-xdist (the README's `-n 2`), each worker computes on one thread, and so do the processes its tests start:
+# two workers of torch's default thread count on a 2-core machine oversubscribe it, and OpenMP's spinning threads then
+# made CPU-heavy tests (bf16 matmuls, compiled code) several times slower than run alone.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 # Triton reads this when a kernel is decorated, so set it before any test imports mae_fast.kernels.
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"

@@ -255,3 +255,12 @@ def test_the_self_test_table_shown_is_its_format():
     rows = lines[header + 2:lines.index("", header)]
     assert rows and all(re.fullmatch(r"\| [^|]+ \| \w+ \| \w+ \| [-\d.e]+ \| [-\d.e]+ \| (OK|FAIL|SKIP) \| [\d.]+s \|.*\|",
                                      row) for row in rows), rows
+
+
+def test_the_multi_node_restart_command_asks_torchrun_for_a_fresh_store_per_restart():
+    from mae_fast.distributed import FRESH_STORE_ENV
+
+    lines = README.splitlines()
+    start = next(i for i, line in enumerate(lines) if "--max_restarts" in line and line.strip().startswith("torchrun"))
+    assert lines[start - 1].strip().startswith(f"export {FRESH_STORE_ENV}=1"), lines[start - 1]
+    assert "--nnodes" in lines[start]

@@ -176,6 +176,8 @@ def test_the_first_progress_line_comes_within_seconds_not_only_every_log_every_s
 
     from mae_fast import progress as progress_module
 
+    monkeypatch.setattr(progress_module, "FIRST_LINE_SECONDS", 5.0)
+    monkeypatch.setattr(progress_module, "LINE_SECONDS", 60.0)
     clock = [100.0]
     monkeypatch.setattr(progress_module.time, "perf_counter", lambda: clock[0])
     progress = progress_module.Progress(total_steps=1000, start_step=0, epochs=1,

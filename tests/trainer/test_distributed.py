@@ -1,6 +1,7 @@
 """Two processes under torchrun (gloo): ranks stay identical and match one process with the same global batch."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +56,36 @@ def test_compile_under_ddp(tmp_path):
                                                                  "--max_steps", "3", "--compile"))
     assert run.returncode == 0, run.stderr[-3000:]
     assert "step 3/3" in run.stdout
+
+
+def test_a_restarted_rank_that_starts_late_still_joins(tmp_path):
+    # torchrun keeps one store for all restarts: without mae_fast's prefix, rank 0 of the restart read the dead rank
+    # 1's address there and failed to connect ("Connection refused"), as the elastic restart test did once in CI.
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "--max_restarts=1", "--monitor_interval=0.1", str(HERE / "restart_worker.py"), "8"],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(re.findall(r"rank \d joined in restart \d", run.stdout)) == [  # the ranks' lines may interleave
+        "rank 0 joined in restart 0", "rank 0 joined in restart 1", "rank 1 joined in restart 0",
+        "rank 1 joined in restart 1"]
+
+
+def test_restarts_across_nodes_without_fresh_stores_are_warned_about(monkeypatch, caplog):
+    import datetime
+    import logging
+
+    from mae_fast.distributed import FRESH_STORE_ENV, restart_safe_store
+
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")  # two nodes: each agent counts its own restarts
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    with caplog.at_level(logging.WARNING, logger="mae_fast"):
+        assert restart_safe_store(0, 16, datetime.timedelta(seconds=1)) is None  # torchrun's store, as it is
+    assert f"set {FRESH_STORE_ENV}=1 where torchrun starts" in caplog.text
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mae_fast"):
+        assert restart_safe_store(0, 16, datetime.timedelta(seconds=1)) is None
+    assert caplog.text == ""  # no restarts, nothing to warn about
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # torchrun made a fresh store for this restart
+    assert restart_safe_store(0, 16, datetime.timedelta(seconds=1)) is None

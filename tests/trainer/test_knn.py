@@ -124,15 +124,3 @@ def test_classes_the_features_separate_are_found(tmp_path):
     model = create_model("mae_vit_tiny_patch16", img_size=32)
     stats = monitor.evaluate(model, torch.device("cpu"), torch.autocast("cpu", enabled=False))
     assert stats["knn_top1"] == 1.0 and model.training  # and the model is back in training mode
-
-
-def test_the_demo_shows_knn_accuracy_rising(tmp_path, caplog):
-    # The default run (no --data_path), stopped after its first 5 epochs (32 steps each): the monitor runs before
-    # training and after epoch 5 (measured: 66.8% -> 96.5%).
-    with caplog.at_level(logging.INFO, logger="mae_fast"):
-        assert main(["--output_dir", str(tmp_path / "out"), "--max_steps", "160", "--num_workers", "0",
-                     "--data_backend", "torch", "--log_every", "100"]) == 0
-    start = next(r.getMessage() for r in caplog.records if "kNN top-1 at initialization" in r.getMessage())
-    initial = float(start.split(": ")[1].split("%")[0]) / 100
-    final = json.loads((tmp_path / "out" / "log.txt").read_text().splitlines()[-1])["knn_top1"]
-    assert final > initial + 0.15, (initial, final)
