@@ -499,18 +499,30 @@ def field_docs(cls) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------------- fine-tuning
 
-#: Fine-tuning's defaults where they differ from pretraining's: the official main_finetune.py's, and the built-in
-#: demo's (no --data_path: ViT-Ti/16 from the quick start's checkpoint, on the built-in set's classes).
-FINETUNE_DEFAULTS = dict(model="vit_large_patch16", input_size=224, batch_size=64, epochs=50, warmup_epochs=5)
-FINETUNE_DEMO_DEFAULTS = dict(model="vit_tiny_patch16", input_size=64, batch_size=32, epochs=10, warmup_epochs=1)
+#: Fine-tuning's defaults where they differ from pretraining's or from one another: the official main_finetune.py's,
+#: and the built-in demo's (no --data_path: ViT-Ti/16 from the quick start's checkpoint, on the built-in set's
+#: classes). The demo's classes are the direction in which an image brightens, which a horizontal flip (east becomes
+#: west) and RandAugment's rotations, shears and inversions change, so its augmentation keeps directions: no flip,
+#: no RandAugment.
+FINETUNE_DEFAULTS = dict(model="vit_large_patch16", input_size=224, batch_size=64, epochs=50, warmup_epochs=5,
+                         hflip=0.5, aa="rand-m9-mstd0.5-inc1")
+FINETUNE_DEMO_DEFAULTS = dict(model="vit_tiny_patch16", input_size=64, batch_size=32, epochs=10, warmup_epochs=1,
+                              hflip=0.0, aa="none")
+#: The AugConfig fields whose default is the recipe's: the official one unless the demo gives its own.
+RECIPE_AUG_FIELDS = ("hflip", "aa")
 
 
 @dataclass
 class AugConfig:
-    """The fine-tuning augmentation, the official recipe's (timm's RandAugment, random erasing, mixup and cutmix)."""
+    """The fine-tuning augmentation, the official recipe's (timm's RandAugment, random erasing, mixup and cutmix); the
+    built-in demo keeps directions (FINETUNE_DEMO_DEFAULTS)."""
 
-    aa: str | None = "rand-m9-mstd0.5-inc1"
-    """--aa: the AutoAugment policy, as timm names it (none: off)."""
+    hflip: float | None = None
+    """--hflip: probability of a horizontal flip (default 0.5, timm's create_transform's, which the official script
+    keeps; 0 for the demo)."""
+    aa: str | None = None
+    """--aa: the AutoAugment policy, as timm names it, or none (default rand-m9-mstd0.5-inc1, the official one; none
+    for the demo)."""
     color_jitter: float | None = None
     """--color_jitter: color jitter factor (used only when --aa is off, as in timm)."""
     smoothing: float = 0.1
@@ -536,10 +548,22 @@ class AugConfig:
     mixup_mode: str = "batch"
     """--mixup_mode: how mixup/cutmix parameters are drawn: batch, pair or elem."""
 
+    unset: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
+    """The fields of RECIPE_AUG_FIELDS left unset (None): they take the official value, which a FinetuneConfig without
+    --data_path (the demo) replaces with the demo's."""
+
     def __post_init__(self):
-        if self.aa is not None and self.aa.lower() in ("", "none"):
-            self.aa = None
-        for flag in ("smoothing", "reprob", "mixup_prob", "mixup_switch_prob"):
+        self.unset = tuple(name for name in RECIPE_AUG_FIELDS if getattr(self, name) is None)
+        for name in self.unset:
+            setattr(self, name, FINETUNE_DEFAULTS[name])
+        self._check()
+
+    def _check(self) -> None:
+        if not isinstance(self.aa, str):
+            raise _error("aa", self.aa, "must be a policy name as timm writes it, or none")
+        if self.aa.lower() in ("", "none"):
+            self.aa = "none"  # a string, so that None keeps meaning unset (dataclasses.replace keeps it off)
+        for flag in ("hflip", "smoothing", "reprob", "mixup_prob", "mixup_switch_prob"):
             value = getattr(self, flag)
             _non_negative(flag, value)
             if value > 1:
@@ -557,6 +581,11 @@ class AugConfig:
             low_high = self.cutmix_minmax
             if len(low_high) != 2 or not 0 < low_high[0] < low_high[1] <= 1:
                 raise _error("cutmix_minmax", self.cutmix_minmax, "must be two numbers 0 < min < max <= 1")
+
+    @property
+    def auto_augment(self) -> str | None:
+        """The policy as timm's create_transform takes it: None when --aa is none."""
+        return None if self.aa == "none" else self.aa
 
     @property
     def mixup_active(self) -> bool:
@@ -588,13 +617,14 @@ class FinetuneModelConfig:
     """--attn_backend: auto, flash_attn, sdpa or math."""
     grad_checkpointing: bool = False
     """--grad_checkpointing: recompute blocks in backward to save activation memory."""
-    finetune: str = ""
+    finetune: str | None = None
     """--finetune: the pretraining checkpoint whose encoder starts the run (mae_fast's, an official one, or
     .safetensors; the decoder is left out, positions resized, the head initialized); unset: random initialization
-    (the demo: the quick start's ./output_dir/checkpoint-last.pth)."""
+    (the demo: the quick start's ./output_dir/checkpoint-last.pth; --finetune '' starts it from random
+    initialization)."""
 
     def __post_init__(self):
-        from mae_fast.vit import VIT_PRESETS
+        from mae_fast.presets import VIT_PRESETS
 
         if self.name is not None:
             _choice("model", self.name, tuple(VIT_PRESETS))
@@ -666,15 +696,20 @@ class FinetuneConfig(RunConfig):
                          "folders, or shards written by mae_fast.prepare)")
         demo = self.data.data_path is None
         self._apply_defaults(FINETUNE_DEMO_DEFAULTS if demo else FINETUNE_DEFAULTS)
+        for name in self.aug.unset:
+            setattr(self.aug, name, (FINETUNE_DEMO_DEFAULTS if demo else FINETUNE_DEFAULTS)[name])
+        self.aug._check()
         if self.output_dir is None:
             self.output_dir = FINETUNE_DEMO_OUTPUT if demo else "./output_dir"
-        if demo and not self.model.finetune and not self.eval:
+        if demo and self.model.finetune is None and not self.eval:
             if not os.path.isfile(DEMO_PRETRAINED):
                 raise _error("finetune", DEMO_PRETRAINED, "the demo fine-tunes the quick start's checkpoint, which "
                              "does not exist here; make it first with: python -m mae_fast.pretrain (a few minutes on a "
-                             "CPU), or give --finetune")
+                             "CPU), or give --finetune (--finetune '' starts from random initialization)")
             self.model.finetune = DEMO_PRETRAINED
-        from mae_fast.vit import VIT_PRESETS
+        if self.model.finetune is None:
+            self.model.finetune = ""
+        from mae_fast.presets import VIT_PRESETS
 
         self._check_input_size(VIT_PRESETS[self.model.name][1]["patch_size"])
         self._check_run()
@@ -683,9 +718,9 @@ class FinetuneConfig(RunConfig):
             raise _error("eval", True, "needs --resume, the fine-tuned checkpoint to evaluate")
         if self.eval and self.resume == "auto":
             raise _error("resume", self.resume, "--eval needs the path of the checkpoint to evaluate")
-        if self.aug.aa is not None:
-            _check_aa(self.aug.aa)
-            if self.data.backend == "dali" and not self.aug.aa.startswith("rand"):
+        if self.aug.auto_augment is not None:
+            _check_aa(self.aug.auto_augment)
+            if self.data.backend == "dali" and not self.aug.auto_augment.startswith("rand"):
                 raise _error("aa", self.aug.aa, "the dali backend runs RandAugment policies (rand-..., such as the "
                              "official rand-m9-mstd0.5-inc1) or none; use --data_backend torch for this one")
         if self.aug.mixup_active:

@@ -8,7 +8,7 @@ A task is a subclass that supplies only what is its own: its model (:meth:`Engin
 its loaders (:meth:`Engine.build_loaders`), its parameter groups (:meth:`Engine.param_groups`),
 the loss of a step (:meth:`Engine.step_loss`), its evaluation (:meth:`Engine.evaluate`) and what
 it says about itself (:meth:`Engine.describe_model`). Pretraining is
-:class:`mae_fast.trainer.MAETrainer`, fine-tuning :class:`mae_fast.finetune.FineTuner`. Everything
+:class:`mae_fast.trainer.MAETrainer`, fine-tuning :class:`mae_fast.finetuner.FineTuner`. Everything
 else is the engine's, once: the process group, precision and FP8, compilation, the DDP/FSDP2 wrap,
 the optimizer and the official schedule (``lr = blr * effective_batch / 256`` unless ``--lr`` is
 given, linear warmup then a half-cycle cosine to ``min_lr``, set every iteration from the

@@ -24,20 +24,8 @@ from torch.utils.checkpoint import checkpoint
 from mae_fast.attention import resolve_attn_backend
 from mae_fast.model import Block, PatchEmbed
 from mae_fast.pos_embed import get_2d_sincos_pos_embed
+from mae_fast.presets import VIT_PRESETS
 
-#: name -> (description, VisionTransformer arguments): the official fine-tuning models and two small ones.
-VIT_PRESETS: dict[str, tuple[str, dict]] = {
-    "vit_tiny_patch16": ("ViT-Ti/16 (192 wide, 12 deep, 3 heads): for CPUs and demos",
-                         dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)),
-    "vit_small_patch16": ("ViT-S/16 (384 wide, 12 deep, 6 heads)",
-                          dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)),
-    "vit_base_patch16": ("official vit_base_patch16 (ViT-B/16)",
-                         dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)),
-    "vit_large_patch16": ("official vit_large_patch16 (ViT-L/16)",
-                          dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16)),
-    "vit_huge_patch14": ("official vit_huge_patch14 (ViT-H/14)",
-                         dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16)),
-}
 #: fine-tuning preset -> the pretraining preset with the same encoder, and the timm model with the same layout.
 PRETRAIN_PRESET = {name: "mae_" + name for name in VIT_PRESETS}
 TIMM_NAMES = {name: name + "_224" for name in VIT_PRESETS}
@@ -89,7 +77,7 @@ class VisionTransformer(nn.Module):
     def initialize_weights(self) -> None:
         """For training from scratch: sin-cos positions (then learned), xavier Linear, normal cls token.
 
-        A pretrained encoder overwrites all of it but the head (see :func:`mae_fast.finetune.load_encoder`).
+        A pretrained encoder overwrites all of it but the head (see :func:`mae_fast.finetuner.load_encoder`).
         """
         grid = self.patch_embed.grid_size
         self.pos_embed.data.copy_(torch.from_numpy(

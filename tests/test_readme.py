@@ -264,3 +264,22 @@ def test_the_multi_node_restart_command_asks_torchrun_for_a_fresh_store_per_rest
     start = next(i for i, line in enumerate(lines) if "--max_restarts" in line and line.strip().startswith("torchrun"))
     assert lines[start - 1].strip().startswith(f"export {FRESH_STORE_ENV}=1"), lines[start - 1]
     assert "--nnodes" in lines[start]
+
+def test_the_fine_tuning_demo_commands_parse_as_the_table_says(tmp_path, monkeypatch):
+    import shlex
+
+    from mae_fast.finetune import config_from_args
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "output_dir").mkdir()
+    (tmp_path / "output_dir" / "checkpoint-last.pth").write_bytes(b"")  # the quick start's (only its existence counts)
+    section = README.split("**The demo: does pretraining help?**", 1)[1].split("\n## ", 1)[0]
+    demo, scratch = [shlex.split(line.split("#")[0])[3:] for line in section.splitlines()
+                     if line.strip().startswith("python -m mae_fast.finetune")]
+    pretrained, random_start = config_from_args(demo), config_from_args(scratch)
+    assert pretrained.model.finetune == "./output_dir/checkpoint-last.pth" and random_start.model.finetune == ""
+    for config in (pretrained, random_start):
+        assert (config.aug.hflip, config.aug.auto_augment, config.optim.layer_decay, config.epochs) == \
+            (0.0, None, 0.75, 10)
+        assert (config.model.name, config.data.input_size) == ("vit_tiny_patch16", 64)
+    assert "`--hflip 0 --aa none`" in section and "10 epochs" in section and "64 px" in section

@@ -158,10 +158,10 @@ def build_classification_loader(config: DataConfig, aug: AugConfig | None, rank:
     so counting only slots with ``indices >= 0`` gives the one-rank result exactly.
 
     Training transform: the official ``build_transform(is_train=True)``, timm's ``create_transform(input_size,
-    is_training=True, color_jitter=aug.color_jitter, auto_augment=aug.aa, interpolation="bicubic",
-    re_prob=aug.reprob, re_mode=aug.remode, re_count=aug.recount, mean, std)``, split at ToTensor (built with
-    ``separate=True``): its PIL part (random resized crop at scale (0.08, 1), flip, RandAugment or color jitter)
-    runs in the DataLoader workers, uint8 pixels cross to the device, and normalization and timm's
+    is_training=True, hflip=aug.hflip, color_jitter=aug.color_jitter, auto_augment=aug.auto_augment,
+    interpolation="bicubic", re_prob=aug.reprob, re_mode=aug.remode, re_count=aug.recount, mean, std)``, split at
+    ToTensor (built with ``separate=True``): its PIL part (random resized crop at scale (0.08, 1), flip, RandAugment
+    or color jitter) runs in the DataLoader workers, uint8 pixels cross to the device, and normalization and timm's
     ``RandomErasing`` (same parameters) run there on the batch. Every random draw follows the slot's seed, so the
     same seed gives the same batches and a resumed epoch the same pixels. ``aug`` None: the official defaults
     (:class:`~mae_fast.config.AugConfig`).

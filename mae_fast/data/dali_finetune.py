@@ -12,7 +12,7 @@ its own, so a run resumed mid-epoch, on a new pipeline, gets the pixels of the u
 Training, in timm's order:
 
 - the crop (scale (0.08, 1), aspect (3/4, 4/3)) decoded alone (``decoders.image_slice``), resized bicubic with
-  antialiasing to ``input_size``, flipped with probability 1/2;
+  antialiasing to ``input_size``, flipped with probability ``--hflip`` (1/2, timm's, unless given);
 - ``--aa rand-...``: timm's RandAugment policy (``n`` operations chosen with replacement from the policy's list, each
   applied with the policy's probability, 0.5 by default, at magnitude ``m`` plus Gaussian noise of std ``mstd``
   clipped to [0, ``mmax`` or 10]; ``inc1`` picks the operations whose strength grows with the magnitude), each
@@ -417,7 +417,7 @@ class FinetuneTrainPipeline:
 
     Raises:
         ConfigError: a ``--aa`` policy other than RandAugment (``rand-...``) or none, or a RandAugment operation DALI
-            has no counterpart of; a flip probability other than 1/2.
+            has no counterpart of.
     """
 
     def __init__(self, primary, secondary, erasing, input_size: int, seed: int):
@@ -426,9 +426,10 @@ class FinetuneTrainPipeline:
 
         crop = primary.transforms[0]
         flips = [t.p for t in primary.transforms[1:] if isinstance(t, transforms.RandomHorizontalFlip)]
-        if flips != [0.5] or len(primary.transforms) != 2:
-            raise ConfigError(f"--data_backend dali: the training crop and flip must be timm's default (got "
+        if len(flips) != len(primary.transforms) - 1 or len(flips) > 1:
+            raise ConfigError(f"--data_backend dali: the training transform must be timm's crop and flip (got "
                               f"{primary}); use --data_backend torch")
+        self.flip_p = flips[0] if flips else 0.0  # --hflip; timm leaves the flip out at 0
         self.scale, self.ratio = tuple(crop.scale), tuple(crop.ratio)
         self.input_size, self.seed = input_size, seed
         self.rand_augment = self.jitter = None
@@ -489,7 +490,8 @@ class FinetuneTrainPipeline:
         """Everything the pipeline is fed for one batch besides the encoded images, drawn from the slots' seeds."""
         sizes = [image_size(array) or (1, 1) for array in arrays]
         seeds = np.asarray(seeds, dtype=np.int64)
-        boxes, flips, _ = train_crops([w for w, _ in sizes], [h for _, h in sizes], seeds, self.scale, self.ratio)
+        boxes, flips, _ = train_crops([w for w, _ in sizes], [h for _, h in sizes], seeds, self.scale, self.ratio,
+                                      self.flip_p)
         fed = {"anchor": boxes[:, :2].astype(np.float32), "shape": boxes[:, 2:].astype(np.float32),
                "mirror": flips.astype(np.int32)}
         for stage in (self.rand_augment, self.jitter, self.erasing):

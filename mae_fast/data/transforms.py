@@ -63,11 +63,12 @@ def slot_uniforms(seeds: np.ndarray, count: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
 
 
-def train_crops(widths, heights, seeds, scale=SCALE, ratio=RATIO) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def train_crops(widths, heights, seeds, scale=SCALE, ratio=RATIO,
+                flip_p: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Crop boxes and flips of a batch, each drawn from its slot's seed alone (:func:`slot_uniforms`), with
     :func:`random_resized_crop_box`'s distribution: ten tries at an area fraction in ``scale`` and a log-uniform
     aspect in ``ratio``, the first that fits, else a centre crop clamped to ``ratio``; then a flip with
-    probability 1/2. Vectorized: a few microseconds a batch, for the DALI loader's main process.
+    probability ``flip_p``. Vectorized: a few microseconds a batch, for the DALI loader's main process.
 
     Args:
         widths, heights: int [B], the images' sizes.
@@ -99,7 +100,7 @@ def train_crops(widths, heights, seeds, scale=SCALE, ratio=RATIO) -> tuple[np.nd
     left = np.where(fitted, left, (width - w) // 2)
     top = np.where(fitted, top, (height - h) // 2)
     boxes = np.stack([left, top, w, h], axis=1).astype(np.int64)
-    return boxes, u[:, 22] < 0.5, fitted
+    return boxes, u[:, 22] < flip_p, fitted
 
 
 def train_transform(img, size: int, seed: int) -> torch.Tensor:
@@ -181,13 +182,15 @@ def _timm(what: str):
 
 def official_train_transform(input_size: int, aug):
     """The official ``build_transform(is_train=True)``, split at ToTensor: timm's
-    ``create_transform(input_size, is_training=True, color_jitter=aug.color_jitter, auto_augment=aug.aa,
-    interpolation="bicubic", re_prob=aug.reprob, re_mode=aug.remode, re_count=aug.recount, mean, std)`` built with
-    ``separate=True``.
+    ``create_transform(input_size, is_training=True, hflip=aug.hflip, color_jitter=aug.color_jitter,
+    auto_augment=aug.auto_augment, interpolation="bicubic", re_prob=aug.reprob, re_mode=aug.remode,
+    re_count=aug.recount, mean, std)`` built with ``separate=True`` (the official script leaves ``hflip`` at timm's
+    0.5, :class:`~mae_fast.config.AugConfig`'s default).
 
     Returns:
         ``(primary, secondary, final)``: timm's three ``Compose`` objects (random resized crop at scale (0.08, 1) and
-        flip; RandAugment or color jitter; ToTensor, Normalize and RandomErasing).
+        flip, the flip left out at ``hflip`` 0; RandAugment or color jitter; ToTensor, Normalize and
+        RandomErasing).
 
     Raises:
         ConfigError: ``aug.aa`` is a policy timm cannot parse (named).
@@ -197,8 +200,8 @@ def official_train_transform(input_size: int, aug):
 
     data = _timm("the fine-tuning augmentation")
     try:
-        parts = data.create_transform(input_size, is_training=True, color_jitter=aug.color_jitter,
-                                      auto_augment=aug.aa, interpolation="bicubic", re_prob=aug.reprob,
+        parts = data.create_transform(input_size, is_training=True, hflip=aug.hflip, color_jitter=aug.color_jitter,
+                                      auto_augment=aug.auto_augment, interpolation="bicubic", re_prob=aug.reprob,
                                       re_mode=aug.remode, re_count=aug.recount, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                                       separate=True)
     except (AssertionError, ValueError, KeyError, IndexError) as exc:

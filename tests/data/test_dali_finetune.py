@@ -172,3 +172,17 @@ def test_erasing_draws_timms_boxes():
     theirs = np.array(theirs)
     standard_error = math.sqrt(ours.var() / len(ours) + theirs.var() / len(theirs))
     assert abs(ours.mean() - theirs.mean()) < 4 * standard_error and abs(ours.std() - theirs.std()) < 0.01
+
+
+@pytest.mark.parametrize("hflip", [0.0, 0.25, 0.5])
+def test_the_dali_flip_follows_hflip(hflip):
+    # --hflip 0 (the demo's) makes timm leave the flip out: DALI then never mirrors; otherwise it mirrors a slot with
+    # that probability, drawn from the slot's seed.
+    from mae_fast.config import AugConfig
+    from mae_fast.data.transforms import official_train_transform
+
+    primary, secondary, _ = official_train_transform(32, AugConfig(hflip=hflip, aa="none", reprob=0))
+    recipe = FinetuneTrainPipeline(primary, secondary, None, 32, seed=0)
+    image = np.zeros((40, 40, 3), np.uint8)
+    mirror = recipe.draws([image] * 4000, np.arange(4000))["mirror"]
+    assert recipe.flip_p == hflip and mirror.mean() == pytest.approx(hflip, abs=0.025)
