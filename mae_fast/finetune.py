@@ -171,14 +171,18 @@ def _finetune(config, started) -> None:
     from mae_fast.finetuner import FineTuner
 
     tuner = FineTuner(config)
-    with started(tuner):
-        if config.eval:
+    if config.eval:
+        # No step to stop after and nothing to save: the first Ctrl-C stops the evaluation at once.
+        try:
             tuner.run_eval()
-        else:
-            tuner.fit()
-            if tuner.dist.is_main:
-                logger.info("done: max accuracy %.2f%%; checkpoints and log.txt in %s", tuner.max_accuracy,
-                            config.output_dir)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"{PROG}: interrupted during the evaluation of {config.resume}; nothing was "
+                                    "written") from None
+        return
+    with started(tuner):
+        tuner.fit()
+    if tuner.dist.is_main:
+        logger.info("done: max accuracy %.2f%%; checkpoints and log.txt in %s", tuner.max_accuracy, config.output_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -240,9 +240,9 @@ def run_command(prog: str, argv: list[str] | None, parse, train) -> int:
 
         teardown_distributed(finished=True)
         return 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # a message of its own (an evaluation's), or where the run was
         if os.environ.get("RANK", "0") == "0":
-            print(_stop_line(runs[0] if runs else None, argv, prog), file=sys.stderr, flush=True)
+            print(str(exc) or _stop_line(runs[0] if runs else None, argv, prog), file=sys.stderr, flush=True)
         return 130
     except Exception as exc:
         trainer = runs[0] if runs else None

@@ -166,3 +166,28 @@ def test_bad_inputs_are_one_line_before_training(setup, tmp_path, capsys, case):
     assert len(err) == 1 and err[0].startswith("mae_fast.finetune: error: ") and expected in err[0], err
     if case == "size":
         assert "384-wide" in err[0]  # both sizes named
+
+
+def test_the_first_ctrl_c_stops_an_evaluation_at_once(setup, tmp_path, capsys, monkeypatch):
+    # --eval has no step to stop after: a Ctrl-C must not wait for the whole validation set (it did).
+    import signal
+    import time
+
+    from mae_fast.vit import create_vit
+
+    data, _, _ = setup
+    torch.manual_seed(1)
+    path = tmp_path / "finetuned.pth"
+    torch.save({"model": create_vit("vit_tiny_patch16", img_size=32, num_classes=3).state_dict()}, path)
+    evaluated = []
+
+    def pressed_during_the_evaluation(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(2)  # the interrupt arrives here
+        evaluated.append(True)
+
+    monkeypatch.setattr(FineTuner, "run_eval", pressed_during_the_evaluation)
+    assert main(flags(data, tmp_path / "o", "--eval", "--resume", path)) == 130
+    assert not evaluated
+    err = capsys.readouterr().err
+    assert f"mae_fast.finetune: interrupted during the evaluation of {path}; nothing was written" in err
